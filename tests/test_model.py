@@ -1,0 +1,174 @@
+"""The model computes exactly what upstream VGGT computes, and exposes q/k at its hook points."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vggt.models import layers
+from vggt.models.config import AggregatorConfig
+from vggt.models.hooks import iter_hook_points
+from vggt.models.vggt import VGGT
+
+from .conftest import FIXTURES
+
+
+def attention_probabilities(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Softmax attention ``[B, heads, N, N]`` from hooked ``q, k`` ``[B, heads, N, head_dim]``."""
+    scale = q.shape[-1] ** -0.5
+    return torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1)
+
+
+def record_attention(model: VGGT, images: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    probs: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, point in iter_hook_points(model, "attn.hook_qk"):
+
+        def hook(module, args, output, name=name):
+            probs[name] = attention_probabilities(*args)
+
+        handles.append(point.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            outputs, _ = model.aggregator(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs, probs
+
+
+def test_tiny_reference_config_builds(tiny_config):
+    assert tiny_config.embed_dim == 64 and tiny_config.depth == 2 and tiny_config.num_heads == 4
+    assert tiny_config.patch_embed.depth == 2 and tiny_config.patch_start_idx == 5
+
+
+def test_tiny_model_tokens_and_attention_match_upstream(tiny_model, tiny_reference):
+    images = tiny_reference["input.images"]
+    outputs, probs = record_attention(tiny_model, images)
+    assert len(outputs) == 2
+    for i, out in enumerate(outputs):
+        expected = tiny_reference[f"expected.aggregated_tokens.{i}"]
+        assert out.shape == expected.shape
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
+    prefixes = {
+        "dino": "aggregator.patch_embed.blocks",
+        "frame": "aggregator.frame_blocks",
+        "global": "aggregator.global_blocks",
+    }
+    checked = 0
+    for kind, prefix in prefixes.items():
+        for i in range(2):
+            expected = tiny_reference[f"expected.attn.{kind}.{i}"]
+            got = probs[f"{prefix}.{i}.attn.hook_qk"]
+            assert got.shape == expected.shape, kind
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+            checked += 1
+    assert checked == 6
+
+
+def test_hook_sees_q_and_k_with_expected_shapes(tiny_model, tiny_reference):
+    images = tiny_reference["input.images"]  # [1, 3 frames, 3, 56, 70] -> 4x5 patches
+    tokens_per_frame = 5 + 4 * 5
+    seen = {}
+
+    def hook(module, args, output):
+        seen["args"] = args
+        seen["output"] = output
+
+    handle = tiny_model.aggregator.global_blocks[1].attn.hook_qk.register_forward_hook(hook)
+    with torch.no_grad():
+        tiny_model.aggregator(images)
+    handle.remove()
+    q, k = seen["args"]
+    assert q.shape == k.shape == (1, 4, 3 * tokens_per_frame, 16)
+    assert seen["output"][0] is q and seen["output"][1] is k
+
+    frame_shapes = {}
+
+    def frame_hook(module, args, output):
+        frame_shapes["q"] = args[0].shape
+
+    handle = tiny_model.aggregator.frame_blocks[0].attn.hook_qk.register_forward_hook(frame_hook)
+    with torch.no_grad():
+        tiny_model.aggregator(images)
+    handle.remove()
+    assert frame_shapes["q"] == (3, 4, tokens_per_frame, 16)
+
+
+def test_outputs_bit_identical_with_and_without_hooks(tiny_model, tiny_reference):
+    images = tiny_reference["input.images"]
+    with torch.no_grad():
+        plain, _ = tiny_model.aggregator(images)
+    hooked, probs = record_attention(tiny_model, images)
+    assert len(probs) == 6
+    for a, b in zip(plain, hooked, strict=True):
+        assert torch.equal(a, b)
+    # Hooks are gone afterwards.
+    assert all(not point._forward_hooks for _, point in iter_hook_points(tiny_model))
+
+
+def test_forward_without_hooks_uses_fused_attention_only(tiny_model, tiny_reference, monkeypatch):
+    calls = []
+    original = F.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", counting_sdpa)
+    softmax_calls = []
+    monkeypatch.setattr(torch, "softmax", lambda *a, **k: softmax_calls.append(1))
+    with torch.no_grad():
+        tiny_model.aggregator(tiny_reference["input.images"])
+    assert len(calls) == 6  # 2 DINOv2 + 2 frame + 2 global blocks, one fused call each
+    assert softmax_calls == []
+
+
+def test_vggt_1b_names_and_shapes_equal_upstream():
+    reference = json.loads((FIXTURES / "vggt_1b_state_dict_shapes.json").read_text())
+    expected = {k: tuple(v) for k, v in reference.items() if k.startswith("aggregator.")}
+    with torch.device("meta"):
+        model = VGGT()
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == expected
+    assert sum(v.numel() for v in model.parameters()) > 900_000_000
+
+
+def test_keep_outputs_false_returns_last_block_only(tiny_model, tiny_reference):
+    images = tiny_reference["input.images"]
+    with torch.no_grad():
+        full, start = tiny_model.aggregator(images)
+        last_only, start2 = tiny_model.aggregator(images, keep_outputs=False)
+    assert start == start2 == 5
+    assert len(last_only) == 1 and torch.equal(last_only[0], full[-1])
+
+
+def test_image_size_must_be_multiple_of_patch(tiny_model):
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        tiny_model.aggregator(torch.rand(1, 2, 3, 56, 60))
+
+
+def test_other_configs_build_and_run():
+    config = AggregatorConfig.from_dict(
+        {
+            "embed_dim": 32,
+            "depth": 1,
+            "num_heads": 2,
+            "num_register_tokens": 2,
+            "img_size": 28,
+            "patch_embed": {
+                "embed_dim": 32,
+                "depth": 1,
+                "num_heads": 2,
+                "num_register_tokens": 2,
+                "img_size": 28,
+            },
+        }
+    )
+    model = VGGT(config).eval()
+    with torch.no_grad():
+        outputs, start = model(torch.rand(2, 3, 42, 28))
+    assert start == 3 and outputs[0].shape == (1, 2, 3 + 6, 64)

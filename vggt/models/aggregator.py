@@ -1,0 +1,134 @@
+"""VGGT's aggregator: DINOv2 patch tokens, then alternating frame and global attention."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .config import AggregatorConfig
+from .dinov2 import DinoVisionTransformer
+from .layers import Block
+from .rope import RotaryPositionEmbedding2D, patch_positions
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def expand_frame_tokens(tokens: Tensor, batch: int, frames: int) -> Tensor:
+    """Give frame 0 the first learned set and every other frame the second.
+
+    ``tokens`` ``[1, 2, X, C]`` -> ``[batch * frames, X, C]``.
+    """
+    first = tokens[:, :1].expand(batch, 1, *tokens.shape[2:])
+    others = tokens[:, 1:].expand(batch, frames - 1, *tokens.shape[2:])
+    return torch.cat((first, others), dim=1).reshape(batch * frames, *tokens.shape[2:])
+
+
+class Aggregator(nn.Module):
+    """Alternating-attention transformer over the tokens of every frame.
+
+    Each frame carries ``[camera, register_1..register_R, patches row-major]``. Block ``i`` of
+    ``frame_blocks`` attends within each frame, then block ``i`` of ``global_blocks`` attends over
+    the tokens of all frames at once (frame by frame order).
+    """
+
+    def __init__(self, config: AggregatorConfig | None = None) -> None:
+        super().__init__()
+        config = config or AggregatorConfig()
+        self.config = config
+        self.patch_size = config.patch_size
+        self.depth = config.depth
+        self.patch_start_idx = config.patch_start_idx
+        dim = config.embed_dim
+
+        self.patch_embed = DinoVisionTransformer(config.patch_embed)
+        self.rope = RotaryPositionEmbedding2D(config.rope_freq) if config.rope_freq > 0 else None
+
+        def make_block() -> Block:
+            return Block(
+                dim,
+                config.num_heads,
+                config.mlp_ratio,
+                init_values=config.init_values,
+                qk_norm=config.qk_norm,
+                rope=self.rope,
+            )
+
+        self.frame_blocks = nn.ModuleList(make_block() for _ in range(config.depth))
+        self.global_blocks = nn.ModuleList(make_block() for _ in range(config.depth))
+        self.camera_token = nn.Parameter(torch.zeros(1, 2, 1, dim))
+        self.register_token = nn.Parameter(torch.zeros(1, 2, config.num_register_tokens, dim))
+        self.register_buffer(
+            "_resnet_mean", torch.tensor(IMAGENET_MEAN).view(1, 1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer("_resnet_std", torch.tensor(IMAGENET_STD).view(1, 1, 3, 1, 1), persistent=False)
+
+    def embed(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Initial tokens and positions of every frame.
+
+        Parameters
+        ----------
+        images : Tensor
+            ``[B, S, 3, H, W]`` in [0, 1]; H and W multiples of the patch size.
+
+        Returns
+        -------
+        tokens : Tensor
+            ``[B*S, P, C]`` with ``P = patch_start_idx + (H/p)*(W/p)``.
+        pos : Tensor | None
+            ``[B*S, P, 2]`` RoPE positions: 0 for special tokens, ``1 + (row, col)`` for patches.
+        """
+        batch, frames, channels, height, width = images.shape
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}"
+            )
+        images = (images - self._resnet_mean) / self._resnet_std
+        patch_tokens = self.patch_embed(images.view(batch * frames, channels, height, width))[
+            "x_norm_patchtokens"
+        ]
+        camera = expand_frame_tokens(self.camera_token, batch, frames)
+        registers = expand_frame_tokens(self.register_token, batch, frames)
+        tokens = torch.cat((camera, registers, patch_tokens), dim=1)
+        if self.rope is None:
+            return tokens, None
+        pos = patch_positions(
+            batch * frames, height // self.patch_size, width // self.patch_size, images.device
+        )
+        pos = pos + 1
+        special = torch.zeros(batch * frames, self.patch_start_idx, 2, dtype=pos.dtype, device=pos.device)
+        return tokens, torch.cat((special, pos), dim=1)
+
+    def forward(self, images: Tensor, keep_outputs: bool = True) -> tuple[list[Tensor], int]:
+        """Run all blocks.
+
+        Parameters
+        ----------
+        images : Tensor
+            ``[B, S, 3, H, W]`` in [0, 1].
+        keep_outputs : bool
+            When False, per-block outputs are not kept (the list holds only the last one): for
+            callers that only read activations through hook points.
+
+        Returns
+        -------
+        outputs : list[Tensor]
+            One ``[B, S, P, 2C]`` tensor per block pair: frame-block output and global-block output
+            concatenated on the last axis.
+        patch_start_idx : int
+            Index of the first patch token within each frame.
+        """
+        batch, frames = images.shape[:2]
+        tokens, pos = self.embed(images)
+        _, tokens_per_frame, dim = tokens.shape
+        frame_pos = pos
+        global_pos = None if pos is None else pos.reshape(batch, frames * tokens_per_frame, 2)
+        outputs: list[Tensor] = []
+        for frame_block, global_block in zip(self.frame_blocks, self.global_blocks, strict=True):
+            tokens = frame_block(tokens.reshape(batch * frames, tokens_per_frame, dim), pos=frame_pos)
+            frame_out = tokens.view(batch, frames, tokens_per_frame, dim)
+            tokens = global_block(tokens.reshape(batch, frames * tokens_per_frame, dim), pos=global_pos)
+            global_out = tokens.view(batch, frames, tokens_per_frame, dim)
+            if keep_outputs or global_block is self.global_blocks[-1]:
+                outputs.append(torch.cat((frame_out, global_out), dim=-1))
+        return outputs, self.patch_start_idx
