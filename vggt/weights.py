@@ -1,0 +1,475 @@
+"""Finding VGGT checkpoints (Hugging Face Hub or local files) and loading the aggregator weights.
+
+Only the ``aggregator.*`` tensors are read: the camera, depth, point and track heads of the full
+VGGT checkpoint are never materialized.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+import re
+import struct
+import zipfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+DEFAULT_MODEL_ID = "facebook/VGGT-1B"
+
+AGGREGATOR_PREFIX = "aggregator."
+SAFETENSORS_NAME = "model.safetensors"
+PICKLE_NAME = "model.pt"
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+
+_CHUNK_BYTES = 8 * 1024 * 1024
+_MAX_LISTED_KEYS = 5
+_COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+
+logger = logging.getLogger("vggt")
+
+
+class WeightsError(RuntimeError):
+    """A checkpoint cannot be found or does not fit the model; the message is meant for the user."""
+
+
+@dataclass(frozen=True)
+class ResolvedCheckpoint:
+    """Where a checkpoint lives on disk and where it came from.
+
+    Attributes
+    ----------
+    path
+        The checkpoint file (``.safetensors`` or a ``torch.save`` file).
+    model_id
+        Hub repository id, ``None`` for a local file.
+    revision
+        Commit hash of the hub snapshot the file belongs to, ``None`` for a local file.
+    source
+        ``"hub"`` or ``"file"``.
+    """
+
+    path: Path
+    model_id: str | None
+    revision: str | None
+    source: Literal["hub", "file"]
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What :func:`load_weights` did.
+
+    Attributes
+    ----------
+    loaded
+        Number of aggregator tensors loaded into the model.
+    skipped_heads
+        Number of non-aggregator tensors of the checkpoint that were not read.
+    path
+        The checkpoint file.
+    """
+
+    loaded: int
+    skipped_heads: int
+    path: Path
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding the checkpoint
+
+
+def resolve_checkpoint(
+    model_id: str = DEFAULT_MODEL_ID,
+    revision: str | None = None,
+    checkpoint: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+) -> ResolvedCheckpoint:
+    """Find the checkpoint file, downloading it from the Hugging Face Hub if needed.
+
+    Parameters
+    ----------
+    model_id
+        Hub repository id, used when ``checkpoint`` is not given.
+    revision
+        Branch, tag or commit hash on the hub; the default branch when ``None``.
+    checkpoint
+        A local ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin`` file, or a folder holding
+        ``model.safetensors`` or ``model.pt``. Takes precedence over the hub.
+    cache_dir
+        Hub cache folder; ``huggingface_hub``'s default (``HF_HUB_CACHE`` / ``HF_HOME``) when ``None``.
+
+    Returns
+    -------
+    ResolvedCheckpoint
+
+    Raises
+    ------
+    WeightsError
+        If the local checkpoint does not exist, or the hub cannot provide the file (unknown repository
+        or revision, no network and nothing cached, ...).
+    """
+    if checkpoint is not None:
+        return ResolvedCheckpoint(_local_checkpoint_file(checkpoint), None, None, "file")
+    path = _download_from_hub(model_id, revision, cache_dir)
+    # hf_hub_download returns <cache>/models--org--name/snapshots/<commit>/<file>.
+    commit = path.parent.name
+    return ResolvedCheckpoint(path, model_id, commit if _COMMIT_RE.fullmatch(commit) else revision, "hub")
+
+
+def _local_checkpoint_file(checkpoint: str | Path) -> Path:
+    path = Path(checkpoint).expanduser()
+    if not path.exists():
+        raise WeightsError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        for name in (SAFETENSORS_NAME, PICKLE_NAME):
+            if (path / name).is_file():
+                return path / name
+        raise WeightsError(
+            f"checkpoint folder {path} holds neither {SAFETENSORS_NAME} nor {PICKLE_NAME}; "
+            "pass the checkpoint file itself with --checkpoint PATH"
+        )
+    return path
+
+
+def _download_from_hub(model_id: str, revision: str | None, cache_dir: str | Path | None) -> Path:
+    # Imported here so that loading local files works even where huggingface_hub is broken.
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.utils import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    at_revision = f" at revision {revision!r}" if revision else ""
+    unreachable = False
+    for filename in (SAFETENSORS_NAME, PICKLE_NAME):
+        try:
+            # Once the hub proved unreachable, only look in the cache (no second round of retries).
+            return Path(
+                hf_hub_download(
+                    model_id, filename, revision=revision, cache_dir=cache_dir, local_files_only=unreachable
+                )
+            )
+        except GatedRepoError as err:
+            raise WeightsError(
+                f"{model_id} is a gated repository on the Hugging Face Hub: accept its terms on "
+                f"https://huggingface.co/{model_id}, then log in with `hf auth login` "
+                "(or set HF_TOKEN).\n"
+                f"Hub said: {_first_line(err)}"
+            ) from err
+        except RepositoryNotFoundError as err:
+            raise WeightsError(
+                f"model repository {model_id!r} was not found on the Hugging Face Hub "
+                "(check the name; private repositories need `hf auth login` or HF_TOKEN).\n"
+                f"Hub said: {_first_line(err)}"
+            ) from err
+        except RevisionNotFoundError as err:
+            raise WeightsError(
+                f"revision {revision!r} was not found in {model_id} on the Hugging Face Hub.\n"
+                f"Hub said: {_first_line(err)}"
+            ) from err
+        except (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError):
+            # Not cached and the hub is out of reach: the other file name may still be cached.
+            unreachable = True
+        except EntryNotFoundError:
+            # The repository exists but has no file by this name: try the next one.
+            pass
+        except HfHubHTTPError as err:
+            raise WeightsError(
+                f"downloading {filename} from {model_id}{at_revision} failed: {_first_line(err)}"
+            ) from err
+
+    if not unreachable:
+        raise WeightsError(
+            f"{model_id}{at_revision} on the Hugging Face Hub has neither {SAFETENSORS_NAME} nor "
+            f"{PICKLE_NAME}; pass a checkpoint file with --checkpoint PATH"
+        )
+    hub_cache = Path(cache_dir).expanduser() if cache_dir is not None else Path(constants.HF_HUB_CACHE)
+    why = (
+        "offline mode is on (HF_HUB_OFFLINE=1)"
+        if constants.HF_HUB_OFFLINE
+        else "the Hugging Face Hub could not be reached"
+    )
+    options = ""
+    if revision:
+        options += f" --revision {revision}"
+    if cache_dir is not None:
+        options += f" --cache-dir {hub_cache}"
+    command = f"download {model_id} {SAFETENSORS_NAME}{options}"
+    raise WeightsError(
+        f"the weights of {model_id}{at_revision} are not available: {why} "
+        "and they are not in the local Hugging Face cache.\n"
+        "Get them in one of these ways:\n"
+        f"  * download them once while online (about 5 GB for VGGT-1B):\n"
+        f"        hf {command}\n"
+        f"    (with an older huggingface_hub: huggingface-cli {command})\n"
+        "  * or pass a checkpoint you already have with --checkpoint PATH\n"
+        f"    (a .safetensors or .pt file, or a folder holding {SAFETENSORS_NAME} or {PICKLE_NAME})\n"
+        f"Hub cache looked in: {hub_cache} (set HF_HOME or HF_HUB_CACHE to use another one)"
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 hex digest of a file, read in 8 MB chunks.
+
+    Parameters
+    ----------
+    path
+        File to hash.
+
+    Returns
+    -------
+    str
+        Lower-case hex digest.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading tensors
+
+
+def load_aggregator_state_dict(path: Path, dtype: torch.dtype | None = None) -> tuple[dict[str, Tensor], int]:
+    """Read the ``aggregator.*`` tensors of a checkpoint.
+
+    Parameters
+    ----------
+    path
+        A ``.safetensors`` file or a ``torch.save`` file (plain state dict, or wrapped in
+        ``{"model": ...}`` / ``{"state_dict": ...}``, keys optionally prefixed with ``module.``).
+    dtype
+        If given, floating-point tensors are cast to it one by one as they are read.
+
+    Returns
+    -------
+    state_dict
+        The aggregator tensors on CPU, keys keep their ``aggregator.`` prefix.
+    skipped
+        Number of other (head) tensors in the checkpoint, which were not read.
+
+    Raises
+    ------
+    WeightsError
+        If the file is missing, is neither format, or holds pickled objects other than tensors.
+    """
+    state_dict, skipped = _read_aggregator(Path(path), dtype)
+    return state_dict, len(skipped)
+
+
+def _read_aggregator(path: Path, dtype: torch.dtype | None) -> tuple[dict[str, Tensor], list[str]]:
+    """Like :func:`load_aggregator_state_dict`, but returns the skipped key names."""
+    if not path.is_file():
+        raise WeightsError(f"checkpoint not found: {path}")
+    if _looks_like_safetensors(path):
+        return _read_safetensors(path, dtype)
+    return _read_torch_pickle(path, dtype)
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    # A safetensors file starts with the little-endian u64 length of a JSON header, then "{".
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    (header_len,) = struct.unpack("<Q", head[:8])
+    return 0 < header_len <= path.stat().st_size - 8
+
+
+def _read_safetensors(path: Path, dtype: torch.dtype | None) -> tuple[dict[str, Tensor], list[str]]:
+    from safetensors import SafetensorError, safe_open
+
+    state_dict: dict[str, Tensor] = {}
+    skipped: list[str] = []
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            for key in handle.keys():
+                if key.startswith(AGGREGATOR_PREFIX):
+                    state_dict[key] = _cast(handle.get_tensor(key), dtype)
+                else:
+                    skipped.append(key)
+    except SafetensorError as err:
+        raise WeightsError(f"cannot read safetensors checkpoint {path}: {err}") from err
+    return state_dict, skipped
+
+
+def _read_torch_pickle(path: Path, dtype: torch.dtype | None) -> tuple[dict[str, Tensor], list[str]]:
+    # mmap keeps the (up to 5 GB) file on disk instead of in RAM; only zip-format files support it.
+    mmap = zipfile.is_zipfile(path)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        # weights_only rejects the first non-tensor global it meets, before anything is constructed.
+        text = str(err).lower()
+        if "weights only" in text and ("unsupported global" in text or "unsupported class" in text):
+            raise WeightsError(
+                f"refusing to load {path}: it holds pickled Python objects that are not tensors, and "
+                "unpickling them could run arbitrary code. Use a safetensors checkpoint or a file that "
+                "holds only a state dict."
+            ) from err
+        raise _not_a_checkpoint(path, err) from err
+    except Exception as err:  # torch.load fails on foreign files with many exception types
+        raise _not_a_checkpoint(path, err) from err
+
+    entries = _unwrap_state_dict(loaded, path)
+    state_dict: dict[str, Tensor] = {}
+    skipped: list[str] = []
+    for raw_key, value in entries.items():
+        key = raw_key.removeprefix("module.")
+        if not key.startswith(AGGREGATOR_PREFIX):
+            skipped.append(key)
+            continue
+        if not isinstance(value, Tensor):
+            raise WeightsError(f"checkpoint {path}: {key} is a {type(value).__name__}, not a tensor")
+        state_dict[key] = _cast(value, dtype)
+    return state_dict, skipped
+
+
+def _unwrap_state_dict(loaded: object, path: Path) -> Mapping[str, object]:
+    if isinstance(loaded, Mapping) and not any(isinstance(v, Tensor) for v in loaded.values()):
+        for wrapper in ("model", "state_dict"):
+            if isinstance(loaded.get(wrapper), Mapping):
+                loaded = loaded[wrapper]
+                break
+    if not isinstance(loaded, Mapping) or not all(isinstance(k, str) for k in loaded):
+        raise WeightsError(
+            f"checkpoint {path} is not a state dict (a mapping from parameter names to tensors), "
+            f"it holds a {type(loaded).__name__}"
+        )
+    return loaded
+
+
+def _not_a_checkpoint(path: Path, err: BaseException) -> WeightsError:
+    return WeightsError(
+        f"cannot read checkpoint {path}: it is neither a safetensors file nor a PyTorch file saved "
+        f"with torch.save ({_first_line(err)})"
+    )
+
+
+def _cast(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
+    if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+        return tensor.to(dtype)
+    return tensor
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading into a model
+
+
+def load_weights(model: nn.Module, path: Path, dtype: torch.dtype | None = None) -> LoadReport:
+    """Load the aggregator weights of a checkpoint into ``model`` (strictly).
+
+    If any parameter or buffer of ``model`` is on the ``meta`` device (a model built without
+    allocating memory), the checkpoint tensors are assigned to the model as they are
+    (``load_state_dict(assign=True)``), so weights are held in memory once, on CPU. Otherwise they
+    are copied into the existing tensors, which keep their device.
+
+    Parameters
+    ----------
+    model
+        A model whose ``state_dict()`` keys are upstream's ``aggregator.*`` names.
+    path
+        Checkpoint file, see :func:`load_aggregator_state_dict`.
+    dtype
+        If given, floating-point weights are read in this dtype and the model's floating-point
+        parameters and buffers end up in it.
+
+    Returns
+    -------
+    LoadReport
+
+    Raises
+    ------
+    WeightsError
+        If the checkpoint cannot be read, or its aggregator keys or shapes differ from the model's
+        (missing keys, unexpected keys, shape mismatches).
+    """
+    path = Path(path)
+    state_dict, skipped = _read_aggregator(path, dtype)
+    if not state_dict:
+        example = f" (it has {', '.join(skipped[:_MAX_LISTED_KEYS])}, ...)" if skipped else ""
+        raise WeightsError(f"checkpoint {path} holds no {AGGREGATOR_PREFIX}* tensors{example}")
+
+    expected = model.state_dict()
+    _check_matches(path, state_dict, expected)
+
+    on_meta = any(t.is_meta for t in expected.values())
+    if not on_meta and dtype is not None:
+        model.to(dtype)
+    model.load_state_dict(state_dict, strict=True, assign=on_meta)
+    if on_meta:
+        still_meta = [name for name, t in _named_tensors(model) if t.is_meta]
+        if still_meta:
+            raise WeightsError(
+                "the model still has tensors on the meta device after loading (they are not saved in "
+                f"checkpoints, create them on a real device): {_list_keys(still_meta)}"
+            )
+
+    logger.info(
+        "loaded %s aggregator tensors from %s%s",
+        f"{len(state_dict):,}",
+        path.name,
+        _skipped_summary(skipped),
+    )
+    return LoadReport(loaded=len(state_dict), skipped_heads=len(skipped), path=path)
+
+
+def _check_matches(path: Path, state_dict: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> None:
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {list(state_dict[k].shape)} vs model {list(expected[k].shape)}"
+        for k in expected
+        if k in state_dict and state_dict[k].shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{_count(len(missing), 'missing key')} ({_list_keys(missing)})")
+    if unexpected:
+        problems.append(f"{_count(len(unexpected), 'unexpected key')} ({_list_keys(unexpected)})")
+    if mismatched:
+        problems.append(f"{_count(len(mismatched), 'shape mismatch', 'es')} ({_list_keys(mismatched)})")
+    if problems:
+        raise WeightsError(
+            f"checkpoint {path} does not match the model: "
+            + "; ".join(problems)
+            + "\nIs it a VGGT checkpoint, and was the model built with the matching configuration?"
+        )
+
+
+def _named_tensors(model: nn.Module) -> Iterable[tuple[str, Tensor]]:
+    yield from model.named_parameters()
+    yield from model.named_buffers()
+
+
+def _count(n: int, noun: str, plural: str = "s") -> str:
+    return f"{n:,} {noun}{'' if n == 1 else plural}"
+
+
+def _list_keys(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_LISTED_KEYS])
+    return shown + (", ..." if len(keys) > _MAX_LISTED_KEYS else "")
+
+
+def _skipped_summary(skipped: list[str]) -> str:
+    if not skipped:
+        return ""
+    groups = sorted({key.split(".", 1)[0] for key in skipped})
+    return f"; skipped {_count(len(skipped), 'head tensor')} ({', '.join(groups)})"
