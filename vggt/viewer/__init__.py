@@ -1,0 +1,1 @@
+"""Gradio viewer over attention exports (numpy, Pillow and Gradio only; never torch)."""

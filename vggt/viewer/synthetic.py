@@ -1,0 +1,168 @@
+"""Synthetic exports with the real format and exact probabilities, for tests, demos and benchmarks.
+
+The maps are not a model's: each query spreads its attention as a Gaussian blob around "its" patch in
+every frame (shifted per frame, wider in early layers, different per head) plus the special tokens.
+They are probabilities over the whole sequence nevertheless, pooled exactly as the exporter pools, so
+pooled maps plus special-token mass sum to 1 per query and head.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vggt.attn_format import ExportWriter, query_grid_shape
+from vggt.quantize import encode_layer
+
+_QUERY_CHUNK = 256
+
+
+def synthetic_frames(num_frames: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Colourful, distinguishable test frames.
+
+    Returns
+    -------
+    np.ndarray
+        ``[S, H, W, 3] uint8``: a diagonal gradient, a checkerboard of patch-sized squares and a
+        per-frame tint.
+    """
+    rng = np.random.default_rng(seed)
+    rows = np.arange(height, dtype=np.float32)[:, None]
+    cols = np.arange(width, dtype=np.float32)[None, :]
+    frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
+    checker = ((rows // 14 + cols // 14) % 2) * 40.0
+    for index in range(num_frames):
+        tint = rng.uniform(40, 200, size=3)
+        ramp = (rows / max(height - 1, 1) + cols / max(width - 1, 1)) * 50.0
+        frame = np.stack([tint[c] + ramp + checker for c in range(3)], axis=-1)
+        frames[index] = np.clip(frame, 0, 255).astype(np.uint8)
+    return frames
+
+
+def pooled_probabilities(
+    H_p: int,
+    W_p: int,
+    stride_h: int,
+    stride_w: int,
+    num_frames: int,
+    num_heads: int,
+    layer: int,
+    n_special: int,
+    query_rows: np.ndarray,
+    query_cols: np.ndarray,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities of a chunk of queries over all tokens, pooled onto the key grid.
+
+    Parameters
+    ----------
+    query_rows, query_cols : np.ndarray
+        ``[q]`` patch coordinates of the queries.
+
+    Returns
+    -------
+    pooled : np.ndarray
+        ``[q, heads, S, H_ds, W_ds]`` float32.
+    special : np.ndarray
+        ``[q, heads, S, n_special]`` float32; ``pooled`` and ``special`` sum to 1 per query and head.
+    """
+    H_ds, W_ds = query_grid_shape(H_p, W_p, stride_h, stride_w)
+    count = query_rows.shape[0]
+    key_rows = np.arange(H_p, dtype=np.float32)
+    key_cols = np.arange(W_p, dtype=np.float32)
+    width = (0.8 + 2.5 * np.exp(-layer / 4.0) + np.arange(num_heads)[:, None] * 0.3).astype(np.float32)
+    shift = np.arange(num_frames, dtype=np.float32) * (1.0 + 0.1 * layer)
+    # Separable Gaussian blob: [q, heads, S, H_p] x [q, heads, S, W_p].
+    spread = width[None, :, :, None]
+    row_term = np.exp(-0.5 * ((key_rows - query_rows[:, None, None, None]) / spread) ** 2)
+    col_shift = query_cols[:, None, None, None] + shift[None, None, :, None]
+    col_term = np.exp(-0.5 * ((key_cols - col_shift) / spread) ** 2)
+    patch_logits = row_term[..., :, None] * col_term[..., None, :]
+    patch_logits += rng.random(patch_logits.shape, dtype=np.float32) * np.float32(0.05)
+    special = rng.uniform(0.05, 1.0, size=(count, num_heads, num_frames, n_special)).astype(np.float32)
+    special[..., 0] *= 2.0 + layer % 3  # the camera token draws more than a register
+    total = patch_logits.sum(axis=(-3, -2, -1)) + special.sum(axis=(-2, -1))  # [q, heads]
+    patch_logits /= total[..., None, None, None]
+    special /= total[..., None, None]
+    if stride_h == 1 and stride_w == 1:
+        return patch_logits, special
+    pad_h, pad_w = H_ds * stride_h - H_p, W_ds * stride_w - W_p
+    padded = np.pad(patch_logits, [(0, 0)] * 3 + [(0, pad_h), (0, pad_w)])
+    pooled = padded.reshape(count, num_heads, num_frames, H_ds, stride_h, W_ds, stride_w).sum(axis=(4, 6))
+    return pooled.astype(np.float32), special
+
+
+def write_synthetic_export(
+    root: Path,
+    num_frames: int = 3,
+    H_p: int = 4,
+    W_p: int = 5,
+    stride_h: int = 1,
+    stride_w: int = 1,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    per_head: bool = False,
+    precision: str = "uint8",
+    compress: bool = False,
+    n_special: int = 5,
+    random_weights: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Write a complete export folder at ``root`` and return ``root``.
+
+    Per-head uint8 exports are head-normalized; averaged uint8 exports layer-normalized; float16 raw.
+    """
+    if precision not in ("uint8", "float16"):
+        raise ValueError(f"precision must be uint8 or float16, got {precision!r}")
+    rng = np.random.default_rng(seed)
+    patch = 14
+    height, width = H_p * patch, W_p * patch
+    H_ds, W_ds = query_grid_shape(H_p, W_p, stride_h, stride_w)
+    writer = ExportWriter(root, compress=compress)
+    sources = [f"view_{index:03d}.png" for index in range(num_frames)]
+    writer.write_frames(synthetic_frames(num_frames, height, width, seed), sources)
+    query_rows = np.repeat(np.arange(0, H_p, stride_h), W_ds).astype(np.float32)
+    query_cols = np.tile(np.arange(0, W_p, stride_w), H_ds).astype(np.float32)
+    Q = H_ds * W_ds
+    for layer in range(num_layers):
+        pooled = np.empty((Q, num_heads, num_frames, H_ds, W_ds), dtype=np.float32)
+        special = np.empty((Q, num_heads, num_frames, n_special), dtype=np.float32)
+        for start in range(0, Q, _QUERY_CHUNK):
+            stop = min(start + _QUERY_CHUNK, Q)
+            pooled[start:stop], special[start:stop] = pooled_probabilities(
+                H_p, W_p, stride_h, stride_w, num_frames, num_heads, layer, n_special,
+                query_rows[start:stop], query_cols[start:stop], rng,
+            )  # fmt: skip
+        meta: dict = {
+            "layer_index": layer + 1,
+            "block_index": layer,
+            "H_p": H_p,
+            "W_p": W_p,
+            "stride_h": stride_h,
+            "stride_w": stride_w,
+            "num_heads": num_heads,
+        }
+        if not per_head:
+            pooled = pooled.mean(axis=1)
+            special = special.mean(axis=1)
+        heatmaps, fields = encode_layer(pooled, precision)
+        meta |= fields
+        del pooled
+        writer.write_layer(f"layer_{layer + 1:02d}", heatmaps, special.astype(np.float16), meta)
+    writer.write_manifest(
+        {
+            "image_set_name": "synthetic",
+            "model": {
+                "id": "synthetic",
+                "revision": None,
+                "checkpoint_file": None,
+                "checkpoint_sha256": None,
+                "random_weights": random_weights,
+                "random_seed": seed,
+            },
+            "preprocess_mode": "crop",
+            "first_image_idx": 0,
+        }
+    )
+    return root
