@@ -161,7 +161,6 @@ class GlobalAttentionCapture:
         return hook
 
 
-@torch.no_grad()
 def pooled_query_attention(
     q: Tensor,
     k: Tensor,
@@ -197,6 +196,20 @@ def pooled_query_attention(
     """
     if q.shape[0] != 1:
         raise ValueError(f"attention capture takes batch size 1, got {q.shape[0]}")
+    # Probabilities are computed in float32 even inside the forward pass's autocast region.
+    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+        return _pooled_query_attention(q, k, grid, patch_start_idx, per_head, block_index, query_chunk)
+
+
+def _pooled_query_attention(
+    q: Tensor,
+    k: Tensor,
+    grid: QueryGrid,
+    patch_start_idx: int,
+    per_head: bool,
+    block_index: int,
+    query_chunk: int | None,
+) -> CapturedLayer:
     heads, num_tokens, head_dim = q.shape[1:]
     tokens_per_frame = patch_start_idx + grid.grid_h * grid.grid_w
     if num_tokens % tokens_per_frame:

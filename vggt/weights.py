@@ -473,3 +473,53 @@ def _skipped_summary(skipped: list[str]) -> str:
         return ""
     groups = sorted({key.split(".", 1)[0] for key in skipped})
     return f"; skipped {_count(len(skipped), 'head tensor')} ({', '.join(groups)})"
+
+
+def init_random_weights(model: nn.Module, seed: int = 0, device: str | torch.device = "cpu") -> None:
+    """Give every parameter of ``model`` (typically built on ``meta``) seeded random values, in place.
+
+    Linear and patch-embedding weights, tokens and position embeddings are drawn from N(0, 0.02^2);
+    biases are zero, LayerNorm weights one, LayerScale ``gamma`` keeps the value its config gives.
+    The same seed gives the same weights on every machine (drawn on CPU, then moved to ``device``).
+
+    Parameters
+    ----------
+    model : nn.Module
+        A :class:`vggt.models.vggt.VGGT` or anything with the same parameter naming.
+    seed : int
+        Seed of the generator; recorded in an export's manifest.
+    device : str or torch.device
+        Where the weights end up.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    config = getattr(model, "config", None)
+    for module_name, module in model.named_modules():
+        for name, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            full_name = f"{module_name}.{name}" if module_name else name
+            value = torch.empty(param.shape, dtype=torch.float32)
+            if name == "gamma":
+                in_dino = ".patch_embed." in f".{full_name}"
+                init = getattr(getattr(config, "patch_embed", None), "init_values", 1.0) if in_dino else None
+                value.fill_(init if init is not None else getattr(config, "init_values", 1.0))
+            elif isinstance(module, nn.LayerNorm):
+                value.fill_(1.0 if name == "weight" else 0.0)
+            elif name == "bias":
+                value.zero_()
+            else:
+                value.normal_(0.0, 0.02, generator=generator)
+            module._parameters[name] = nn.Parameter(value.to(device), requires_grad=param.requires_grad)
+    model.to(device)
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """SHA-256 of a checkpoint, free for files of the hub cache.
+
+    huggingface_hub stores a large file as ``blobs/<sha256>`` with the snapshot entry a link to it,
+    so the digest of a cached checkpoint is its blob's name; other files are hashed.
+    """
+    target = Path(path).resolve()
+    if target.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", target.name):
+        return target.name
+    return sha256_file(target)

@@ -58,10 +58,14 @@ class Aggregator(nn.Module):
         self.global_blocks = nn.ModuleList(make_block() for _ in range(config.depth))
         self.camera_token = nn.Parameter(torch.zeros(1, 2, 1, dim))
         self.register_token = nn.Parameter(torch.zeros(1, 2, config.num_register_tokens, dim))
+        # Constants, not weights: always real CPU tensors, also when the model is built on "meta" to
+        # have its weights assigned from a checkpoint.
         self.register_buffer(
-            "_resnet_mean", torch.tensor(IMAGENET_MEAN).view(1, 1, 3, 1, 1), persistent=False
+            "_resnet_mean", torch.tensor(IMAGENET_MEAN, device="cpu").view(1, 1, 3, 1, 1), persistent=False
         )
-        self.register_buffer("_resnet_std", torch.tensor(IMAGENET_STD).view(1, 1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "_resnet_std", torch.tensor(IMAGENET_STD, device="cpu").view(1, 1, 3, 1, 1), persistent=False
+        )
 
     def embed(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Initial tokens and positions of every frame.

@@ -1,0 +1,309 @@
+"""Command line of the exporter (``compute_layerwise_attentions.py``): arguments, image choice, plan.
+
+Every user error (no images, a bad flag value, weights not found, no room on disk, ...) ends the run
+with one line on stderr and exit code 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from vggt import __version__
+from vggt.attn_format import FormatError
+from vggt.capture import QueryGrid
+from vggt.device import select_device_and_dtype
+from vggt.export import ExportError, ExportOptions, estimate_export_bytes, export_attention, parse_layers
+from vggt.models.config import AggregatorConfig
+from vggt.models.vggt import VGGT
+from vggt.preprocess import ImageLoadError, list_images, load_and_preprocess_images
+from vggt.weights import (
+    DEFAULT_MODEL_ID,
+    WeightsError,
+    checkpoint_sha256,
+    init_random_weights,
+    load_weights,
+    resolve_checkpoint,
+)
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+DEFAULT_IMAGE_SET = "synthetic_room"
+DEFAULT_PREFIX = "attn_first2all_"
+
+log = logging.getLogger("vggt")
+
+
+class UsageError(Exception):
+    """A one-line user error; the CLI prints it and exits with code 2."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own errors, on one line too
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="compute_layerwise_attentions.py",
+        description="Export VGGT's global attention from the query frame's patches to all frames "
+        "(one forward pass, every global layer) for the attention viewer.",
+    )
+
+    def add(name: str, **kwargs) -> None:
+        spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        parser.add_argument(*spellings, dest=name, **kwargs)
+
+    add("image_set_name", default=DEFAULT_IMAGE_SET, help="name of the image set (default %(default)s)")
+    add("image_dir", help="folder of images (default examples/<image_set_name>/images)")
+    add(
+        "num_images",
+        type=int,
+        help="use this many images, evenly spaced over the sorted folder (default: all)",
+    )
+    add("image_extension", help="only files with this extension, e.g. png (default: common image types)")
+    add("first_image_idx", type=int, default=0, help="which chosen image becomes frame 0, the query frame")
+    add("preprocess", choices=("crop", "pad"), default="crop", help="upstream preprocessing mode")
+
+    add("save_per_head", action="store_true", help="keep every head instead of their mean")
+    add("stride", type=int, help="query stride and pooling block in patches, both directions")
+    add("stride_h", type=int, help="query stride along rows (default 1, or --stride)")
+    add("stride_w", type=int, help="query stride along columns (default 1, or --stride)")
+    add("layers", help="global layers to export, 1-based, e.g. 1-4,12 (default: all)")
+    add("precision", choices=("uint8", "float16"), default="uint8", help="uint8 codes or raw float16")
+    add("compress", action="store_true", help="deflate NPZ files (smaller to share, not memory-mappable)")
+
+    add("output_dir_prefix", default=DEFAULT_PREFIX, help="output folder is <prefix><image_set_name>")
+    add("output_dir", help="output folder (overrides --output_dir_prefix)")
+    add("overwrite", action="store_true", help="replace an existing output folder")
+
+    add("model", default=DEFAULT_MODEL_ID, help="Hugging Face repo id of the weights (default %(default)s)")
+    add("revision", help="branch, tag or commit of --model")
+    add("checkpoint", help="local .safetensors/.pt file or folder instead of the hub")
+    add("cache_dir", help="Hugging Face cache folder (default: HF_HUB_CACHE / HF_HOME)")
+    add("random_weights", action="store_true", help="seeded random weights, no download (for trying things)")
+    add("seed", type=int, default=0, help="seed of --random_weights (default %(default)s)")
+    add(
+        "model_config",
+        help="JSON architecture (AggregatorConfig fields) for a model other than VGGT-1B",
+    )
+    add("device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    add("dtype", default="auto", help="autocast dtype: auto, float32, bfloat16 or float16")
+    add("quiet", action="store_true", help="no plan printout and no progress bars")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+@dataclass(frozen=True)
+class ImageChoice:
+    """The frames of an export in model order and where they came from."""
+
+    paths: list[Path]  # model order: frame 0 first
+    folder_size: int
+    first_image_idx: int
+
+
+def choose_images(
+    image_dir: Path, extension: str | None, num_images: int | None, first_image_idx: int
+) -> ImageChoice:
+    """Pick ``num_images`` evenly spaced images of the sorted folder and put ``first_image_idx`` first.
+
+    The chosen image at position ``first_image_idx`` becomes frame 0; the others keep their order.
+    """
+    try:
+        available = list_images(image_dir, extension)
+    except NotADirectoryError:
+        raise UsageError(f"image folder not found: {image_dir}") from None
+    kind = f"*.{extension.lstrip('.')}" if extension else "image"
+    if not available:
+        raise UsageError(f"no {kind} files found in {image_dir}")
+    count = len(available) if num_images is None else num_images
+    if count < 1:
+        raise UsageError(f"--num_images must be at least 1, got {count}")
+    if count > len(available):
+        raise UsageError(f"--num_images {count} but {image_dir} holds only {len(available)} {kind} files")
+    if count == 1:
+        chosen = [available[0]]
+    else:
+        chosen = [available[round(i * (len(available) - 1) / (count - 1))] for i in range(count)]
+    if not 0 <= first_image_idx < count:
+        raise UsageError(
+            f"--first_image_idx {first_image_idx} is out of range for {count} images (0-{count - 1})"
+        )
+    ordered = [chosen[first_image_idx]] + chosen[:first_image_idx] + chosen[first_image_idx + 1 :]
+    return ImageChoice(ordered, len(available), first_image_idx)
+
+
+def _format_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    raise AssertionError
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _plan(
+    args, choice: ImageChoice, images: torch.Tensor, grid: QueryGrid, layers, config, out_dir, size
+) -> str:
+    lines = [f"Export of '{args.image_set_name}' -> {out_dir}"]
+    lines.append(f"  frames: {len(choice.paths)} of {choice.folder_size} images, {args.preprocess} to "
+                 f"{images.shape[-2]}x{images.shape[-1]} px (frame 0 is the query frame)")  # fmt: skip
+    for index, path in enumerate(choice.paths):
+        lines.append(f"    frame {index:2d}: {path.name}")
+    lines.append(
+        f"  grid: {grid.grid_h}x{grid.grid_w} patches, stride {grid.stride_h}x{grid.stride_w} -> "
+        f"{grid.H_ds}x{grid.W_ds} cells, {grid.num_queries} queries"
+    )
+    numbers = list(range(1, config.depth + 1)) if layers is None else list(layers)
+    shown = "all" if layers is None else ",".join(str(n) for n in numbers)
+    heads = f"{config.num_heads} heads each" if args.save_per_head else f"mean of {config.num_heads} heads"
+    lines.append(f"  layers: {len(numbers)} global ({shown}), {heads}, {args.precision}")
+    weights = (
+        f"random (seed {args.seed})"
+        if args.random_weights
+        else args.checkpoint or f"{args.model}" + (f" @ {args.revision}" if args.revision else "")
+    )
+    lines.append(f"  weights: {weights}")
+    lines.append(
+        f"  estimated size on disk: {_format_bytes(size)}" + (" before compression" if args.compress else "")
+    )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Carry out an export from parsed arguments; raises :class:`UsageError` for user errors."""
+    progress = not args.quiet
+    config = _model_config(args.model_config)
+    stride_h = args.stride_h if args.stride_h is not None else (args.stride if args.stride is not None else 1)
+    stride_w = args.stride_w if args.stride_w is not None else (args.stride if args.stride is not None else 1)
+    if stride_h < 1 or stride_w < 1:
+        raise UsageError(f"strides must be at least 1, got stride_h={stride_h}, stride_w={stride_w}")
+    layers = parse_layers(args.layers, config.depth)
+    options = ExportOptions(args.save_per_head, stride_h, stride_w, layers, args.precision, args.compress)
+
+    image_dir = Path(args.image_dir) if args.image_dir else Path("examples") / args.image_set_name / "images"
+    out_dir = (
+        Path(args.output_dir) if args.output_dir else Path(f"{args.output_dir_prefix}{args.image_set_name}")
+    )
+    if out_dir.exists() and not args.overwrite:
+        raise UsageError(f"output folder {out_dir} already exists (use --overwrite to replace it)")
+    if args.checkpoint and args.random_weights:
+        raise UsageError("--checkpoint and --random_weights exclude each other")
+    choice = choose_images(image_dir, args.image_extension, args.num_images, args.first_image_idx)
+    try:
+        device, autocast_dtype = select_device_and_dtype(args.device, args.dtype)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+    images = load_and_preprocess_images(choice.paths, mode=args.preprocess)
+    grid = QueryGrid(images.shape[-2] // config.patch_size, images.shape[-1] // config.patch_size,
+                     stride_h, stride_w)  # fmt: skip
+    num_layers = config.depth if layers is None else len(layers)
+    size = estimate_export_bytes(len(choice.paths), tuple(images.shape[-2:]), grid, config.num_heads,
+                                 num_layers, config.patch_start_idx, options)  # fmt: skip
+    if progress:
+        print(_plan(args, choice, images, grid, layers, config, out_dir, size), flush=True)
+    free = shutil.disk_usage(_existing_parent(out_dir.parent)).free
+    if size > free:
+        raise UsageError(
+            f"not enough disk space for the export: about {_format_bytes(size)} needed, "
+            f"{_format_bytes(free)} free at {_existing_parent(out_dir.parent)}"
+        )
+
+    model, model_fields = _load_model(args, config, device, progress)
+    manifest = {
+        "image_set_name": args.image_set_name,
+        "model": model_fields,
+        "preprocess_mode": args.preprocess,
+        "first_image_idx": choice.first_image_idx,
+        "device": str(device),
+        "autocast_dtype": None if autocast_dtype is None else str(autocast_dtype).removeprefix("torch."),
+    }
+    started = time.perf_counter()
+    export_attention(
+        model,
+        images,
+        out_dir,
+        sources=[p.name for p in choice.paths],
+        options=options,
+        manifest=manifest,
+        overwrite=args.overwrite,
+        autocast_dtype=autocast_dtype,
+        progress=progress,
+    )
+    if progress:
+        print(f"Wrote {out_dir} in {time.perf_counter() - started:.1f} s. View it with:\n"
+              f"  python visualize_attn_gradio.py --attn_dir {out_dir}")  # fmt: skip
+    return out_dir
+
+
+def _model_config(path: str | None) -> AggregatorConfig:
+    if path is None:
+        return AggregatorConfig.vggt_1b()
+    try:
+        return AggregatorConfig.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as err:
+        raise UsageError(f"cannot read --model_config {path}: {err}") from None
+
+
+def _load_model(args, config: AggregatorConfig, device: torch.device, progress: bool) -> tuple[VGGT, dict]:
+    with tqdm(total=2, desc="loading model", unit="step", disable=not progress) as bar:
+        with torch.device("meta"):
+            model = VGGT(config)
+        if args.random_weights:
+            resolved = None
+            bar.set_postfix_str(f"random weights, seed {args.seed}")
+            bar.update(1)
+            init_random_weights(model, args.seed, device)
+        else:
+            resolved = resolve_checkpoint(args.model, args.revision, args.checkpoint, args.cache_dir)
+            bar.set_postfix_str(resolved.path.name)
+            bar.update(1)
+            load_weights(model, resolved.path)
+            model.to(device)
+        bar.update(1)
+    model.eval().requires_grad_(False)
+    fields = {
+        "id": None if resolved is None or resolved.source == "file" else resolved.model_id,
+        "revision": None if resolved is None else resolved.revision,
+        "checkpoint_file": None if resolved is None else resolved.path.name,
+        "checkpoint_sha256": None if resolved is None else checkpoint_sha256(resolved.path),
+        "random_weights": bool(args.random_weights),
+        "random_seed": args.seed if args.random_weights else None,
+        "architecture": "VGGT-1B" if args.model_config is None else config.to_dict(),
+    }
+    return model, fields
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: returns the process exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+        run(args)
+    except (UsageError, ExportError, WeightsError, ImageLoadError, FormatError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as err:  # e.g. the disk filled up while writing; the partial export is removed
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
