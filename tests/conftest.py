@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from vggt.export import ExportOptions, export_attention
+from vggt.export_cli import main
 from vggt.models.config import AggregatorConfig
 from vggt.models.vggt import VGGT
 
 FIXTURES = Path(__file__).parent / "fixtures"
+EXAMPLE_IMAGES = Path(__file__).parents[1] / "examples" / "synthetic_room" / "images"
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +39,41 @@ def tiny_model(tiny_config, tiny_reference) -> VGGT:
     weights = {k: v for k, v in tiny_reference.items() if k.startswith("aggregator.")}
     model.load_state_dict(weights, strict=True)
     return model
+
+
+@pytest.fixture()
+def export_tiny(tiny_model, tiny_reference):
+    """``export_tiny(out, **options)``: export the tiny model's attention on the fixture's 3 frames
+    (sources ``a.png``, ``b.png``, ``c.png``) with ``ExportOptions(**options)``; returns ``out``."""
+
+    def run(out: Path, **options) -> Path:
+        images = tiny_reference["input.images"][0]
+        return export_attention(
+            tiny_model, images, out, sources=["a.png", "b.png", "c.png"], options=ExportOptions(**options),
+            progress=False,
+        )  # fmt: skip
+
+    return run
+
+
+@pytest.fixture()
+def tiny_cli(tmp_path, tiny_model, tiny_config):
+    """``tiny_cli(*args, with_checkpoint=True)``: the exporter's CLI on the tiny model (saved as a
+    checkpoint, its architecture in a JSON file) over 5 of the bundled images; returns the exit code."""
+    checkpoint = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, checkpoint)
+    config = tmp_path / "tiny_config.json"
+    config.write_text(json.dumps(tiny_config.to_dict()))
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in (0, 2, 3, 5, 7):
+        shutil.copy(EXAMPLE_IMAGES / f"view_{index:02d}.png", images / f"view_{index:02d}.png")
+
+    def run(*args: str, with_checkpoint: bool = True) -> int:
+        weights = ["--checkpoint", str(checkpoint)] if with_checkpoint else []
+        return main([*weights, "--model_config", str(config), "--image_dir", str(images), "--quiet", *args])
+
+    run.images = images
+    run.checkpoint = checkpoint
+    run.config = config
+    return run

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import zipfile
@@ -12,13 +11,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from vggt import export as export_module
 from vggt.attn_format import open_export
 from vggt.export import ExportError, ExportOptions, export_attention, parse_layers
-from vggt.export_cli import main
-from vggt.models.hooks import iter_hook_points
 from vggt.preprocess import load_and_preprocess_images, to_uint8_frames
 
 EXAMPLE_IMAGES = Path(__file__).parents[1] / "examples" / "synthetic_room" / "images"
@@ -55,21 +51,14 @@ def dequantized(export, name: str) -> np.ndarray:
     return np.stack([export.query_maps(name, qi) for qi in range(meta["Q"])])
 
 
-def run_export(tiny_model, tiny_reference, out: Path, **options) -> Path:
-    images = tiny_reference["input.images"][0]
-    return export_attention(
-        tiny_model, images, out, sources=["a.png", "b.png", "c.png"], options=ExportOptions(**options),
-        progress=False,
-    )  # fmt: skip
-
-
 @pytest.mark.parametrize(
     ("per_head", "stride_h", "stride_w"),
     [(False, 1, 1), (True, 1, 1), (True, 3, 2), (False, 2, 3), (True, 4, 5)],
 )
-def test_dequantized_maps_equal_upstream_attention_pooled(tiny_model, tiny_reference, tmp_path, per_head,
-                                                          stride_h, stride_w):  # fmt: skip
-    out = run_export(tiny_model, tiny_reference, tmp_path / "export", per_head=per_head,
+def test_dequantized_maps_equal_upstream_attention_pooled(
+    export_tiny, tiny_reference, tmp_path, per_head, stride_h, stride_w
+):
+    out = export_tiny(tmp_path / "export", per_head=per_head,
                      stride_h=stride_h, stride_w=stride_w)  # fmt: skip
     export = open_export(out)
     export.validate()
@@ -100,8 +89,8 @@ def test_dequantized_maps_equal_upstream_attention_pooled(tiny_model, tiny_refer
         np.testing.assert_allclose(special.astype(np.float64), want_special, rtol=1e-3, atol=1e-6)
 
 
-def test_float16_maps_plus_special_mass_sum_to_one(tiny_model, tiny_reference, tmp_path):
-    out = run_export(tiny_model, tiny_reference, tmp_path / "raw", per_head=True, stride_h=3, stride_w=2,
+def test_float16_maps_plus_special_mass_sum_to_one(export_tiny, tiny_reference, tmp_path):
+    out = export_tiny(tmp_path / "raw", per_head=True, stride_h=3, stride_w=2,
                      precision="float16")  # fmt: skip
     export = open_export(out)
     for layer, name in enumerate(export.layer_names):
@@ -115,8 +104,8 @@ def test_float16_maps_plus_special_mass_sum_to_one(tiny_model, tiny_reference, t
         np.testing.assert_allclose(maps, want, rtol=1e-3, atol=1e-5)
 
 
-def test_uint8_special_mass_plus_exact_patch_mass_sums_to_one(tiny_model, tiny_reference, tmp_path):
-    export = open_export(run_export(tiny_model, tiny_reference, tmp_path / "e", per_head=False))
+def test_uint8_special_mass_plus_exact_patch_mass_sums_to_one(export_tiny, tiny_reference, tmp_path):
+    export = open_export(export_tiny(tmp_path / "e", per_head=False))
     for layer, name in enumerate(export.layer_names):
         want, _ = expected_pooled(tiny_reference, layer, 1, 1, False)
         total = want.sum(axis=(-3, -2, -1)) + export.special_mass(name).astype(np.float64).sum(axis=(-2, -1))
@@ -125,9 +114,9 @@ def test_uint8_special_mass_plus_exact_patch_mass_sums_to_one(tiny_model, tiny_r
         assert np.all(dequantized(export, name).sum(axis=(-3, -2, -1)) <= want.sum(axis=(-3, -2, -1)) + 1e-3)
 
 
-def test_per_head_export_averaged_over_heads_matches_averaged_export(tiny_model, tiny_reference, tmp_path):
-    per_head = open_export(run_export(tiny_model, tiny_reference, tmp_path / "heads", per_head=True))
-    averaged = open_export(run_export(tiny_model, tiny_reference, tmp_path / "mean", per_head=False))
+def test_per_head_export_averaged_over_heads_matches_averaged_export(export_tiny, tmp_path):
+    per_head = open_export(export_tiny(tmp_path / "heads", per_head=True))
+    averaged = open_export(export_tiny(tmp_path / "mean", per_head=False))
     for name in averaged.layer_names:
         heads_meta, mean_meta = per_head.layer_meta(name), averaged.layer_meta(name)
         assert heads_meta["layer_vmax99"] == pytest.approx(mean_meta["layer_vmax99"], rel=1e-6)
@@ -147,36 +136,40 @@ def test_per_head_export_averaged_over_heads_matches_averaged_export(tiny_model,
         )  # fmt: skip
 
 
-def test_capture_removes_its_hooks_on_success_and_error(tiny_model, tiny_reference, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"per_head": True, "rollout": True, "blocks": ("global", "frame", "dino")}],
+    ids=["global", "every kind and rollout"],
+)
+def test_hooks_are_removed_on_success_and_error(export_tiny, tiny_model, tmp_path, monkeypatch, options):
     def no_hooks() -> bool:
-        points = [point for _, point in iter_hook_points(tiny_model)]
-        blocks = list(tiny_model.aggregator.global_blocks)
-        return all(not m._forward_hooks for m in points + blocks)
+        modules = list(tiny_model.modules())
+        return all(not module._forward_hooks for module in modules)
 
-    run_export(tiny_model, tiny_reference, tmp_path / "ok")
+    export_tiny(tmp_path / "ok", **options)
     assert no_hooks()
 
     calls = []
 
     def failing_encode(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 3:
             raise RuntimeError("disk on fire")
         return export_module_encode(*args, **kwargs)
 
     export_module_encode = export_module.encode_layer
     monkeypatch.setattr(export_module, "encode_layer", failing_encode)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        run_export(tiny_model, tiny_reference, tmp_path / "broken")
+        export_tiny(tmp_path / "broken", **options)
     assert no_hooks()
     # Nothing that looks like an export, and no staging folder, is left behind.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]
 
 
-def test_existing_folder_refused_unless_overwrite(tiny_model, tiny_reference, tmp_path):
-    out = run_export(tiny_model, tiny_reference, tmp_path / "e", per_head=False)
+def test_existing_folder_refused_unless_overwrite(export_tiny, tiny_model, tiny_reference, tmp_path):
+    out = export_tiny(tmp_path / "e", per_head=False)
     with pytest.raises(ExportError, match="already exists"):
-        run_export(tiny_model, tiny_reference, out)
+        export_tiny(out)
     images = tiny_reference["input.images"][0]
     export_attention(tiny_model, images, out, options=ExportOptions(per_head=True), overwrite=True,
                      progress=False)  # fmt: skip
@@ -184,8 +177,8 @@ def test_existing_folder_refused_unless_overwrite(tiny_model, tiny_reference, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
 
 
-def test_moved_and_zipped_export_still_reads(tiny_model, tiny_reference, tmp_path):
-    out = run_export(tiny_model, tiny_reference, tmp_path / "original", per_head=True, stride_h=2, stride_w=2)
+def test_moved_and_zipped_export_still_reads(export_tiny, tmp_path):
+    out = export_tiny(tmp_path / "original", per_head=True, stride_h=2, stride_w=2)
     before = open_export(out).query_maps("layer_02", 3, head=1)
     moved = tmp_path / "elsewhere" / "renamed"
     moved.parent.mkdir()
@@ -203,8 +196,8 @@ def test_moved_and_zipped_export_still_reads(tiny_model, tiny_reference, tmp_pat
         assert str(tmp_path) not in text.read_text()
 
 
-def test_metadata_fields(tiny_model, tiny_reference, tmp_path):
-    export = open_export(run_export(tiny_model, tiny_reference, tmp_path / "e", per_head=True, stride_h=3,
+def test_metadata_fields(export_tiny, tmp_path):
+    export = open_export(export_tiny(tmp_path / "e", per_head=True, stride_h=3,
                                     stride_w=2))  # fmt: skip
     meta = export.layer_meta("layer_02")
     assert meta["npz_path"] == "layer_02/heatmaps_uint8.npz"
@@ -223,9 +216,9 @@ def test_metadata_fields(tiny_model, tiny_reference, tmp_path):
         assert all(info.compress_type == zipfile.ZIP_STORED for info in zf.infolist())
 
 
-def test_compressed_export(tiny_model, tiny_reference, tmp_path):
-    plain = open_export(run_export(tiny_model, tiny_reference, tmp_path / "plain", per_head=True))
-    packed = open_export(run_export(tiny_model, tiny_reference, tmp_path / "packed", per_head=True,
+def test_compressed_export(export_tiny, tmp_path):
+    plain = open_export(export_tiny(tmp_path / "plain", per_head=True))
+    packed = open_export(export_tiny(tmp_path / "packed", per_head=True,
                                     compress=True))  # fmt: skip
     assert packed.manifest["compressed"] is True
     with zipfile.ZipFile(packed.attn_dir / "layer_01" / "heatmaps_uint8.npz") as zf:
@@ -242,34 +235,15 @@ def test_parse_layers():
             parse_layers(bad, 24)
 
 
-def test_layer_subset(tiny_model, tiny_reference, tmp_path):
-    export = open_export(run_export(tiny_model, tiny_reference, tmp_path / "e", layers=(2,)))
+def test_layer_subset(export_tiny, tmp_path):
+    export = open_export(export_tiny(tmp_path / "e", layers=(2,)))
     assert export.layer_names == ["layer_02"]
     assert export.layer_meta("layer_02")["block_index"] == 1
 
 
 # --------------------------------------------------------------------------------------------------
-# The command line, on the tiny model saved as a checkpoint with its architecture in a JSON file.
-
-
-@pytest.fixture()
-def tiny_cli(tmp_path, tiny_model, tiny_config):
-    checkpoint = tmp_path / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, checkpoint)
-    config = tmp_path / "tiny_config.json"
-    config.write_text(json.dumps(tiny_config.to_dict()))
-    images = tmp_path / "images"
-    images.mkdir()
-    for index in (0, 2, 3, 5, 7):
-        shutil.copy(EXAMPLE_IMAGES / f"view_{index:02d}.png", images / f"view_{index:02d}.png")
-
-    def run(*args: str, with_checkpoint: bool = True) -> int:
-        weights = ["--checkpoint", str(checkpoint)] if with_checkpoint else []
-        return main([*weights, "--model_config", str(config), "--image_dir", str(images), "--quiet", *args])
-
-    run.images = images
-    run.checkpoint = checkpoint
-    return run
+# The command line, on the tiny model saved as a checkpoint with its architecture in a JSON file
+# (the ``tiny_cli`` fixture of conftest.py).
 
 
 def test_cli_first_image_idx_puts_chosen_image_first(tiny_cli, tmp_path):

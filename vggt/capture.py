@@ -1,20 +1,37 @@
-"""Capture of global attention from the query frame's patches, through the model's hook points.
+"""Capture of attention rows through the model's hook points, pooled onto the query grid.
 
-For one forward pass, :class:`GlobalAttentionCapture` attaches to ``aggregator.global_blocks[i].attn.hook_qk``
-of the chosen layers, recomputes the softmax rows of the query frame's patch tokens in chunks from
-the hooked ``q`` and ``k`` (never the full N x N matrix), pools every frame's patch probabilities onto
-the query grid and hands each finished layer to a callback. Hooks are removed on exit, also on error.
+For one forward pass, :class:`AttentionCapture` attaches to the ``hook_qk`` hook point of the chosen
+attention layers (global, frame or DINOv2 blocks), recomputes the softmax rows of the query frame's
+patch tokens and of its special-token queries (camera or class token) in chunks from the hooked ``q``
+and ``k`` (never an N x N matrix), pools every key frame's patch probabilities onto the query grid
+and hands each finished layer to a callback. Hooks are removed on exit, also on error.
+
+Which tokens a layer sees depends on its kind:
+
+======== ============================ ============ ================================
+kind     hooked sequence              key frames   special-token queries
+======== ============================ ============ ================================
+global   all frames, one sequence     all S        every frame's camera token
+frame    one frame per batch entry    frame 0      frame 0's camera token
+dino     one frame per batch entry    frame 0      frame 0's DINOv2 class token
+======== ============================ ============ ================================
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from vggt.models.hooks import HookSession
+
+KINDS = ("global", "frame", "dino")
+# Logits kept in flight per softmax chunk: small enough to stay in the CPU's cache.
+_CHUNK_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -47,6 +64,10 @@ class QueryGrid:
     def num_queries(self) -> int:
         return self.H_ds * self.W_ds
 
+    @property
+    def num_patches(self) -> int:
+        return self.grid_h * self.grid_w
+
     def query_patch_indices(self) -> Tensor:
         """Row-major patch index (within a frame) of every query: ``[Q]`` int64."""
         rows = torch.arange(0, self.grid_h, self.stride_h)
@@ -54,43 +75,150 @@ class QueryGrid:
         return (rows[:, None] * self.grid_w + cols[None, :]).reshape(-1)
 
     def pool(self, patch_probs: Tensor) -> Tensor:
-        """Sum ``[..., grid_h, grid_w]`` over each cell's patch block -> ``[..., H_ds, W_ds]``."""
+        """Sum ``[..., grid_h * grid_w]`` over each cell's patch block -> ``[..., H_ds * W_ds]``."""
         if self.stride_h == 1 and self.stride_w == 1:
             return patch_probs
-        pad_h = self.H_ds * self.stride_h - self.grid_h
-        pad_w = self.W_ds * self.stride_w - self.grid_w
-        padded = F.pad(patch_probs, (0, pad_w, 0, pad_h))
-        lead = padded.shape[:-2]
+        lead = patch_probs.shape[:-1]
+        grid = patch_probs.unflatten(-1, (self.grid_h, self.grid_w))
+        padded = F.pad(
+            grid, (0, self.W_ds * self.stride_w - self.grid_w, 0, self.H_ds * self.stride_h - self.grid_h)
+        )
         blocks = padded.reshape(*lead, self.H_ds, self.stride_h, self.W_ds, self.stride_w)
-        return blocks.sum(dim=(-3, -1))
+        return blocks.sum(dim=(-3, -1)).flatten(-2)
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    """One attention layer of the model: its kind and 0-based block index within that kind."""
+
+    kind: str
+    block_index: int
+
+    @property
+    def number(self) -> int:
+        """1-based layer number within its kind."""
+        return self.block_index + 1
+
+
+@dataclass(frozen=True)
+class SequenceLayout:
+    """How the tokens of one layer kind lie in the hooked ``q`` / ``k``.
+
+    Attributes
+    ----------
+    key_frames : int
+        Frames in one hooked sequence (S for global layers, 1 otherwise); frame 0 comes first.
+    patch_start : int
+        Special tokens ahead of the patches in each frame (camera + registers, or class + registers).
+    special_tokens : tuple of str
+        Their names in model order.
+    special_queries : tuple of int
+        Frames whose first special token (camera or class) is also a query, besides the patches.
+    """
+
+    key_frames: int
+    patch_start: int
+    special_tokens: tuple[str, ...]
+    special_queries: tuple[int, ...]
+
+    def tokens_per_frame(self, grid: QueryGrid) -> int:
+        return self.patch_start + grid.num_patches
+
+    def query_rows(self, grid: QueryGrid) -> Tensor:
+        """Sequence rows of the queries: the query grid's patches of frame 0, then the special queries."""
+        per_frame = self.tokens_per_frame(grid)
+        patches = grid.query_patch_indices() + self.patch_start
+        special = torch.tensor([frame * per_frame for frame in self.special_queries], dtype=torch.int64)
+        return torch.cat((patches, special))
+
+
+def special_token_names(first: str, n_special: int) -> tuple[str, ...]:
+    """``(first, "register_1", ...)``: a frame's special tokens in model order."""
+    return (first, *(f"register_{i}" for i in range(1, n_special)))
+
+
+def sequence_layout(aggregator: nn.Module, kind: str, num_frames: int) -> SequenceLayout:
+    """The :class:`SequenceLayout` of ``kind`` layers of ``aggregator`` for ``num_frames`` frames."""
+    if kind == "dino":
+        start = 1 + aggregator.patch_embed.num_register_tokens
+        return SequenceLayout(1, start, special_token_names("cls", start), (0,))
+    start = aggregator.patch_start_idx
+    names = special_token_names("camera", start)
+    if kind == "global":
+        return SequenceLayout(num_frames, start, names, tuple(range(num_frames)))
+    if kind == "frame":
+        return SequenceLayout(1, start, names, (0,))
+    raise ValueError(f"unknown layer kind {kind!r}: use one of {', '.join(KINDS)}")
+
+
+def attention_blocks(aggregator: nn.Module, kind: str) -> nn.ModuleList:
+    """The blocks of one kind: ``global_blocks``, ``frame_blocks`` or the DINOv2 ``patch_embed.blocks``."""
+    if kind == "dino":
+        return aggregator.patch_embed.blocks
+    if kind in ("global", "frame"):
+        return getattr(aggregator, f"{kind}_blocks")
+    raise ValueError(f"unknown layer kind {kind!r}: use one of {', '.join(KINDS)}")
+
+
+class Workspace:
+    """Buffers reused from layer to layer.
+
+    A layer's pooled maps are hundreds of MB per head at stride 1; touching freshly allocated memory
+    for every layer costs more in page faults than the arithmetic done in it.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def take(self, name: str, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
+        """A tensor of ``shape`` backed by the buffer ``name`` (grown when too small); contents undefined."""
+        count = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.dtype != dtype or buffer.numel() < count:
+            buffer = torch.empty(count, dtype=dtype)
+            self._buffers[name] = buffer
+        return buffer[:count].view(*shape)
 
 
 @dataclass
 class CapturedLayer:
-    """One layer's pooled attention of the query-frame patches (float32, CPU).
+    """One layer's pooled attention, float32 on CPU.
+
+    Arrays with a heads axis (per head) are views of head-major storage, so ``maps[:, h]`` is
+    contiguous. They may be views of a :class:`Workspace`: valid until the next layer is captured.
 
     Attributes
     ----------
-    block_index : int
-        0-based index into ``aggregator.global_blocks``.
+    ref : LayerRef
+    layout : SequenceLayout
     maps : Tensor
-        ``[Q, heads, S, H_ds, W_ds]`` (per head) or ``[Q, S, H_ds, W_ds]`` (head average). Per head it
-        is a view of head-major storage, so ``maps[:, h]`` is contiguous.
+        ``[Q, heads, K, H_ds, W_ds]`` (per head) or ``[Q, K, H_ds, W_ds]`` (head average); K key frames.
     special_mass : Tensor
-        ``[Q, heads, S, n_special]`` or ``[Q, S, n_special]``: mass on each frame's camera and register
-        tokens, a view like ``maps``.
-    head_mean : Tensor
-        ``[Q, S, H_ds, W_ds]``: the maps averaged over heads (``maps`` itself when averaged).
+        ``[Q, heads, K, n_special]`` or ``[Q, K, n_special]``: mass on each key frame's special tokens.
+    token_maps, token_special_mass : Tensor
+        The same for the special-token queries (``layout.special_queries``) instead of the patches.
+    head_mean : Tensor or None
+        ``[Q, K, H_ds, W_ds]``: ``maps`` averaged over heads (per head only).
+    workspace : Workspace or None
+        The buffers the arrays live in.
     """
 
-    block_index: int
+    ref: LayerRef
+    layout: SequenceLayout
     maps: Tensor
     special_mass: Tensor
-    head_mean: Tensor
+    token_maps: Tensor
+    token_special_mass: Tensor
+    head_mean: Tensor | None = None
+    workspace: Workspace | None = None
+
+    @property
+    def block_index(self) -> int:
+        return self.ref.block_index
 
 
-class GlobalAttentionCapture:
-    """Context manager capturing the chosen global layers during one forward pass of batch size 1.
+class AttentionCapture(HookSession):
+    """Context manager capturing the chosen layers during one forward pass of batch size 1.
 
     Parameters
     ----------
@@ -98,160 +226,138 @@ class GlobalAttentionCapture:
         The model's aggregator (``model.aggregator``).
     grid : QueryGrid
         Patch grid of the frames and the strides.
-    block_indices : Sequence[int]
-        0-based global blocks to capture.
+    layers : Sequence[LayerRef]
+        Layers to capture.
+    num_frames : int
+        Frames in the forward pass.
     per_head : bool
         Keep every head, or average over heads.
     on_layer : Callable[[CapturedLayer], None]
-        Called as soon as each layer is captured, while the forward pass goes on; what it does not
-        keep is freed at once.
-    query_chunk : int | None
-        Queries per softmax chunk; by default sized for about 64 MB of scratch.
+        Called as soon as each layer is captured, while the forward pass goes on.
+    workspaces : Callable[[], Workspace], optional
+        Gives the buffers to capture the next layer into. By default one workspace serves every
+        layer, so ``on_layer`` must consume a layer before it returns; a caller that hands layers to
+        another thread gives a workspace that thread is done with.
     """
 
     def __init__(
         self,
         aggregator: nn.Module,
         grid: QueryGrid,
-        block_indices: Sequence[int],
+        layers: Sequence[LayerRef],
+        num_frames: int,
         per_head: bool,
         on_layer: Callable[[CapturedLayer], None],
-        query_chunk: int | None = None,
+        workspaces: Callable[[], Workspace] | None = None,
     ) -> None:
         self.aggregator = aggregator
         self.grid = grid
-        self.block_indices = list(block_indices)
+        self.layers = list(layers)
+        self.num_frames = num_frames
         self.per_head = per_head
         self.on_layer = on_layer
-        self.query_chunk = query_chunk
-        self.patch_start_idx: int = aggregator.patch_start_idx
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        shared = Workspace()
+        self.workspaces = workspaces or (lambda: shared)
 
-    def __enter__(self) -> GlobalAttentionCapture:
-        blocks = self.aggregator.global_blocks
-        for index in self.block_indices:
-            if not 0 <= index < len(blocks):
-                raise ValueError(f"global block {index} does not exist (the model has {len(blocks)})")
-        try:
-            for index in self.block_indices:
-                hook = self._make_hook(index)
-                self._handles.append(blocks[index].attn.hook_qk.register_forward_hook(hook))
-        except BaseException:
-            self.remove()
-            raise
-        return self
+    def hooks(self) -> Iterator[tuple[nn.Module, Callable]]:
+        for ref in self.layers:
+            blocks = attention_blocks(self.aggregator, ref.kind)
+            if not 0 <= ref.block_index < len(blocks):
+                raise ValueError(
+                    f"{ref.kind} block {ref.block_index} does not exist (the model has {len(blocks)})"
+                )
+            layout = sequence_layout(self.aggregator, ref.kind, self.num_frames)
+            yield blocks[ref.block_index].attn.hook_qk, self._make_hook(ref, layout)
 
-    def __exit__(self, *exc_info) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _make_hook(self, block_index: int) -> Callable:
+    def _make_hook(self, ref: LayerRef, layout: SequenceLayout) -> Callable:
         def hook(module: nn.Module, args: tuple[Tensor, Tensor], output) -> None:
             q, k = args
-            self.on_layer(
-                pooled_query_attention(
-                    q, k, self.grid, self.patch_start_idx, self.per_head, block_index, self.query_chunk
-                )
-            )
+            # Frame and DINOv2 layers see one frame per batch entry: frame 0 is entry 0.
+            workspace = self.workspaces()
+            self.on_layer(capture_layer(q[:1], k[:1], ref, layout, self.grid, self.per_head, workspace))
 
         return hook
 
 
-def pooled_query_attention(
+def softmax_chunks(q: Tensor, k: Tensor, rows: Tensor, chunk_bytes: int = _CHUNK_BYTES):
+    """Yield ``(start, probs)``: softmax rows ``rows[start:start+c]`` of ``q`` over all of ``k``.
+
+    ``q``, ``k`` are ``[heads, N, head_dim]``; ``probs`` is ``[heads, c, N]`` float32, computed in
+    float32 whatever the inputs' dtype, with the model's scale ``head_dim ** -0.5``.
+    """
+    heads, num_tokens, head_dim = q.shape
+    keys_t = k.float().transpose(-2, -1)  # [heads, head_dim, N]
+    chunk = max(1, chunk_bytes // (4 * heads * num_tokens))
+    rows = rows.to(q.device)
+    for start in range(0, rows.numel(), chunk):
+        queries = q[:, rows[start : start + chunk]].float().mul_(head_dim**-0.5)
+        yield start, torch.softmax(torch.bmm(queries, keys_t), dim=-1)
+
+
+def capture_layer(
     q: Tensor,
     k: Tensor,
+    ref: LayerRef,
+    layout: SequenceLayout,
     grid: QueryGrid,
-    patch_start_idx: int,
     per_head: bool,
-    block_index: int = 0,
-    query_chunk: int | None = None,
+    workspace: Workspace | None = None,
 ) -> CapturedLayer:
-    """Softmax attention of frame 0's query-grid patches over all tokens, pooled per frame.
-
-    Each chunk of queries goes through logits, softmax and pooling while it is in memory and lands in
-    its final place; the result is written once.
+    """Softmax attention of the layer's query rows over all tokens of the sequence, pooled per key frame.
 
     Parameters
     ----------
     q, k : Tensor
-        ``[1, heads, S * tokens_per_frame, head_dim]`` as seen at a global block's hook point (any float
+        ``[1, heads, K * tokens_per_frame, head_dim]`` as seen at the layer's hook point (any float
         dtype, any device).
+    ref : LayerRef
+    layout : SequenceLayout
     grid : QueryGrid
-    patch_start_idx : int
-        Special tokens per frame (camera + registers) ahead of the patches.
     per_head : bool
         Keep every head, or only their mean.
-    block_index : int
-        Recorded in the result.
-    query_chunk : int | None
-        Queries per softmax chunk; by default sized for about 32 MB of logits.
+    workspace : Workspace, optional
+        Buffers to reuse; fresh ones when ``None``.
 
     Returns
     -------
     CapturedLayer
     """
     if q.shape[0] != 1:
-        raise ValueError(f"attention capture takes batch size 1, got {q.shape[0]}")
+        raise ValueError(f"attention capture takes one sequence, got a batch of {q.shape[0]}")
+    workspace = workspace or Workspace()
+    heads, num_tokens = q.shape[1], q.shape[2]
+    per_frame = layout.tokens_per_frame(grid)
+    key_frames = layout.key_frames
+    if num_tokens != key_frames * per_frame:
+        raise ValueError(f"{num_tokens} tokens are not {key_frames} frame(s) of {per_frame}")
+    rows = layout.query_rows(grid)
+    num_rows, cells, start_patch = rows.numel(), grid.num_queries, layout.patch_start
+    lead = (heads, num_rows) if per_head else (num_rows,)
+    maps = workspace.take("maps", (*lead, key_frames, cells))
+    special = workspace.take("special", (*lead, key_frames, start_patch))
     # Probabilities are computed in float32 even inside the forward pass's autocast region.
     with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
-        return _pooled_query_attention(q, k, grid, patch_start_idx, per_head, block_index, query_chunk)
-
-
-def _pooled_query_attention(
-    q: Tensor,
-    k: Tensor,
-    grid: QueryGrid,
-    patch_start_idx: int,
-    per_head: bool,
-    block_index: int,
-    query_chunk: int | None,
-) -> CapturedLayer:
-    heads, num_tokens, head_dim = q.shape[1:]
-    tokens_per_frame = patch_start_idx + grid.grid_h * grid.grid_w
-    if num_tokens % tokens_per_frame:
-        raise ValueError(f"{num_tokens} tokens are not a whole number of frames of {tokens_per_frame}")
-    frames = num_tokens // tokens_per_frame
-    num_queries = grid.num_queries
-    on_cpu = q.device.type == "cpu"
-
-    query_rows = grid.query_patch_indices().to(q.device) + patch_start_idx  # frame 0 comes first
-    keys_t = k[0].float().transpose(-2, -1).contiguous()  # [heads, head_dim, N]
-    if query_chunk is None:
-        query_chunk = max(1, (32 << 20) // (4 * heads * num_tokens))
-
-    lead = (heads, num_queries) if per_head else (num_queries,)
-    maps = torch.empty(*lead, frames, grid.H_ds, grid.W_ds, dtype=torch.float32)
-    special = torch.empty(*lead, frames, patch_start_idx, dtype=torch.float32)
-    head_mean = torch.empty(num_queries, frames, grid.H_ds, grid.W_ds) if per_head else maps
-
-    def store(dest: Tensor, numerator: Tensor, denominator: Tensor) -> None:
-        if on_cpu:
-            torch.div(numerator, denominator, out=dest)
-        else:
-            dest.copy_(numerator / denominator)
-
-    for start in range(0, num_queries, query_chunk):
-        rows = query_rows[start : start + query_chunk]
-        stop = start + rows.numel()
-        queries = q[0][:, rows].float().mul_(head_dim**-0.5)  # [heads, c, head_dim]
-        exps = torch.bmm(queries, keys_t)  # logits, then exp in place: [heads, c, N]
-        exps.sub_(exps.amax(dim=-1, keepdim=True)).exp_()
-        denominator = exps.sum(dim=-1, keepdim=True)
-        if per_head:
-            exps = exps.view(heads, -1, frames, tokens_per_frame)
-            patch = grid.pool(exps[..., patch_start_idx:].unflatten(-1, (grid.grid_h, grid.grid_w)))
-            store(maps[:, start:stop], patch, denominator[..., None, None])
-            store(special[:, start:stop], exps[..., :patch_start_idx], denominator[..., None])
-            torch.mean(maps[:, start:stop], dim=0, out=head_mean[start:stop])
-        else:
-            probs = exps.div_(denominator).mean(dim=0).view(-1, frames, tokens_per_frame)
-            patch = grid.pool(probs[..., patch_start_idx:].unflatten(-1, (grid.grid_h, grid.grid_w)))
-            maps[start:stop] = patch
-            special[start:stop] = probs[..., :patch_start_idx]
-    if per_head:
-        return CapturedLayer(block_index, maps.transpose(0, 1), special.transpose(0, 1), head_mean)
-    return CapturedLayer(block_index, maps, special, head_mean)
+        for start, probs in softmax_chunks(q[0], k[0], rows):
+            stop = start + probs.shape[1]
+            if not per_head:
+                probs = probs.mean(dim=0)
+            probs = probs.unflatten(-1, (key_frames, per_frame))
+            maps[..., start:stop, :, :].copy_(grid.pool(probs[..., start_patch:]))
+            special[..., start:stop, :, :].copy_(probs[..., :start_patch])
+    maps = maps.unflatten(-1, (grid.H_ds, grid.W_ds))
+    queries = grid.num_queries
+    head_mean = None
+    if per_head:  # [heads, rows, ...] -> [rows, heads, ...]
+        maps, special = maps.transpose(0, 1), special.transpose(0, 1)
+        head_mean = workspace.take("head_mean", (queries, *maps.shape[2:]))
+        torch.mean(maps[:queries], dim=1, out=head_mean)
+    return CapturedLayer(
+        ref,
+        layout,
+        maps[:queries],
+        special[:queries],
+        maps[queries:],
+        special[queries:],
+        head_mean,
+        workspace,
+    )

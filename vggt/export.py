@@ -1,4 +1,4 @@
-"""Export the global attention of the query frame's patches from ONE forward pass of the aggregator.
+"""Export the attention of the query frame's patches from ONE forward pass of the aggregator.
 
 The Python API behind ``compute_layerwise_attentions.py``::
 
@@ -7,32 +7,48 @@ The Python API behind ``compute_layerwise_attentions.py``::
     export_attention(model, images, "attn_first2all_kitchen", sources=names,
                      options=ExportOptions(per_head=True, stride_h=2, stride_w=2))
 
-Each global layer is captured at its hook point while the forward pass runs, encoded (uint8 or
-float16) and written at once, so only one layer's maps are in memory at a time. The export is
-written to a hidden temporary folder beside the target and renamed into place when complete.
+Each chosen layer (global by default; frame and DINOv2 layers on request) is captured at its hook
+point while the forward pass runs, encoded (uint8 or float16) and written at once, so only one layer's
+maps are in memory at a time. The attention rollout, when asked for, is formed during the same pass and
+written after it. The export is written to a hidden temporary folder beside the target and renamed into
+place when complete.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import shutil
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from vggt.attn_format import ExportWriter, special_token_names
-from vggt.capture import CapturedLayer, GlobalAttentionCapture, QueryGrid
+from vggt.attn_format import ExportWriter
+from vggt.attn_format.writer import Encoded
+from vggt.capture import (
+    KINDS,
+    AttentionCapture,
+    CapturedLayer,
+    LayerRef,
+    QueryGrid,
+    Workspace,
+    attention_blocks,
+)
 from vggt.device import autocast_context
 from vggt.preprocess import to_uint8_frames
 from vggt.quantize import encode_layer
+from vggt.rollout import DEFAULT_DISCARD_RATIO, RolloutCapture, rollout_memory_bytes
 
 PRECISIONS = ("uint8", "float16")
+ROLLOUT_NAME = "rollout"
 
 
 class ExportError(ValueError):
@@ -46,15 +62,21 @@ class ExportOptions:
     Attributes
     ----------
     per_head : bool
-        Keep every head (``[Q, heads, S, H_ds, W_ds]``) or their mean (``[Q, S, H_ds, W_ds]``).
+        Keep every head (``[Q, heads, K, H_ds, W_ds]``) or their mean (``[Q, K, H_ds, W_ds]``).
     stride_h, stride_w : int
         Query stride, which is also the key pooling block, in patches.
     layers : tuple of int, optional
-        1-based global layers to export; all of them when ``None``.
+        1-based layer numbers to export within each kind of ``blocks``; all of them when ``None``.
     precision : str
         ``"uint8"`` (quantized by vmax99) or ``"float16"`` (raw probabilities).
     compress : bool
         Deflate the NPZ files (smaller to share; readers can then not memory-map them).
+    blocks : tuple of str
+        Layer kinds to export, from ``"global"``, ``"frame"`` and ``"dino"``.
+    rollout : bool
+        Also export the attention rollout through all frame and global layers (kind ``rollout``).
+    rollout_discard : float
+        Share of each transition-matrix row's smallest entries zeroed in the rollout, in ``[0, 1)``.
     """
 
     per_head: bool = False
@@ -63,22 +85,47 @@ class ExportOptions:
     layers: tuple[int, ...] | None = None
     precision: str = "uint8"
     compress: bool = False
+    blocks: tuple[str, ...] = ("global",)
+    rollout: bool = False
+    rollout_discard: float = DEFAULT_DISCARD_RATIO
 
-    def validate(self, depth: int) -> tuple[int, ...]:
-        """Check the options against a model of ``depth`` global layers; return the layers to export."""
+    def validate(self, depths: dict[str, int]) -> list[LayerRef]:
+        """Check the options against a model with ``depths[kind]`` layers of each kind.
+
+        Returns
+        -------
+        list of LayerRef
+            The layers to export, kind by kind in the order exports list them (global, frame, dino).
+        """
         if self.stride_h < 1 or self.stride_w < 1:
             raise ExportError(
                 f"strides must be at least 1, got stride_h={self.stride_h}, stride_w={self.stride_w}"
             )
         if self.precision not in PRECISIONS:
             raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        layers = tuple(range(1, depth + 1)) if self.layers is None else tuple(self.layers)
-        if not layers:
-            raise ExportError("no layers to export")
-        outside = [n for n in layers if not 1 <= n <= depth]
-        if outside:
-            raise ExportError(f"layer {outside[0]} does not exist: the model has global layers 1-{depth}")
-        return tuple(sorted(set(layers)))
+        if not 0.0 <= self.rollout_discard < 1.0:
+            raise ExportError(f"the rollout discard ratio must be in [0, 1), got {self.rollout_discard}")
+        kinds = parse_blocks(",".join(self.blocks))
+        refs: list[LayerRef] = []
+        for kind in sorted(kinds, key=KINDS.index):
+            depth = depths[kind]
+            numbers = tuple(range(1, depth + 1)) if self.layers is None else tuple(sorted(set(self.layers)))
+            if not numbers:
+                raise ExportError("no layers to export")
+            outside = [n for n in numbers if not 1 <= n <= depth]
+            if outside:
+                raise ExportError(f"layer {outside[0]} does not exist: the model has {kind} layers 1-{depth}")
+            refs.extend(LayerRef(kind, n - 1) for n in numbers)
+        return refs
+
+
+def parse_blocks(spec: str) -> tuple[str, ...]:
+    """Parse ``--blocks`` such as ``"global,frame,dino"`` into kinds, in the order given."""
+    kinds = tuple(dict.fromkeys(part.strip().lower() for part in spec.split(",") if part.strip()))
+    unknown = [kind for kind in kinds if kind not in KINDS]
+    if unknown or not kinds:
+        raise ExportError(f"bad --blocks {spec!r}: use a comma-separated list of {', '.join(KINDS)}")
+    return kinds
 
 
 def parse_layers(spec: str | None, depth: int) -> tuple[int, ...] | None:
@@ -107,9 +154,18 @@ def parse_layers(spec: str | None, depth: int) -> tuple[int, ...] | None:
     return tuple(sorted(set(layers)))
 
 
-def layer_name(number: int) -> str:
-    """Name of 1-based global layer ``number`` in an export: ``layer_01``, ..."""
-    return f"layer_{number:02d}"
+def layer_name(ref: LayerRef, blocks: Sequence[str]) -> str:
+    """Name of a layer in an export: ``layer_01`` while the export's only layer kind is global (the
+    seed's names), else ``global_01``, ``frame_01``, ``dino_01``; the rollout is ``rollout``."""
+    if ref.kind == ROLLOUT_NAME:
+        return ROLLOUT_NAME
+    prefix = "layer" if tuple(blocks) == ("global",) else ref.kind
+    return f"{prefix}_{ref.number:02d}"
+
+
+def layer_depths(aggregator: nn.Module) -> dict[str, int]:
+    """Number of layers of each kind: ``{"global": 24, "frame": 24, "dino": 24}`` for VGGT-1B."""
+    return {kind: len(attention_blocks(aggregator, kind)) for kind in KINDS}
 
 
 def estimate_export_bytes(
@@ -117,17 +173,33 @@ def estimate_export_bytes(
     image_size: tuple[int, int],
     grid: QueryGrid,
     num_heads: int,
-    num_layers: int,
+    layers: Sequence[LayerRef],
     n_special: int,
     options: ExportOptions,
 ) -> int:
     """Bytes an export will take on disk (uncompressed NPZ; PNG frames counted as raw RGB)."""
-    heads = num_heads if options.per_head else 1
-    per_query = heads * num_frames
     value_bytes = 1 if options.precision == "uint8" else 2
-    layer = grid.num_queries * per_query * (grid.H_ds * grid.W_ds * value_bytes + n_special * 2)
+
+    def layer_bytes(rows: int, heads: int, key_frames: int) -> int:
+        return rows * heads * key_frames * (grid.H_ds * grid.W_ds * value_bytes + n_special * 2) + 4096
+
+    heads = num_heads if options.per_head else 1
+    total = 0
+    for ref in layers:
+        key_frames = num_frames if ref.kind == "global" else 1
+        token_rows = num_frames if ref.kind == "global" else 1
+        total += layer_bytes(grid.num_queries + token_rows, heads, key_frames)
+    if options.rollout:
+        total += layer_bytes(grid.num_queries + num_frames, 1, num_frames)
     frames = num_frames * image_size[0] * image_size[1] * 3
-    return num_layers * (layer + 4096) + frames + 65536
+    return total + frames + 65536
+
+
+def rollout_bytes(aggregator: nn.Module, grid: QueryGrid, num_frames: int) -> int:
+    """Memory the rollout holds while the forward pass runs (:func:`vggt.rollout.rollout_memory_bytes`)."""
+    per_frame = aggregator.patch_start_idx + grid.num_patches
+    rows = grid.num_queries + num_frames
+    return rollout_memory_bytes(num_frames, per_frame, len(aggregator.global_blocks), rows)
 
 
 def export_attention(
@@ -141,7 +213,6 @@ def export_attention(
     overwrite: bool = False,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
-    query_chunk: int | None = None,
 ) -> Path:
     """Run the aggregator once over ``images`` and write the attention export to ``out_dir``.
 
@@ -158,8 +229,9 @@ def export_attention(
     options : ExportOptions, optional
     manifest : dict, optional
         Export-wide manifest fields: ``image_set_name``, ``model`` (id, revision, checkpoint_file,
-        checkpoint_sha256, random_weights, random_seed), ``preprocess_mode``, ``first_image_idx``.
-        Missing ones are filled with neutral values (``model`` fields ``None``).
+        checkpoint_sha256, random_weights, random_seed; by default ``model.weights_source``, which
+        :func:`vggt.weights.load_model` sets), ``preprocess_mode``, ``first_image_idx``. Missing ones
+        are filled with neutral values.
     overwrite : bool
         Replace an existing ``out_dir`` (only once the new export is complete).
     autocast_dtype : torch.dtype, optional
@@ -167,8 +239,6 @@ def export_attention(
         probabilities are always computed in float32 from the hooked queries and keys.
     progress : bool
         Show tqdm bars.
-    query_chunk : int, optional
-        Queries per softmax chunk in the capture.
 
     Returns
     -------
@@ -177,7 +247,7 @@ def export_attention(
     """
     options = options or ExportOptions()
     aggregator = model.aggregator
-    layers = options.validate(len(aggregator.global_blocks))
+    layers = options.validate(layer_depths(aggregator))
     out_dir = Path(out_dir)
     if images.dim() != 4 or images.shape[1] != 3:
         raise ExportError(f"images must be [S, 3, H, W], got {list(images.shape)}")
@@ -192,8 +262,11 @@ def export_attention(
         raise ExportError(f"{out_dir} already exists (use --overwrite to replace it)")
 
     grid = QueryGrid(height // patch_size, width // patch_size, options.stride_h, options.stride_w)
+    blocks = parse_blocks(",".join(options.blocks))
+    # Heads of each kind; the rollout averages the heads of the aggregator's layers.
+    heads = {kind: attention_blocks(aggregator, kind)[0].attn.num_heads for kind in KINDS}
+    heads[ROLLOUT_NAME] = heads["global"]
     base_meta = {
-        "layer_kind": "global",
         "H_p": grid.grid_h,
         "W_p": grid.grid_w,
         "stride_h": grid.stride_h,
@@ -202,30 +275,36 @@ def export_attention(
         "image_size": [height, width],
         "query_frame": 0,
         "query_source": Path(sources[0]).name,
-        "num_heads": aggregator.global_blocks[0].attn.num_heads,
-        "special_tokens": special_token_names(aggregator.patch_start_idx),
     }
     staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
         writer = ExportWriter(staging, compress=options.compress)
         writer.write_frames(to_uint8_frames(images), sources)
-        with tqdm(total=len(layers), desc="writing layers", unit="layer", disable=not progress) as bar:
+        total = len(layers) + int(options.rollout)
+        with tqdm(total=total, desc="writing layers", unit="layer", disable=not progress) as bar:
 
-            def write(captured: CapturedLayer) -> None:
-                number = captured.block_index + 1
-                heatmaps, fields = encode_layer(
-                    captured.maps.numpy(), options.precision, captured.head_mean.numpy()
-                )
-                meta = base_meta | fields | {"layer_index": number, "block_index": captured.block_index}
-                special = captured.special_mass.numpy().astype("float16", order="C")
-                writer.write_layer(layer_name(number), heatmaps, special, meta)
+            def write(captured: CapturedLayer, extra: dict | None = None) -> None:
+                name = layer_name(captured.ref, blocks)
+                meta = base_meta | {"num_heads": heads[captured.ref.kind]} | (extra or {})
+                _write_layer(writer, name, captured, meta, options.precision)
                 bar.update(1)
 
-            _forward_with_capture(
-                model, images, grid, layers, options.per_head, write, autocast_dtype, progress, query_chunk
-            )
-        writer.write_manifest(_manifest_fields(manifest, out_dir, options))
+            pipeline = _LayerPipeline(write)
+            try:
+                rollout = _forward_with_capture(
+                    model, images, grid, layers, options, pipeline, autocast_dtype, progress
+                )
+            finally:
+                pipeline.close()
+            if rollout is not None:
+                rollout_meta = {
+                    "rollout_discard_ratio": options.rollout_discard,
+                    "rollout_layers": rollout.num_layers,
+                }
+                write(rollout.result(), rollout_meta)
+        weights_source = getattr(model, "weights_source", None)
+        writer.write_manifest(_manifest_fields(manifest, out_dir, options, blocks, weights_source))
         _move_into_place(staging, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -233,21 +312,117 @@ def export_attention(
     return out_dir
 
 
+class _LayerPipeline:
+    """Encodes and writes captured layers on a worker thread while the forward pass goes on.
+
+    Encoding (numpy) and writing (file I/O) release the GIL, so they overlap with the next layers'
+    computation. Two workspaces alternate: the capture fills one while the worker encodes the other,
+    and the capture of a layer waits until its workspace is free again.
+    """
+
+    def __init__(self, write: Callable[[CapturedLayer, dict | None], None]) -> None:
+        self._write = write
+        self._workspaces = [Workspace(), Workspace()]
+        self._free = {id(w): threading.Event() for w in self._workspaces}
+        for event in self._free.values():
+            event.set()
+        self._turn = 0
+        self._tasks: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="export-writer", daemon=True)
+        self._thread.start()
+
+    def next_workspace(self) -> Workspace:
+        """The workspace to capture the next layer into, once the worker is done with it."""
+        workspace = self._workspaces[self._turn]
+        self._turn ^= 1
+        self._free[id(workspace)].wait()
+        self._raise_worker_error()
+        self._free[id(workspace)].clear()
+        return workspace
+
+    def submit(self, captured: CapturedLayer, extra: dict | None = None) -> None:
+        self._raise_worker_error()
+        self._tasks.put((captured, extra))
+
+    def close(self) -> None:
+        """Wait for every submitted layer to be written; re-raise the worker's error, if any."""
+        self._tasks.put(None)
+        self._thread.join()
+        self._raise_worker_error()
+
+    def _raise_worker_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _work(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            captured, extra = task
+            try:
+                if self._error is None:
+                    self._write(captured, extra)
+            except BaseException as error:  # handed to the main thread
+                self._error = error
+            finally:
+                if captured.workspace is not None and id(captured.workspace) in self._free:
+                    self._free[id(captured.workspace)].set()
+
+
+def _write_layer(
+    writer: ExportWriter, name: str, captured: CapturedLayer, meta: dict, precision: str
+) -> None:
+    """Encode a captured layer (patch queries and token queries) and write it; the patch queries' maps
+    are encoded straight into the file (numpy only: this runs on the pipeline's worker thread)."""
+    ref, layout = captured.ref, captured.layout
+    maps = captured.maps.numpy()
+    head_mean = None if captured.head_mean is None else captured.head_mean.numpy()
+    token_heatmaps, token_fields = encode_layer(captured.token_maps.numpy(), precision)
+    is_rollout = ref.kind == ROLLOUT_NAME
+    token_name = layout.special_tokens[0]
+    meta = meta | {
+        "layer_kind": ref.kind,
+        "layer_index": None if is_rollout else ref.number,
+        "block_index": None if is_rollout else ref.block_index,
+        "key_frames": list(range(layout.key_frames)),
+        "special_tokens": list(layout.special_tokens),
+        "token_queries": [{"token": token_name, "frame": frame} for frame in layout.special_queries],
+        "token_vmax99": token_fields["layer_vmax99"],
+        "token_per_head_vmax99": token_fields["per_head_vmax99"],
+    }
+
+    def encode(out: np.ndarray) -> dict:
+        return encode_layer(maps, precision, head_mean, out=out)[1]
+
+    writer.write_layer(
+        name,
+        Encoded(tuple(maps.shape), precision, encode),
+        _float16(captured.special_mass),
+        meta,
+        token_heatmaps=token_heatmaps,
+        token_special_mass=_float16(captured.token_special_mass),
+    )
+
+
+def _float16(tensor: Tensor) -> np.ndarray:
+    return tensor.numpy().astype(np.float16, order="C")
+
+
 def _forward_with_capture(
     model: nn.Module,
     images: Tensor,
     grid: QueryGrid,
-    layers: tuple[int, ...],
-    per_head: bool,
-    on_layer: Callable[[CapturedLayer], None],
+    layers: list[LayerRef],
+    options: ExportOptions,
+    pipeline: _LayerPipeline,
     autocast_dtype: torch.dtype | None,
     progress: bool,
-    query_chunk: int | None,
-) -> None:
+) -> RolloutCapture | None:
     aggregator = model.aggregator
     device = next(aggregator.parameters()).device
+    num_frames = images.shape[0]
     model.eval()
     blocks = aggregator.global_blocks
+    rollout = None
     with ExitStack() as stack:
         bar = stack.enter_context(
             tqdm(total=len(blocks), desc="forward pass", unit="block", disable=not progress)
@@ -259,16 +434,33 @@ def _forward_with_capture(
         for block in blocks:
             stack.callback(block.register_forward_hook(tick).remove)
         stack.enter_context(
-            GlobalAttentionCapture(
-                aggregator, grid, [n - 1 for n in layers], per_head, on_layer, query_chunk=query_chunk
+            AttentionCapture(
+                aggregator,
+                grid,
+                layers,
+                num_frames,
+                options.per_head,
+                pipeline.submit,
+                pipeline.next_workspace,
             )
         )
+        if options.rollout:
+            rollout = stack.enter_context(
+                RolloutCapture(aggregator, grid, num_frames, options.rollout_discard)
+            )
         stack.enter_context(torch.inference_mode())
         stack.enter_context(autocast_context(device, autocast_dtype))
         aggregator(images.to(device)[None], keep_outputs=False)
+    return rollout
 
 
-def _manifest_fields(manifest: dict | None, out_dir: Path, options: ExportOptions) -> dict:
+def _manifest_fields(
+    manifest: dict | None,
+    out_dir: Path,
+    options: ExportOptions,
+    blocks: tuple[str, ...],
+    weights_source: dict | None,
+) -> dict:
     fields = dict(manifest or {})
     fields.setdefault("image_set_name", out_dir.name)
     model_fields = {
@@ -279,11 +471,13 @@ def _manifest_fields(manifest: dict | None, out_dir: Path, options: ExportOption
         "random_weights": False,
         "random_seed": None,
     }
-    fields["model"] = model_fields | dict(fields.get("model") or {})
+    fields["model"] = model_fields | dict(fields.get("model") or weights_source or {})
     fields.setdefault("preprocess_mode", None)
     fields.setdefault("first_image_idx", 0)
     fields["precision"] = options.precision
     fields["compressed"] = options.compress
+    fields["blocks"] = list(blocks)
+    fields["rollout"] = {"discard_ratio": options.rollout_discard} if options.rollout else None
     return fields
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -20,20 +21,24 @@ from tqdm.auto import tqdm
 
 from vggt import __version__
 from vggt.attn_format import FormatError
-from vggt.capture import QueryGrid
+from vggt.capture import LayerRef, QueryGrid
 from vggt.device import select_device_and_dtype
-from vggt.export import ExportError, ExportOptions, estimate_export_bytes, export_attention, parse_layers
+from vggt.export import (
+    ExportError,
+    ExportOptions,
+    estimate_export_bytes,
+    export_attention,
+    layer_depths,
+    layer_name,
+    parse_blocks,
+    parse_layers,
+    rollout_bytes,
+)
 from vggt.models.config import AggregatorConfig
 from vggt.models.vggt import VGGT
 from vggt.preprocess import ImageLoadError, list_images, load_and_preprocess_images
-from vggt.weights import (
-    DEFAULT_MODEL_ID,
-    WeightsError,
-    checkpoint_sha256,
-    init_random_weights,
-    load_weights,
-    resolve_checkpoint,
-)
+from vggt.rollout import DEFAULT_DISCARD_RATIO
+from vggt.weights import DEFAULT_MODEL_ID, WeightsError, assign_weights
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -41,6 +46,13 @@ DEFAULT_IMAGE_SET = "synthetic_room"
 DEFAULT_PREFIX = "attn_first2all_"
 
 log = logging.getLogger("vggt")
+
+
+class _ProgressFriendlyHandler(logging.Handler):
+    """Log lines printed above the progress bars instead of through them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
 
 
 class UsageError(Exception):
@@ -55,8 +67,9 @@ class _OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(
         prog="compute_layerwise_attentions.py",
-        description="Export VGGT's global attention from the query frame's patches to all frames "
-        "(one forward pass, every global layer) for the attention viewer.",
+        description="Export VGGT's attention from the query frame's patches to every frame, from one forward "
+        "pass: every global layer by default; frame and DINOv2 layers (--blocks) and the attention rollout "
+        "(--rollout) on request. Open the result with visualize_attn_gradio.py.",
     )
 
     def add(name: str, **kwargs) -> None:
@@ -78,7 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     add("stride", type=int, help="query stride and pooling block in patches, both directions")
     add("stride_h", type=int, help="query stride along rows (default 1, or --stride)")
     add("stride_w", type=int, help="query stride along columns (default 1, or --stride)")
-    add("layers", help="global layers to export, 1-based, e.g. 1-4,12 (default: all)")
+    add("layers", help="layers to export within each kind of --blocks, 1-based, e.g. 1-4,12 (default: all)")
+    add(
+        "blocks",
+        default="global",
+        help="layer kinds to export, comma-separated: global (the aggregator's global attention), frame "
+        "(its frame attention) and dino (the DINOv2 patch embedding) (default %(default)s)",
+    )
+    add("rollout", action="store_true", help="also export the attention rollout through all 48 layers")
+    add(
+        "rollout_discard",
+        type=float,
+        default=DEFAULT_DISCARD_RATIO,
+        help="share of each row's smallest entries zeroed per layer in the rollout; 0 disables "
+        "(default %(default)s)",
+    )
     add("precision", choices=("uint8", "float16"), default="uint8", help="uint8 codes or raw float16")
     add("compress", action="store_true", help="deflate NPZ files (smaller to share, not memory-mappable)")
 
@@ -158,44 +185,87 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
-def _plan(
-    args, choice: ImageChoice, images: torch.Tensor, grid: QueryGrid, layers, config, out_dir, size
-) -> str:
-    lines = [f"Export of '{args.image_set_name}' -> {out_dir}"]
-    lines.append(f"  frames: {len(choice.paths)} of {choice.folder_size} images, {args.preprocess} to "
-                 f"{images.shape[-2]}x{images.shape[-1]} px (frame 0 is the query frame)")  # fmt: skip
-    for index, path in enumerate(choice.paths):
-        lines.append(f"    frame {index:2d}: {path.name}")
-    lines.append(
-        f"  grid: {grid.grid_h}x{grid.grid_w} patches, stride {grid.stride_h}x{grid.stride_w} -> "
-        f"{grid.H_ds}x{grid.W_ds} cells, {grid.num_queries} queries"
-    )
-    numbers = list(range(1, config.depth + 1)) if layers is None else list(layers)
-    shown = "all" if layers is None else ",".join(str(n) for n in numbers)
-    heads = f"{config.num_heads} heads each" if args.save_per_head else f"mean of {config.num_heads} heads"
-    lines.append(f"  layers: {len(numbers)} global ({shown}), {heads}, {args.precision}")
-    weights = (
-        f"random (seed {args.seed})"
-        if args.random_weights
-        else args.checkpoint or f"{args.model}" + (f" @ {args.revision}" if args.revision else "")
-    )
-    lines.append(f"  weights: {weights}")
-    lines.append(
-        f"  estimated size on disk: {_format_bytes(size)}" + (" before compression" if args.compress else "")
-    )
-    return "\n".join(lines)
+def available_memory_bytes() -> int | None:
+    """Memory the system can give this process now (Linux ``MemAvailable``), or ``None`` if unknown."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
-def run(args: argparse.Namespace) -> Path:
-    """Carry out an export from parsed arguments; raises :class:`UsageError` for user errors."""
-    progress = not args.quiet
-    config = _model_config(args.model_config)
+@dataclass(frozen=True)
+class Plan:
+    """What an export will do, worked out before the weights are loaded."""
+
+    choice: ImageChoice
+    images: torch.Tensor
+    grid: QueryGrid
+    options: ExportOptions
+    layers: list[LayerRef]
+    out_dir: Path
+    disk_bytes: int
+    rollout_bytes: int
+    weights_bytes: int
+
+    def describe(self, args: argparse.Namespace, config: AggregatorConfig) -> str:
+        grid, options = self.grid, self.options
+        lines = [f"Export of '{args.image_set_name}' -> {self.out_dir}"]
+        lines.append(
+            f"  frames: {len(self.choice.paths)} of {self.choice.folder_size} images, {args.preprocess} to "
+            f"{self.images.shape[-2]}x{self.images.shape[-1]} px (frame 0 is the query frame)"
+        )
+        for index, path in enumerate(self.choice.paths):
+            lines.append(f"    frame {index:2d}: {path.name}")
+        lines.append(
+            f"  grid: {grid.grid_h}x{grid.grid_w} patches, stride {grid.stride_h}x{grid.stride_w} -> "
+            f"{grid.H_ds}x{grid.W_ds} cells, {grid.num_queries} queries"
+        )
+        names = [layer_name(ref, options.blocks) for ref in self.layers]
+        shown = f"{names[0]} .. {names[-1]}" if len(names) > 3 else ", ".join(names)
+        heads = f"{config.num_heads} heads each" if options.per_head else f"mean of {config.num_heads} heads"
+        lines.append(f"  layers: {len(names)} ({shown}), {heads}, {options.precision}")
+        if options.rollout:
+            lines.append(
+                f"  rollout: {2 * config.depth} frame and global layers, "
+                f"discard ratio {options.rollout_discard}, "
+                f"extra memory {_format_bytes(self.rollout_bytes)}"
+            )
+        weights = (
+            f"random (seed {args.seed})"
+            if args.random_weights
+            else args.checkpoint or f"{args.model}" + (f" @ {args.revision}" if args.revision else "")
+        )
+        lines.append(f"  weights: {weights}")
+        lines.append(
+            f"  estimated size on disk: {_format_bytes(self.disk_bytes)}"
+            + (" before compression" if options.compress else "")
+        )
+        return "\n".join(lines)
+
+
+def make_plan(args: argparse.Namespace, model: VGGT, device: torch.device) -> Plan:
+    """Check every argument, choose and load the images, and work out sizes; raises :class:`UsageError`."""
+    config = model.config
+    aggregator = model.aggregator
     stride_h = args.stride_h if args.stride_h is not None else (args.stride if args.stride is not None else 1)
     stride_w = args.stride_w if args.stride_w is not None else (args.stride if args.stride is not None else 1)
     if stride_h < 1 or stride_w < 1:
         raise UsageError(f"strides must be at least 1, got stride_h={stride_h}, stride_w={stride_w}")
-    layers = parse_layers(args.layers, config.depth)
-    options = ExportOptions(args.save_per_head, stride_h, stride_w, layers, args.precision, args.compress)
+    blocks = parse_blocks(args.blocks)
+    depths = layer_depths(aggregator)
+    numbers = parse_layers(args.layers, max(depths[kind] for kind in blocks))
+    options = ExportOptions(
+        args.save_per_head, stride_h, stride_w, numbers, args.precision, args.compress,
+        blocks=blocks, rollout=args.rollout, rollout_discard=args.rollout_discard,
+    )  # fmt: skip
+    layers = options.validate(depths)
 
     image_dir = Path(args.image_dir) if args.image_dir else Path("examples") / args.image_set_name / "images"
     out_dir = (
@@ -206,27 +276,49 @@ def run(args: argparse.Namespace) -> Path:
     if args.checkpoint and args.random_weights:
         raise UsageError("--checkpoint and --random_weights exclude each other")
     choice = choose_images(image_dir, args.image_extension, args.num_images, args.first_image_idx)
+    images = load_and_preprocess_images(choice.paths, mode=args.preprocess)
+    grid = QueryGrid(images.shape[-2] // config.patch_size, images.shape[-1] // config.patch_size,
+                     stride_h, stride_w)  # fmt: skip
+    num_frames = len(choice.paths)
+    disk = estimate_export_bytes(num_frames, tuple(images.shape[-2:]), grid, config.num_heads, layers,
+                                 config.patch_start_idx, options)  # fmt: skip
+    extra = rollout_bytes(aggregator, grid, num_frames) if options.rollout else 0
+    # Weights held in host memory: float32 on the CPU; on a GPU they live in its own memory.
+    weights = 4 * sum(p.numel() for p in model.parameters()) if device.type == "cpu" else 0
+    return Plan(choice, images, grid, options, layers, out_dir, disk, extra, weights)
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Carry out an export from parsed arguments; raises :class:`UsageError` for user errors."""
+    progress = not args.quiet
+    config = _model_config(args.model_config)
+    with torch.device("meta"):
+        model = VGGT(config)
     try:
         device, autocast_dtype = select_device_and_dtype(args.device, args.dtype)
     except ValueError as err:
         raise UsageError(str(err)) from None
-
-    images = load_and_preprocess_images(choice.paths, mode=args.preprocess)
-    grid = QueryGrid(images.shape[-2] // config.patch_size, images.shape[-1] // config.patch_size,
-                     stride_h, stride_w)  # fmt: skip
-    num_layers = config.depth if layers is None else len(layers)
-    size = estimate_export_bytes(len(choice.paths), tuple(images.shape[-2:]), grid, config.num_heads,
-                                 num_layers, config.patch_start_idx, options)  # fmt: skip
+    plan = make_plan(args, model, device)
     if progress:
-        print(_plan(args, choice, images, grid, layers, config, out_dir, size), flush=True)
+        print(plan.describe(args, config), flush=True)
+    out_dir = plan.out_dir
     free = shutil.disk_usage(_existing_parent(out_dir.parent)).free
-    if size > free:
+    if plan.disk_bytes > free:
         raise UsageError(
-            f"not enough disk space for the export: about {_format_bytes(size)} needed, "
+            f"not enough disk space for the export: about {_format_bytes(plan.disk_bytes)} needed, "
             f"{_format_bytes(free)} free at {_existing_parent(out_dir.parent)}"
         )
+    available = available_memory_bytes()
+    if plan.rollout_bytes and available is not None and plan.rollout_bytes + plan.weights_bytes > available:
+        raise UsageError(
+            f"not enough memory for --rollout: it holds about {_format_bytes(plan.rollout_bytes)} of "
+            f"transition matrices besides {_format_bytes(plan.weights_bytes)} of weights, and "
+            f"{_format_bytes(available)} is available; use fewer frames or a larger --stride, "
+            "or drop --rollout"
+        )
+    choice, images = plan.choice, plan.images
 
-    model, model_fields = _load_model(args, config, device, progress)
+    model_fields = _load_model(args, model, device, progress)
     manifest = {
         "image_set_name": args.image_set_name,
         "model": model_fields,
@@ -241,7 +333,7 @@ def run(args: argparse.Namespace) -> Path:
         images,
         out_dir,
         sources=[p.name for p in choice.paths],
-        options=options,
+        options=plan.options,
         manifest=manifest,
         overwrite=args.overwrite,
         autocast_dtype=autocast_dtype,
@@ -262,38 +354,27 @@ def _model_config(path: str | None) -> AggregatorConfig:
         raise UsageError(f"cannot read --model_config {path}: {err}") from None
 
 
-def _load_model(args, config: AggregatorConfig, device: torch.device, progress: bool) -> tuple[VGGT, dict]:
-    with tqdm(total=2, desc="loading model", unit="step", disable=not progress) as bar:
-        with torch.device("meta"):
-            model = VGGT(config)
-        if args.random_weights:
-            resolved = None
-            bar.set_postfix_str(f"random weights, seed {args.seed}")
-            bar.update(1)
-            init_random_weights(model, args.seed, device)
-        else:
-            resolved = resolve_checkpoint(args.model, args.revision, args.checkpoint, args.cache_dir)
-            bar.set_postfix_str(resolved.path.name)
-            bar.update(1)
-            load_weights(model, resolved.path)
-            model.to(device)
+def _load_model(args, model: VGGT, device: torch.device, progress: bool) -> dict:
+    """Give the (meta) model its weights on ``device``; returns the manifest's ``model`` fields."""
+    source = "random weights" if args.random_weights else args.checkpoint or args.model
+    with tqdm(total=1, desc=f"loading model ({source})", unit="step", disable=not progress) as bar:
+        fields = assign_weights(
+            model, args.model, args.revision, args.checkpoint, args.cache_dir, args.random_weights, args.seed,
+            device,
+        )  # fmt: skip
         bar.update(1)
-    model.eval().requires_grad_(False)
-    fields = {
-        "id": None if resolved is None or resolved.source == "file" else resolved.model_id,
-        "revision": None if resolved is None else resolved.revision,
-        "checkpoint_file": None if resolved is None else resolved.path.name,
-        "checkpoint_sha256": None if resolved is None else checkpoint_sha256(resolved.path),
-        "random_weights": bool(args.random_weights),
-        "random_seed": args.seed if args.random_weights else None,
-        "architecture": "VGGT-1B" if args.model_config is None else config.to_dict(),
-    }
-    return model, fields
+    architecture = "VGGT-1B" if args.model_config is None else model.config.to_dict()
+    return fields | {"architecture": architecture}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: returns the process exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not log.handlers:  # this package's messages only; libraries keep their own logging as it is
+        handler = _ProgressFriendlyHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
     try:
         args = build_parser().parse_args(argv)
         run(args)

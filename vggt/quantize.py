@@ -86,29 +86,28 @@ def quantize_uint8(
         ``out``, or a new uint8 array of the shape of ``values``.
     """
     values = np.asarray(values)
-    scale = np.asarray(vmax99, dtype=np.float32)
-    scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+    vmax = np.asarray(vmax99, dtype=np.float32)
+    codes_per_unit = np.float32(UINT8_MAX) / np.where(vmax > 0, vmax, np.float32(1.0)).astype(np.float32)
     if out is None:
         out = np.empty(values.shape, dtype=np.uint8)
-    if values.ndim == 0 or scale.ndim > values.ndim:
-        out[...] = _quantize_block(
-            values, scale, np.empty(np.broadcast_shapes(values.shape, scale.shape), np.float32)
-        )
+    if values.ndim == 0 or codes_per_unit.ndim > values.ndim:
+        work = np.empty(np.broadcast_shapes(values.shape, codes_per_unit.shape), np.float32)
+        out[...] = _quantize_block(values, codes_per_unit, work)
         return out
-    scale = scale.reshape((1,) * (values.ndim - scale.ndim) + scale.shape)
+    codes_per_unit = codes_per_unit.reshape((1,) * (values.ndim - codes_per_unit.ndim) + codes_per_unit.shape)
     rows_per_block = max(1, _CHUNK_VALUES // max(1, values[0].size))
     scratch = np.empty((rows_per_block, *values.shape[1:]), dtype=np.float32)
     for start in range(0, values.shape[0], rows_per_block):
         stop = min(start + rows_per_block, values.shape[0])
-        block_scale = scale if scale.shape[0] == 1 else scale[start:stop]
-        out[start:stop] = _quantize_block(values[start:stop], block_scale, scratch[: stop - start])
+        block = codes_per_unit if codes_per_unit.shape[0] == 1 else codes_per_unit[start:stop]
+        out[start:stop] = _quantize_block(values[start:stop], block, scratch[: stop - start])
     return out
 
 
-def _quantize_block(values: np.ndarray, scale: np.ndarray, work: np.ndarray) -> np.ndarray:
-    np.divide(values, scale, out=work, dtype=np.float32)
-    np.clip(work, 0.0, 1.0, out=work)
-    np.multiply(work, np.float32(UINT8_MAX), out=work)
+def _quantize_block(values: np.ndarray, codes_per_unit: np.ndarray, work: np.ndarray) -> np.ndarray:
+    # Three passes over a cache-sized block: x * (255 / vmax99), clip to [0, 255], round.
+    np.multiply(values, codes_per_unit, out=work, dtype=np.float32)
+    np.clip(work, 0.0, np.float32(UINT8_MAX), out=work)
     return np.rint(work, out=work)
 
 
@@ -122,28 +121,43 @@ def dequantize_uint8(codes: np.ndarray, vmax99: float | np.ndarray) -> np.ndarra
     return np.multiply(codes, scale, dtype=np.float32)
 
 
+def vmax99(values: np.ndarray) -> float:
+    """The scale of a map: its 99th percentile, or its maximum when that is 0 (maps that are mostly
+    zeros, as a rollout with discarding can be), or 1 for an all-zero map."""
+    scale = percentile99(values)
+    if scale > 0:
+        return scale
+    peak = float(np.max(values, initial=0.0))
+    return peak if peak > 0 else 1.0
+
+
 def encode_layer(
-    maps: np.ndarray, precision: str = "uint8", head_mean: np.ndarray | None = None
+    maps: np.ndarray,
+    precision: str = "uint8",
+    head_mean: np.ndarray | None = None,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Encode one layer's pooled probabilities as the format stores them.
 
     Parameters
     ----------
     maps : np.ndarray
-        float32 ``[Q, S, H_ds, W_ds]`` (averaged) or ``[Q, heads, S, H_ds, W_ds]`` (per head). Per head,
+        float32 ``[Q, K, H_ds, W_ds]`` (averaged) or ``[Q, heads, K, H_ds, W_ds]`` (per head). Per head,
         ``maps[:, h]`` is best contiguous (head-major storage seen through a transposed view).
     precision : str
         ``"uint8"``: codes normalized by the layer's vmax99 (averaged) or each head's (per head);
         ``"float16"``: the raw probabilities.
     head_mean : np.ndarray, optional
-        ``[Q, S, H_ds, W_ds]``, the maps averaged over heads, if already at hand (per head only).
+        ``[Q, K, H_ds, W_ds]``, the maps averaged over heads, if already at hand (per head only).
+    out : np.ndarray, optional
+        Array of the shape of ``maps`` and the dtype of ``precision`` to write into (reused buffers).
 
     Returns
     -------
     heatmaps : np.ndarray
-        uint8 codes or float16 probabilities, the shape of ``maps``.
+        uint8 codes or float16 probabilities, the shape of ``maps`` (``out`` when given).
     fields : dict
-        ``layer_vmax99`` (99th percentile of the head-averaged maps), ``per_head_vmax99``,
+        ``layer_vmax99`` (scale of the head-averaged maps, see :func:`vmax99`), ``per_head_vmax99``,
         ``normalized_by`` and ``vmax_estimator`` for the layer's metadata.
     """
     if precision not in ("uint8", "float16"):
@@ -152,17 +166,20 @@ def encode_layer(
     if head_mean is None:
         head_mean = maps.mean(axis=1, dtype=np.float32) if per_head else maps
     fields: dict = {
-        "layer_vmax99": percentile99(head_mean),
+        "layer_vmax99": vmax99(head_mean),
         "per_head_vmax99": None,
         "vmax_estimator": VMAX_ESTIMATOR,
     }
     if precision == "float16":
-        return maps.astype(np.float16), fields | {"normalized_by": "none"}
+        if out is None:
+            return maps.astype(np.float16), fields | {"normalized_by": "none"}
+        out[...] = maps
+        return out, fields | {"normalized_by": "none"}
     if not per_head:
-        return quantize_uint8(maps, fields["layer_vmax99"]), fields | {"normalized_by": "layer"}
-    codes = np.empty(maps.shape, dtype=np.uint8)
+        return quantize_uint8(maps, fields["layer_vmax99"], out=out), fields | {"normalized_by": "layer"}
+    codes = np.empty(maps.shape, dtype=np.uint8) if out is None else out
     head_vmax = []
     for head in range(maps.shape[1]):
-        head_vmax.append(percentile99(maps[:, head]))
+        head_vmax.append(vmax99(maps[:, head]))
         quantize_uint8(maps[:, head], head_vmax[-1], out=codes[:, head])
     return codes, fields | {"per_head_vmax99": head_vmax, "normalized_by": "head"}

@@ -523,3 +523,81 @@ def checkpoint_sha256(path: str | Path) -> str:
     if target.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", target.name):
         return target.name
     return sha256_file(target)
+
+
+def assign_weights(
+    model: nn.Module,
+    model_id: str = DEFAULT_MODEL_ID,
+    revision: str | None = None,
+    checkpoint: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    random_weights: bool = False,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """Give a model (typically built on ``meta``) its weights on ``device``, in eval mode.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A :class:`vggt.models.vggt.VGGT`.
+    model_id, revision, checkpoint, cache_dir
+        Where the weights come from, see :func:`resolve_checkpoint`.
+    random_weights : bool
+        Seeded random weights instead (see :func:`init_random_weights`): nothing is read.
+    seed : int
+        Seed of the random weights.
+    device : str or torch.device
+
+    Returns
+    -------
+    dict
+        Where the weights came from, as an export's manifest records it: ``id``, ``revision``,
+        ``checkpoint_file``, ``checkpoint_sha256``, ``random_weights``, ``random_seed``. Also stored as
+        ``model.weights_source``, which :func:`vggt.export.export_attention` picks up.
+    """
+    if random_weights:
+        init_random_weights(model, seed, device)
+        source = {"id": None, "revision": None, "checkpoint_file": None, "checkpoint_sha256": None}
+    else:
+        resolved = resolve_checkpoint(model_id, revision, checkpoint, cache_dir)
+        load_weights(model, resolved.path)
+        model.to(device)
+        source = {
+            "id": resolved.model_id,
+            "revision": resolved.revision,
+            "checkpoint_file": resolved.path.name,
+            "checkpoint_sha256": checkpoint_sha256(resolved.path),
+        }
+    source |= {"random_weights": random_weights, "random_seed": seed if random_weights else None}
+    model.eval().requires_grad_(False)
+    model.weights_source = source
+    return source
+
+
+def load_model(
+    model_id: str = DEFAULT_MODEL_ID,
+    revision: str | None = None,
+    checkpoint: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    config=None,
+    random_weights: bool = False,
+    seed: int = 0,
+) -> nn.Module:
+    """Build VGGT (VGGT-1B unless ``config`` says otherwise) with its weights, ready for export.
+
+    The weights are read straight into place: the model is built on ``meta`` and only the aggregator's
+    tensors of the checkpoint are loaded. See :func:`assign_weights` for the arguments.
+
+    Returns
+    -------
+    VGGT
+        In eval mode, on ``device``, with ``weights_source`` set.
+    """
+    from vggt.models.vggt import VGGT  # here: this module is also used to read checkpoints alone
+
+    with torch.device("meta"):
+        model = VGGT(config)
+    assign_weights(model, model_id, revision, checkpoint, cache_dir, random_weights, seed, device)
+    return model

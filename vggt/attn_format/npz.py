@@ -1,0 +1,304 @@
+"""NPZ files of an export: member headers read without the data, stored members memory-mapped.
+
+numpy's own ``np.load`` reads a whole member; an export's reader wants one query's maps, so stored
+(uncompressed) members are located in the zip and memory-mapped, and deflated ones are decompressed
+once. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import struct
+import tokenize
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vggt.attn_format.schema import FormatError
+
+_ZIP_LOCAL_HEADER = struct.Struct("<4s5H3L2H")
+_ZIP_LOCAL_SIGNATURE = b"PK\x03\x04"
+_CRC_BLOCK = 16 << 20
+
+# What zipfile, zlib and numpy's header parser raise on damaged bytes (the header is parsed as a
+# Python literal, hence the tokenizer and syntax errors).
+DAMAGED_DATA_ERRORS = (
+    zipfile.BadZipFile,
+    zlib.error,
+    NotImplementedError,
+    ValueError,
+    EOFError,
+    OSError,
+    SyntaxError,
+    tokenize.TokenError,
+    struct.error,
+)
+
+
+@dataclass(frozen=True)
+class NpyMember:
+    """Where one ``.npy`` member of an NPZ lives and what its header says."""
+
+    key: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    fortran_order: bool
+    stored: bool
+    data_offset: int  # absolute file offset of the array bytes; only meaningful when stored
+
+
+def _read_npy_header(handle: Any, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    try:
+        version = np.lib.format.read_magic(handle)
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(handle)
+        if version == (2, 0):
+            return np.lib.format.read_array_header_2_0(handle)
+    except DAMAGED_DATA_ERRORS as exc:
+        raise FormatError(f"{where}: bad .npy header ({type(exc).__name__}: {exc})"[:300]) from None
+    raise FormatError(f"{where}: unsupported .npy format version {version}")
+
+
+def scan_npz(path: Path, where: str) -> dict[str, NpyMember]:
+    """Read the zip directory and every member's ``.npy`` header, without reading array data."""
+    members: dict[str, NpyMember] = {}
+    file_size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                key = info.filename[: -len(".npy")]
+                stored = info.compress_type == zipfile.ZIP_STORED
+                if stored:
+                    raw.seek(info.header_offset)
+                    header = raw.read(_ZIP_LOCAL_HEADER.size)
+                    if len(header) < _ZIP_LOCAL_HEADER.size:
+                        raise FormatError(f"{where}: truncated NPZ {path.name}")
+                    fields = _ZIP_LOCAL_HEADER.unpack(header)
+                    if fields[0] != _ZIP_LOCAL_SIGNATURE:
+                        raise FormatError(f"{where}: NPZ {path.name} has a corrupt member header")
+                    name_length, extra_length = fields[-2], fields[-1]
+                    member_start = info.header_offset + _ZIP_LOCAL_HEADER.size + name_length + extra_length
+                    raw.seek(member_start)
+                    shape, fortran_order, dtype = _read_npy_header(raw, where)
+                    data_offset = raw.tell()
+                else:
+                    with archive.open(info) as stream:
+                        shape, fortran_order, dtype = _read_npy_header(stream, where)
+                    data_offset = -1
+                if dtype.hasobject:
+                    raise FormatError(
+                        f"{where}: NPZ member {key!r} holds Python objects (refused, never unpickled)"
+                    )
+                if stored:
+                    needed = data_offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                    if needed > file_size:
+                        raise FormatError(
+                            f"{where}: truncated NPZ {path.name} ({file_size} of {needed} bytes)"
+                        )
+                members[key] = NpyMember(key, dtype, tuple(shape), fortran_order, stored, data_offset)
+    except FormatError:
+        raise
+    except zipfile.BadZipFile as exc:
+        raise FormatError(
+            f"{where}: {path.name} is not a readable NPZ ({exc}); truncated or corrupt?"
+        ) from None
+    except DAMAGED_DATA_ERRORS as exc:
+        raise FormatError(
+            f"{where}: cannot read NPZ {path.name} ({type(exc).__name__}: {exc})"[:300]
+        ) from None
+    return members
+
+
+def load_member(path: Path, member: NpyMember, where: str) -> np.ndarray:
+    """A member's array: a read-only ``np.memmap`` when stored, decompressed into memory when deflated."""
+    if member.stored:
+        order = "F" if member.fortran_order else "C"
+        if int(np.prod(member.shape, dtype=np.int64)) == 0:
+            return np.zeros(member.shape, dtype=member.dtype)
+        return np.memmap(
+            path, dtype=member.dtype, mode="r", offset=member.data_offset, shape=member.shape, order=order
+        )
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open(f"{member.key}.npy") as stream:
+            return np.lib.format.read_array(stream, allow_pickle=False)
+    except DAMAGED_DATA_ERRORS as exc:
+        message = f"{where}: cannot decompress {member.key} from {path.name} ({type(exc).__name__}: {exc})"
+        raise FormatError(message[:300]) from None
+
+
+# ---- writing ------------------------------------------------------------------------------------------
+
+_LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
+_CENTRAL_HEADER = struct.Struct("<IHHHHHHIIIHHHHHII")
+_ZIP64_END = struct.Struct("<IQHHIIQQQQ")
+_ZIP64_LOCATOR = struct.Struct("<IIQI")
+_END = struct.Struct("<IHHHHIIH")
+_ZIP64_VERSION = 45  # "ZIP64 format extensions" in the zip specification
+_FROM_UNIX = 3 << 8
+_REGULAR_FILE = 0o100644 << 16
+_SIZE_IN_EXTRA = 0xFFFFFFFF
+_DOS_DATE_1980_01_01 = (0 << 9) | (1 << 5) | 1
+
+
+@dataclass
+class _Entry:
+    name: bytes
+    header_offset: int
+    size: int
+    crc: int | None  # None until the member's bytes are final
+
+
+def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+    stream = io.BytesIO()
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
+    np.lib.format.write_array_header_1_0(stream, header)
+    return stream.getvalue()
+
+
+class StoredNpzWriter:
+    """Writes an uncompressed NPZ that ``np.load`` reads, with members that can be filled in place.
+
+    :meth:`allocate` reserves a member and returns a writable memory map of its array: encoding
+    straight into the file's pages saves a pass over the data and the cost of ``write()``, which on
+    common file systems is several times that of filling mapped pages. Members are stored (not
+    deflated) and carry zip64 sizes, so they may exceed 4 GB.
+
+    Use as a context manager; the zip directory and the CRCs are written on a clean exit.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._file = open(self.path, "w+b")
+        self._entries: list[_Entry] = []
+        self._maps: list[np.memmap] = []
+
+    def __enter__(self) -> StoredNpzWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        try:
+            if exc_type is None:
+                self._finish()
+        finally:
+            self._maps.clear()
+            self._file.close()
+
+    def _begin(self, key: str, shape: tuple[int, ...], dtype: np.dtype) -> tuple[_Entry, bytes]:
+        name = f"{key}.npy".encode()
+        header = _npy_header(shape, dtype)
+        size = len(header) + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        entry = _Entry(name, self._file.seek(0, io.SEEK_END), size, None)
+        extra = struct.pack("<HHQQ", 1, 16, size, size)
+        self._file.write(
+            _LOCAL_HEADER.pack(
+                0x04034B50,
+                _ZIP64_VERSION,
+                0,
+                0,
+                0,
+                _DOS_DATE_1980_01_01,
+                0,
+                _SIZE_IN_EXTRA,
+                _SIZE_IN_EXTRA,
+                len(name),
+                len(extra),
+            )  # fmt: skip
+        )
+        self._file.write(name + extra + header)
+        self._entries.append(entry)
+        return entry, header
+
+    def add(self, key: str, array: np.ndarray) -> None:
+        """Write a (small) member from memory."""
+        array = np.ascontiguousarray(array)
+        if array.dtype.hasobject:
+            raise FormatError(f"NPZ member {key!r}: object arrays are not stored")
+        entry, header = self._begin(key, array.shape, array.dtype)
+        data = array.tobytes()
+        self._file.write(data)
+        entry.crc = zlib.crc32(data, zlib.crc32(header))
+
+    def allocate(self, key: str, shape: tuple[int, ...], dtype: np.dtype | str) -> np.ndarray:
+        """Reserve member ``key`` and return a writable ``[shape] dtype`` memory map of its data."""
+        dtype = np.dtype(dtype)
+        entry, header = self._begin(key, tuple(shape), dtype)
+        data_offset = self._file.tell()
+        self._file.truncate(entry.header_offset + self._local_size(entry) + entry.size)
+        if entry.size == len(header):
+            return np.zeros(shape, dtype=dtype)
+        self._file.flush()
+        mapped = np.memmap(self._file, dtype=dtype, mode="r+", offset=data_offset, shape=tuple(shape))
+        self._maps.append(mapped)
+        return mapped
+
+    @staticmethod
+    def _local_size(entry: _Entry) -> int:
+        return _LOCAL_HEADER.size + len(entry.name) + 20
+
+    def _finish(self) -> None:
+        # No msync of the maps: they share the page cache with the file, which the kernel writes back
+        # in its own time; an msync here would wait for the disk.
+        self._file.flush()
+        for entry in self._entries:
+            start = entry.header_offset + self._local_size(entry)
+            if entry.crc is None:
+                entry.crc = self._crc_of(start, entry.size)
+            self._file.seek(entry.header_offset + 14)
+            self._file.write(struct.pack("<I", entry.crc))
+        directory_offset = self._file.seek(0, io.SEEK_END)
+        for entry in self._entries:
+            extra = struct.pack("<HHQQQ", 1, 24, entry.size, entry.size, entry.header_offset)
+            self._file.write(
+                _CENTRAL_HEADER.pack(
+                    0x02014B50,
+                    _ZIP64_VERSION | _FROM_UNIX,
+                    _ZIP64_VERSION,
+                    0,
+                    0,
+                    0,
+                    _DOS_DATE_1980_01_01,
+                    entry.crc,
+                    _SIZE_IN_EXTRA,
+                    _SIZE_IN_EXTRA,
+                    len(entry.name),
+                    len(extra),
+                    0,
+                    0,
+                    0,
+                    _REGULAR_FILE,
+                    _SIZE_IN_EXTRA,
+                )  # fmt: skip
+            )
+            self._file.write(entry.name + extra)
+        end_offset = self._file.tell()
+        count, directory_size = len(self._entries), end_offset - directory_offset
+        self._file.write(
+            _ZIP64_END.pack(
+                0x06064B50,
+                _ZIP64_END.size - 12,
+                _ZIP64_VERSION,
+                _ZIP64_VERSION,
+                0,
+                0,
+                count,
+                count,
+                directory_size,
+                directory_offset,
+            )  # fmt: skip
+        )
+        self._file.write(_ZIP64_LOCATOR.pack(0x07064B50, 0, end_offset, 1))
+        self._file.write(_END.pack(0x06054B50, 0, 0, count, count, _SIZE_IN_EXTRA, _SIZE_IN_EXTRA, 0))
+
+    def _crc_of(self, start: int, size: int) -> int:
+        crc = 0
+        with mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
+            for offset in range(start, start + size, _CRC_BLOCK):
+                crc = zlib.crc32(view[offset : min(offset + _CRC_BLOCK, start + size)], crc)
+        return crc
