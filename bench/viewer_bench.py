@@ -1,8 +1,10 @@
 """Server-side timings of the viewer's handlers on a full-size export this script writes itself.
 
 The export has the size of a real VGGT-1B export per head at stride 1: 24 layers, 16 heads, 3 frames
-of 518x518 (37x37 patches, Q = 1369), about 2.2 GB of uint8. It is written with the format's writer
-into a temporary folder (synthetic maps, exact probabilities) and deleted afterwards.
+of 518x518 (37x37 patches, Q = 1369), about 2.2 GB of uint8, with every frame's camera-token maps. It is
+written with the format's writer into a temporary folder (synthetic maps, exact probabilities) and
+deleted afterwards. ``token view`` renders the camera-token view; ``layer change`` switches between two
+layers (head control, query view and camera-token view together).
 
 Usage: ``python bench/viewer_bench.py [--layers 24 --heads 16 --frames 3 --size 518 --repeats 9]``.
 """
@@ -104,6 +106,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         results["reverse click"] = median_ms(
             lambda i: handlers.on_reverse_select(session, 1, layer, "Average", 0.6, click_at(i, args.size)),
+            args.repeats,
+        )
+        results["token view"] = median_ms(
+            lambda i: handlers.on_token_view(session, layer, "Average", 0.6, f"camera:{i % args.frames}"),
+            args.repeats,
+        )
+        other = f"layer_{max(args.layers - 1, 1):02d}"
+        results["layer change"] = median_ms(
+            lambda i: handlers.on_layer_change(
+                session, (layer, other)[i % 2], "Head 3", 0.6, False, False, "camera:0"
+            ),
             args.repeats,
         )
     finally:

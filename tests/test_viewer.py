@@ -91,8 +91,9 @@ def test_load_every_entry_point(per_head_export: Path, tmp_path: Path) -> None:
         archive,
     ):
         loaded = load(entry)
-        assert loaded.layer.value == "layer_03"  # default: the last layer
-        assert [c[1] for c in loaded.layer.choices] == ["layer_01", "layer_02", "layer_03"]
+        assert loaded.layer.value == "layer_03"  # default: the last global layer
+        assert loaded.layer.choices == [("Global 01", "layer_01"), ("Global 02", "layer_02"),
+                                        ("Global 03", "layer_03")]  # fmt: skip
         assert [c[1] for c in loaded.head.choices] == ["Average", "Head 1", "Head 2", "Head 3", "Head 4"]
         assert loaded.query_image.shape == (5 * 14 * 5, 7 * 14 * 5, 3)  # small frames shown 5x larger
         assert loaded.gallery == [] and loaded.reverse_result is None
@@ -219,7 +220,8 @@ def test_all_layers_and_all_heads_composites(per_head_export: Path) -> None:
     session = select(loaded.session, 50, 50, "layer_03").session
     height, width = cached.geometry.display_height, cached.geometry.display_width
     layers = handlers.on_settings_change(session, "layer_02", "Head 1", 0.6, True, False)
-    assert [caption.split()[0] for _, caption in layers.gallery] == ["layer_01", "layer_02", "layer_03"]
+    titles = [caption.split("  ")[0] for _, caption in layers.gallery]
+    assert titles == ["Global 01", "Global 02", "Global 03"]  # the layers' labels
     assert all(image.shape == (render.TITLE_HEIGHT + 3 * height, width, 3) for image, _ in layers.gallery)
     heads = handlers.on_settings_change(session, "layer_02", "Average", 0.6, False, True)
     vmax = open_export(per_head_export).layer_meta("layer_02")["per_head_vmax99"]
@@ -346,13 +348,16 @@ def test_bad_inputs_give_a_clear_error_and_the_app_keeps_working(
     _gr_error(broken, "truncated or corrupt")
 
     with np.load(averaged_export / "attn_maps/layer_02/heatmaps_uint8.npz") as arrays:
-        heatmaps, special = arrays["heatmaps"], arrays["special_mass"]
-    np.savez(npz, heatmaps=heatmaps[:, :2], special_mass=special)
+        others = {key: arrays[key] for key in arrays.files}  # special-token mass, token queries' maps
+    heatmaps = others.pop("heatmaps")
+    np.savez(npz, heatmaps=heatmaps[:, :2], **others)
     _gr_error(broken, "heatmaps has shape")
-    np.savez(npz, heatmaps=heatmaps.astype(np.int16), special_mass=special)
+    np.savez(npz, heatmaps=heatmaps.astype(np.int16), **others)
     _gr_error(broken, "heatmaps has dtype int16")
-    np.savez(npz, heatmaps=np.empty(heatmaps.shape, dtype=object), special_mass=special)
+    np.savez(npz, heatmaps=np.empty(heatmaps.shape, dtype=object), **others)
     _gr_error(broken, "holds Python objects")
+    np.savez(npz, heatmaps=heatmaps, special_mass=others["special_mass"])
+    _gr_error(broken, "has no 'token_heatmaps' array")
 
     bad_zip = tmp_path / "bad.zip"
     with zipfile.ZipFile(bad_zip, "w") as archive:

@@ -20,7 +20,7 @@ from PIL import Image
 from vggt.attn_format import open_export
 from vggt.viewer import render
 from vggt.viewer.app import build_app
-from vggt.viewer.state import CACHE
+from vggt.viewer.state import CACHE, layer_label
 from vggt.viewer.synthetic import write_synthetic_export
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -46,13 +46,26 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _write_kinds_export(root: Path) -> Path:
+    """Per-head export with global, frame and DINOv2 layers, token queries and the rollout."""
+    return write_synthetic_export(
+        root, H_p=8, W_p=11, stride_h=3, stride_w=2, num_layers=4, per_head=True,
+        kinds=("global", "frame", "dino"), rollout=True, rollout_discard=0.9,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def export_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     given = os.environ.get("VGGT_VIEWER_EXPORT")
     if given:
         return Path(given)
-    root = tmp_path_factory.mktemp("browser") / "export"
-    return write_synthetic_export(root, H_p=8, W_p=11, stride_h=3, stride_w=2, num_layers=4, per_head=True)
+    return _write_kinds_export(tmp_path_factory.mktemp("browser") / "export")
+
+
+@pytest.fixture(scope="module")
+def rollout_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An export with a rollout, whatever ``VGGT_VIEWER_EXPORT`` names."""
+    return _write_kinds_export(tmp_path_factory.mktemp("browser") / "rollout")
 
 
 @pytest.fixture(scope="module")
@@ -99,17 +112,30 @@ def _click_image_pixel(page, selector: str, x: float, y: float, natural: tuple[i
     image.click(position={"x": left + x * ratio, "y": top + y * ratio})
 
 
+def _pick_layer(page, label: str) -> None:
+    """Choose a layer in the Layer dropdown by the label it shows."""
+    page.locator("#layer-select input").click()
+    page.get_by_role("option", name=label, exact=True).click()
+
+
+def _load(page, path: Path) -> None:
+    page.locator("#export-path textarea").fill(str(path))
+    page.locator("#load-button").click()
+    sync_api.expect(page.locator("#query-image img")).to_have_count(1)
+
+
 def test_open_click_switch_layer_and_composites(page, export_path: Path) -> None:
     expect = sync_api.expect
     export = open_export(export_path)
     layers = export.layer_names
     num_frames = len(export.frame_paths)
-    meta = export.layer_meta(layers[-1])
+    global_layers = [name for name in layers if export.layer_meta(name)["layer_kind"] == "global"]
+    default = (global_layers or layers)[-1]  # the last global layer
+    meta = export.layer_meta(default)
+    labels = [layer_label(name, export.layer_meta(name)) for name in layers]
 
-    page.locator("#export-path textarea").fill(str(export_path))
-    page.locator("#load-button").click()
-    expect(page.locator("#query-image img")).to_have_count(1)
-    expect(page.locator("#value-readout")).to_contain_text(layers[-1])
+    _load(page, export_path)
+    expect(page.locator("#value-readout")).to_contain_text(default)
     before = _image_pixels(page, "#query-image")
 
     height, width = export.image_size
@@ -142,11 +168,11 @@ def test_open_click_switch_layer_and_composites(page, export_path: Path) -> None
     changed[y0:y1, x0:x1] = False
     assert not changed.any()
 
-    # switch layer: the view re-renders for the same query
+    # switch layer (by its label in the dropdown): the view re-renders for the same query
     first_overlay = page.locator("#overlays img").first.get_attribute("src")
-    page.locator("#layer-select input").click()
-    page.get_by_role("option", name=layers[0], exact=True).click()
-    expect(page.locator("#value-readout")).to_contain_text(f"{layers[0]} · layer vmax99")
+    _pick_layer(page, labels[0])
+    expect(page.locator("#value-readout")).to_contain_text(f"{labels[0]} ({layers[0]})")
+    expect(page.locator("#value-readout")).to_contain_text("layer vmax99")
     expect(page.locator("#value-readout")).to_contain_text(f"Query cell row {row}, col {col}")
     expect(page.locator("#overlays img").first).not_to_have_attribute("src", first_overlay)
     expect(captions).to_have_count(num_frames)
@@ -158,12 +184,55 @@ def test_open_click_switch_layer_and_composites(page, export_path: Path) -> None
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SCREENSHOT), full_page=True)
 
-    # all layers at once: one strip per layer, titled with the layer name
+    # all layers at once: one strip per layer of every kind, titled with the layer's label
     page.locator("#all-layers input[type=checkbox]").check()
-    expect(captions.first).to_have_text(re.compile(rf"^{layers[0]}\b"))
+    expect(captions.first).to_have_text(re.compile(rf"^{re.escape(labels[0])}\b"))
     expect(captions).to_have_count(len(layers))
     titles = captions.all_inner_texts()
-    assert [title.split()[0] for title in titles] == layers
+    assert [title.startswith(label) for title, label in zip(titles, labels, strict=True)] == [True] * len(
+        labels
+    )
+
+
+def test_pick_rollout_in_the_layer_choice(page, rollout_export: Path) -> None:
+    expect = sync_api.expect
+    export = open_export(rollout_export)
+    num_frames = len(export.frame_paths)
+    rollout = export.layer_meta("rollout")
+    label = f"Rollout (discard {rollout['rollout_discard_ratio']:g})"
+    readout = page.locator("#value-readout")
+    captions = page.locator("#overlays .caption-label")
+
+    _load(page, rollout_export)
+    expect(readout).to_contain_text("global_04")
+    shape = _image_pixels(page, "#query-image").shape
+    _click_image_pixel(page, "#query-image", shape[1] / 2, shape[0] / 2, shape[:2])
+    expect(captions).to_have_count(num_frames)
+    page.locator("#head-select input").click()
+    page.get_by_role("option", name="Head 2", exact=True).click()
+    expect(readout).to_contain_text("Head 2 vmax99")
+    global_overlay = page.locator("#overlays img").first.get_attribute("src")
+
+    # the rollout: its discard ratio in the readout, the gallery re-rendered, the Head control on Average
+    _pick_layer(page, label)
+    expect(readout).to_contain_text("discard ratio 0.9")
+    expect(readout).to_contain_text("attention rollout")
+    expect(page.locator("#overlays img").first).not_to_have_attribute("src", global_overlay)
+    expect(captions).to_have_count(num_frames)
+    expect(page.locator("#head-select input")).to_have_value("Average")
+    expect(page.locator("#head-select input")).to_be_disabled()
+
+    # its camera-token view: one overlay per frame, the discard ratio in its readout too
+    page.get_by_text("Camera-token view", exact=False).first.click()
+    expect(page.locator("#token-readout")).to_contain_text("discard ratio 0.9")
+    expect(page.locator("#token-overlays .caption-label")).to_have_count(num_frames)
+
+    # a frame layer: frame 0 only, in both views
+    _pick_layer(page, "Frame 01")
+    expect(readout).to_contain_text("frame attention")
+    expect(captions).to_have_count(1)
+    expect(page.locator("#token-overlays .caption-label")).to_have_count(1)
+    expect(page.locator("#head-select input")).to_be_enabled()
 
 
 def test_attn_dir_at_start_and_two_sessions_keep_their_own_export(tmp_path: Path) -> None:

@@ -78,6 +78,22 @@ def build_app(initial_path: str | None = None) -> gr.Blocks:
                     elem_id="shares-chart",
                 )
                 shares_table = gr.Dataframe(label="Share of the query's attention", elem_id="shares-table")
+        with gr.Accordion(
+            "Camera-token view: a frame's camera token and its attention to every frame", open=False
+        ):
+            token_readout = gr.Markdown(elem_id="token-readout")
+            token_query = gr.Dropdown(
+                label="Token (camera tokens; the class token in DINOv2 layers)",
+                choices=[],
+                elem_id="token-select",
+            )
+            token_gallery = gr.Gallery(
+                label="Attention from that token to every frame of the layer",
+                columns=3,
+                format="jpeg",
+                object_fit="contain",
+                elem_id="token-overlays",
+            )
         with gr.Accordion("Reverse view: which query patches attend to a patch of any frame", open=False):
             reverse_frame = gr.Dropdown(label="Frame", choices=[], elem_id="reverse-frame")
             with gr.Row():
@@ -96,23 +112,31 @@ def build_app(initial_path: str | None = None) -> gr.Blocks:
                     elem_id="reverse-result",
                 )
 
+        token_outputs = [token_query, token_gallery, token_readout]
         loaded_outputs = [
             session, layer, head, banner, info, query_image, gallery, readout,
             shares_table, shares_chart, shares_note, reverse_frame, reverse_source, reverse_result,
+            *token_outputs,
         ]  # fmt: skip
         rendered_outputs = [
             session, query_image, gallery, readout, shares_table, shares_chart, shares_note, reverse_result,
         ]  # fmt: skip
+        layer_outputs = [session, head, *rendered_outputs[1:], *token_outputs]
         reverse_outputs = [session, reverse_source, reverse_result]
         view_controls = [layer, head, opacity, all_layers, all_heads]
+        token_inputs = [session, layer, head, opacity, token_query]
 
         load_button.click(handlers.on_load, [path_box, session], loaded_outputs)
         path_box.submit(handlers.on_load, [path_box, session], loaded_outputs)
         if initial_path:
             demo.load(handlers.on_load, [path_box, session], loaded_outputs)
-        for control in (layer, head, all_layers, all_heads):
+        layer.input(handlers.on_layer_change, [session, *view_controls, token_query], layer_outputs)
+        for control in (head, all_layers, all_heads):
             control.input(handlers.on_settings_change, [session, *view_controls], rendered_outputs)
         opacity.release(handlers.on_settings_change, [session, *view_controls], rendered_outputs)
+        # the camera-token view follows the head and opacity too (the layer change renders it itself)
+        for event in (head.input, opacity.release, token_query.input):
+            event(handlers.on_token_view, token_inputs, token_outputs)
         query_image.select(handlers.on_query_select, [session, *view_controls], rendered_outputs)
         reverse_inputs = [session, reverse_frame, layer, head, opacity]
         reverse_frame.input(handlers.on_reverse_frame, reverse_inputs, reverse_outputs)

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from vggt.attn_format import AttnExport, FormatError
-from vggt.viewer import state
+from vggt.viewer import state, views
 from vggt.viewer.state import CACHE, LoadedExport, Session, Settings, ViewerError
 
 CHART_COLUMNS = ["frame", "token", "share"]
@@ -39,7 +39,7 @@ def user_errors(handler: Handler) -> Handler:
 
 
 class Rendered(NamedTuple):
-    """Outputs of every re-render (click, layer, head, opacity, toggles)."""
+    """Outputs of every re-render of the clicked query's view (click, head, opacity, toggles)."""
 
     session: Session
     query_image: np.ndarray
@@ -49,6 +49,32 @@ class Rendered(NamedTuple):
     shares_chart: pd.DataFrame | None
     shares_note: str
     reverse_result: np.ndarray | None
+
+
+class TokenView(NamedTuple):
+    """Outputs of the camera-token view: the layer's token queries, one overlay per key frame, readout."""
+
+    token_query: gr.Dropdown
+    token_gallery: list
+    token_readout: str
+
+
+class LayerChanged(NamedTuple):
+    """Outputs of a layer change: the Head control for the new layer, the re-rendered query view and
+    the camera-token view of the new layer."""
+
+    session: Session
+    head: gr.Dropdown
+    query_image: np.ndarray
+    gallery: list
+    readout: str
+    shares_table: pd.DataFrame
+    shares_chart: pd.DataFrame | None
+    shares_note: str
+    reverse_result: np.ndarray | None
+    token_query: gr.Dropdown
+    token_gallery: list
+    token_readout: str
 
 
 class Loaded(NamedTuple):
@@ -68,6 +94,9 @@ class Loaded(NamedTuple):
     reverse_frame: gr.Dropdown
     reverse_source: np.ndarray
     reverse_result: np.ndarray | None
+    token_query: gr.Dropdown
+    token_gallery: list
+    token_readout: str
 
 
 class Reverse(NamedTuple):
@@ -79,7 +108,7 @@ class Reverse(NamedTuple):
 
 
 def _empty_table() -> pd.DataFrame:
-    return pd.DataFrame(columns=state.SHARE_COLUMNS)
+    return pd.DataFrame(columns=views.SHARE_COLUMNS)
 
 
 def _empty_chart() -> None:
@@ -89,10 +118,11 @@ def _empty_chart() -> None:
 
 def _settings(
     loaded: LoadedExport, layer: str, head: str | None, opacity: float, all_layers: bool, all_heads: bool
-):
+) -> Settings:
+    layer = state.check_layer(loaded, layer)
     return Settings(
-        layer=state.check_layer(loaded, layer),
-        head=state.parse_head(head, loaded),
+        layer=layer,
+        head=state.parse_head(head, loaded, layer),
         opacity=float(opacity),
         all_layers=bool(all_layers),
         all_heads=bool(all_heads),
@@ -133,16 +163,55 @@ def _info(loaded: LoadedExport) -> str:
     model = _model_info(export)
     per_head = f"per head ({meta['num_heads']} heads)" if meta["per_head_data"] else "averaged over heads"
     return (
-        f"**{manifest.get('image_set_name') or export.root.name}** · {len(export.layer_names)} layers · "
+        f"**{manifest.get('image_set_name') or export.root.name}** · {state.kinds_summary(loaded)} · "
         f"{meta['S']} frames of {export.image_size[1]}x{export.image_size[0]} px (W x H) · query grid "
         f"{meta['H_ds']}x{meta['W_ds']} (patch grid {meta['H_p']}x{meta['W_p']}, stride "
         f"{meta['stride_h']}x{meta['stride_w']}) · {per_head} · {meta['dtype']} · model "
-        f"`{model.get('id', 'unknown')}` · `{export.root}`"
+        f"{_model_text(model)} · `{export.root}`"
     )
+
+
+def _model_text(model: dict) -> str:
+    """What the manifest says of the weights: random (seed), the hub id and revision, or the file."""
+    if model.get("random_weights"):
+        return f"random weights (seed {model.get('random_seed')})"
+    if model.get("id"):
+        revision = model.get("revision")
+        return f"`{model['id']}`" + (f" @ `{str(revision)[:12]}`" if revision else "")
+    if model.get("checkpoint_file"):
+        return f"`{model['checkpoint_file']}`"
+    return "unknown"
 
 
 def _frame_choices(loaded: LoadedExport) -> list[tuple[str, int]]:
     return [(label, index) for index, label in enumerate(loaded.labels)]
+
+
+def _kept_head(loaded: LoadedExport, layer: str, current: str | None) -> str:
+    """``current`` where ``layer`` has that head, else Average."""
+    return current if current in state.head_choices(loaded, layer) else state.AVERAGE
+
+
+def _head_dropdown(loaded: LoadedExport, layer: str, current: str | None = None) -> gr.Dropdown:
+    """The Head control for ``layer``: Average plus its heads, keeping ``current`` when still valid."""
+    choices = state.head_choices(loaded, layer)
+    return gr.Dropdown(
+        choices=choices, value=_kept_head(loaded, layer, current), interactive=len(choices) > 1
+    )
+
+
+def _token_view(loaded: LoadedExport, settings: Settings, choice: str | None) -> TokenView:
+    """The camera-token view of the layer in view, for the chosen token (the same token when the layer
+    has it, else its first)."""
+    row = views.resolve_token(loaded, settings.layer, choice)
+    choices = views.token_choices(loaded, settings.layer)
+    dropdown = gr.Dropdown(
+        choices=choices, value=None if row is None else choices[row][1], interactive=bool(choices)
+    )
+    if row is None:
+        return TokenView(dropdown, [], views.no_token_readout(loaded, settings.layer))
+    gallery, readout = views.token_view(loaded, settings, row)
+    return TokenView(dropdown, gallery, readout)
 
 
 @user_errors
@@ -150,45 +219,46 @@ def on_load(path: str, session: Session | None) -> Loaded:
     """Load button (and ``--attn_dir`` at start): open an export and reset the view for it."""
     loaded = CACHE.open(path or "", reload=True)
     session = Session(export_key=CACHE.key_for(path))
-    last_layer = loaded.export.layer_names[-1]
-    settings = Settings(layer=last_layer, head=None, opacity=0.6)
+    layer = state.default_layer(loaded)
+    settings = Settings(layer=layer, head=None, opacity=0.6)
     return Loaded(
         session=session,
-        layer=gr.Dropdown(choices=loaded.export.layer_names, value=last_layer),
-        head=gr.Dropdown(
-            choices=state.head_choices(loaded), value=state.AVERAGE, interactive=loaded.per_head
-        ),
+        layer=gr.Dropdown(choices=state.layer_choices(loaded), value=layer),
+        head=_head_dropdown(loaded, layer),
         banner=_banner(loaded),
         info=_info(loaded),
-        query_image=state.query_image(loaded, None),
+        query_image=views.query_image(loaded, None),
         gallery=[],
-        readout=state.value_readout(loaded, settings, None, None, ["Click a patch of the query frame."]),
+        readout=views.value_readout(loaded, settings, None, None, ["Click a patch of the query frame."]),
         shares_table=_empty_table(),
         shares_chart=_empty_chart(),
         shares_note="",
         reverse_frame=gr.Dropdown(choices=_frame_choices(loaded), value=0),
-        reverse_source=state.reverse_source_image(loaded, 0, None),
+        reverse_source=views.reverse_source_image(loaded, 0, None),
         reverse_result=None,
+        **_token_view(loaded, settings, None)._asdict(),
     )
 
 
 def _render(loaded: LoadedExport, session: Session, settings: Settings) -> Rendered:
     reverse = None
-    if session.reverse_cell is not None:
-        reverse = state.reverse_overlay(loaded, settings, session.reverse_frame, session.reverse_cell)
+    if session.reverse_cell is not None and views.reverse_in_view(
+        loaded, settings.layer, session.reverse_frame
+    ):  # a frame or DINOv2 layer holds no reverse view of frames other than 0: cleared, not an error
+        reverse = views.reverse_overlay(loaded, settings, session.reverse_frame, session.reverse_cell)
     if session.query is None:
-        readout = state.value_readout(loaded, settings, None, None, ["Click a patch of the query frame."])
+        readout = views.value_readout(loaded, settings, None, None, ["Click a patch of the query frame."])
         return Rendered(
-            session, state.query_image(loaded, None), [], readout, _empty_table(), _empty_chart(), "", reverse
+            session, views.query_image(loaded, None), [], readout, _empty_table(), _empty_chart(), "", reverse
         )
-    gallery, readout = state.gallery_for(loaded, settings, session.query)
-    rows, chart, note = state.token_shares(loaded, settings, session.query)
+    gallery, readout = views.gallery_for(loaded, settings, session.query)
+    rows, chart, note, columns = views.token_shares(loaded, settings, session.query)
     return Rendered(
         session=session,
-        query_image=state.query_image(loaded, session.query),
+        query_image=views.query_image(loaded, session.query),
         gallery=gallery,
         readout=readout,
-        shares_table=pd.DataFrame(rows, columns=state.SHARE_COLUMNS),
+        shares_table=pd.DataFrame(rows, columns=columns),
         shares_chart=pd.DataFrame(chart, columns=CHART_COLUMNS),
         shares_note=note,
         reverse_result=reverse,
@@ -204,6 +274,42 @@ def on_settings_change(
         return Rendered(*[gr.skip()] * len(Rendered._fields))  # controls moved before any Load
     loaded = CACHE.get(session.export_key)
     return _render(loaded, session, _settings(loaded, layer, head, opacity, all_layers, all_heads))
+
+
+@user_errors
+def on_layer_change(
+    session: Session,
+    layer: str,
+    head: str,
+    opacity: float,
+    all_layers: bool,
+    all_heads: bool,
+    token: str | None,
+) -> LayerChanged:
+    """Another layer chosen: fit the Head control to it (Average only where it has no per-head data,
+    as the rollout; the chosen head kept where it still exists), then re-render the query view and the
+    camera-token view (the same token where the layer has it)."""
+    if session is None or session.export_key is None:
+        return LayerChanged(*[gr.skip()] * len(LayerChanged._fields))
+    loaded = CACHE.get(session.export_key)
+    layer = state.check_layer(loaded, layer)
+    settings = _settings(loaded, layer, _kept_head(loaded, layer, head), opacity, all_layers, all_heads)
+    rendered = _render(loaded, session, settings)
+    return LayerChanged(
+        head=_head_dropdown(loaded, layer, head),
+        **rendered._asdict(),
+        **_token_view(loaded, settings, token)._asdict(),
+    )
+
+
+@user_errors
+def on_token_view(session: Session, layer: str, head: str, opacity: float, token: str | None) -> TokenView:
+    """Camera-token view: a token chosen, or the head or opacity changed; render that token's maps on
+    every key frame of the current layer."""
+    if session is None or session.export_key is None:
+        return TokenView(*[gr.skip()] * len(TokenView._fields))
+    loaded = CACHE.get(session.export_key)
+    return _token_view(loaded, _settings(loaded, layer, head, opacity, False, False), token)
 
 
 @user_errors
@@ -229,21 +335,19 @@ def on_reverse_frame(session: Session, frame: int, layer: str, head: str, opacit
     loaded = CACHE.get(session.export_key)
     frame = int(frame or 0)
     session = session.with_changes(reverse_frame=frame, reverse_cell=None)
-    return Reverse(session, state.reverse_source_image(loaded, frame, None), None)
+    return Reverse(session, views.reverse_source_image(loaded, frame, None), None)
 
 
 @user_errors
 def on_reverse_select(
     session: Session, frame: int, layer: str, head: str, opacity: float, evt: gr.SelectData
 ) -> Reverse:
-    """Reverse view: a click on a patch of the chosen frame shows which queries attend to it."""
+    """Reverse view: a click on a patch of the chosen frame shows which queries attend to it (a one-line
+    error where the layer holds no attention to that frame: frame and DINOv2 layers hold frame 0 only)."""
     loaded = CACHE.get(session.export_key)
     settings = _settings(loaded, layer, head, opacity, False, False)
     frame = int(frame or 0)
     cell = loaded.geometry.cell_at(*_click_xy(evt))
-    session = session.with_changes(reverse_frame=frame, reverse_cell=cell)
-    return Reverse(
-        session,
-        state.reverse_source_image(loaded, frame, cell),
-        state.reverse_overlay(loaded, settings, frame, cell),
-    )
+    source = views.reverse_source_image(loaded, frame, cell)
+    result = views.reverse_overlay(loaded, settings, frame, cell)
+    return Reverse(session.with_changes(reverse_frame=frame, reverse_cell=cell), source, result)

@@ -290,6 +290,14 @@ def stamp_text(image: np.ndarray, text: str, x: int, y: int, size: int, stroke: 
     region[...] = np.rint(region * (1.0 - alpha) + colour[:height, :width] * alpha).astype(np.uint8)
 
 
+def fitting_size(text: str, size: int, width: int, minimum: int = 10) -> int:
+    """The largest font size up to ``size`` (and at least ``minimum``) at which ``text`` fits ``width``
+    pixels, so that a long strip title stays readable in full."""
+    while size > minimum and _text_stamp(text, size, 0)[0].shape[1] > width:
+        size -= 1
+    return size
+
+
 def label_size(width: int) -> int:
     """Font size of frame labels on an image ``width`` pixels wide."""
     return int(np.clip(width // 26, 11, 20))
@@ -314,9 +322,10 @@ def strip_frames(strip: np.ndarray, num_frames: int) -> np.ndarray:
 
 
 def finish_strip(strip: np.ndarray, title: str, labels: list[str]) -> np.ndarray:
-    """Write the title, centred in the band, and each frame's label into a filled strip; returns it."""
+    """Write the title, centred in the band (in a smaller font where it would not fit), and each frame's
+    label into a filled strip; returns it."""
     width = strip.shape[1]
-    size = int(np.clip(width // 22, 12, 22))
+    size = fitting_size(title, int(np.clip(width // 22, 12, 22)), width - 8)
     colour, _ = _text_stamp(title, size, 0)
     stamp_text(
         strip,

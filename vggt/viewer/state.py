@@ -1,13 +1,18 @@
-"""What the viewer computes, independent of Gradio: opened exports, per-session state and views.
+"""What a viewer session has open and has chosen, independent of Gradio: opened exports, sessions,
+settings, and the layers and heads an export offers (what is drawn from them: :mod:`vggt.viewer.views`).
 
 Opened exports live in a small process-wide cache keyed by their resolved path (they are read-only,
 so sessions may share them); everything a session chose lives in its own :class:`Session`, which the
 app keeps in a ``gr.State``. Two sessions with different exports therefore never see each other's
 state.
+
+An export holds layers of several kinds (``global``, ``frame``, ``dino`` and the ``rollout``; see
+``attn_maps_schema.md``); a layer's maps run over its key frames only.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -20,6 +25,15 @@ from vggt.viewer import render
 
 AVERAGE = "Average"
 _CACHE_SIZE = 4
+
+# Layer kinds as the dropdown names them, in the order an export lists them.
+KIND_TITLES = {"global": "Global", "frame": "Frame", "dino": "DINOv2", "rollout": "Rollout"}
+KIND_DESCRIPTIONS = {
+    "global": "global attention (over the tokens of all frames)",
+    "frame": "frame attention (within frame 0 only)",
+    "dino": "DINOv2 patch-embedding attention (within frame 0 only)",
+}
+TOKEN_NAMES = {"camera": "camera token", "cls": "class token"}
 
 
 class ViewerError(ValueError):
@@ -82,6 +96,8 @@ class LoadedExport:
         Each frame ``[Hd, Wd, 3] uint8`` with the grid drawn.
     labels : list of str
         ``"frame i · source"`` per frame.
+    layer_labels : dict of str to str
+        Display label of each layer (``"Global 24"``, ``"Rollout (discard 0.9)"``), manifest order.
     """
 
     export: AttnExport
@@ -91,18 +107,11 @@ class LoadedExport:
     base_index: np.ndarray
     grid_frames: list[np.ndarray]
     labels: list[str]
+    layer_labels: dict[str, str]
 
     @property
     def num_frames(self) -> int:
         return self.frames.shape[0]
-
-    @property
-    def per_head(self) -> bool:
-        return bool(self.export.layer_meta(self.export.layer_names[0])["per_head_data"])
-
-    @property
-    def num_heads(self) -> int:
-        return int(self.export.layer_meta(self.export.layer_names[0])["num_heads"] or 0)
 
 
 def load_export(path: str) -> LoadedExport:
@@ -142,6 +151,7 @@ def load_export(path: str) -> LoadedExport:
         base_index=render.base_indices(frames, geometry),
         grid_frames=[render.draw_grid(frame, geometry) for frame in frames],
         labels=render.frame_labels(frames.shape[0], export.frame_sources),
+        layer_labels={name: layer_label(name, export.layer_meta(name)) for name in export.layer_names},
     )
 
 
@@ -194,28 +204,120 @@ class ExportCache:
 CACHE = ExportCache()
 
 
+# ---- layers and their kinds ---------------------------------------------------------------------------
+
+
+def layer_kind(meta: dict) -> str:
+    """``"global"``, ``"frame"``, ``"dino"`` or ``"rollout"`` (seed layers are global)."""
+    return str(meta.get("layer_kind") or "global")
+
+
+def discard_text(meta: dict) -> str | None:
+    """The rollout's discard ratio as shown (``"0.9"``); ``None`` for other layers or when unrecorded."""
+    ratio = meta.get("rollout_discard_ratio")
+    return None if ratio is None else f"{float(ratio):g}"
+
+
+def layer_label(name: str, meta: dict) -> str:
+    """Display label of a layer: its kind and number (``"Global 24"``, ``"Frame 03"``, ``"DINOv2 05"``,
+    the number as in its name), or ``"Rollout (discard 0.9)"``; the name itself for unknown kinds."""
+    kind = layer_kind(meta)
+    if kind == "rollout":
+        ratio = discard_text(meta)
+        return "Rollout" if ratio is None else f"Rollout (discard {ratio})"
+    number = meta.get("layer_index")
+    if not isinstance(number, int):
+        match = re.search(r"(\d+)$", name)
+        number = int(match.group(1)) if match else None
+    title = KIND_TITLES.get(kind)
+    return name if title is None or number is None else f"{title} {number:02d}"
+
+
+def layer_choices(loaded: LoadedExport) -> list[tuple[str, str]]:
+    """Layer dropdown choices ``(label, name)`` in manifest order (by kind, then number)."""
+    return [(label, name) for name, label in loaded.layer_labels.items()]
+
+
+def default_layer(loaded: LoadedExport) -> str:
+    """The layer shown first: the last global layer, or the last layer when there is none."""
+    names = loaded.export.layer_names
+    global_layers = [n for n in names if layer_kind(loaded.export.layer_meta(n)) == "global"]
+    return (global_layers or names)[-1]
+
+
+def key_frames(loaded: LoadedExport, layer: str) -> list[int]:
+    """Frames along a layer's K axis: all frames, or ``[0]`` for frame and DINOv2 layers."""
+    return loaded.export.key_frames(layer)
+
+
+def layer_description(loaded: LoadedExport, layer: str) -> str:
+    """``**Global 02** (`global_02`) · global attention (...)``: label, name and what the kind is."""
+    meta = loaded.export.layer_meta(layer)
+    kind = layer_kind(meta)
+    if kind == "rollout":
+        depth = meta.get("rollout_layers")
+        through = (
+            f"through {depth} frame and global layers" if depth else "through the frame and global layers"
+        )
+        ratio = discard_text(meta)
+        what = f"attention rollout {through}" + (f" · discard ratio **{ratio}**" if ratio else "")
+    else:
+        what = KIND_DESCRIPTIONS.get(kind, f"{kind} layer")
+    return f"**{loaded.layer_labels[layer]}** (`{layer}`) · {what}"
+
+
+def kinds_summary(loaded: LoadedExport) -> str:
+    """``"7 layers (2 global, 2 frame, 2 DINOv2, rollout with discard 0.9)"``."""
+    export = loaded.export
+    counts: dict[str, int] = {}
+    rollout = None
+    for name in export.layer_names:
+        meta = export.layer_meta(name)
+        kind = layer_kind(meta)
+        counts[kind] = counts.get(kind, 0) + 1
+        if kind == "rollout":
+            rollout = discard_text(meta)
+    parts = []
+    for kind, count in counts.items():
+        if kind == "rollout":
+            parts.append("rollout" + (f" with discard {rollout}" if rollout else ""))
+        else:
+            parts.append(f"{count} {'DINOv2' if kind == 'dino' else kind}")
+    return f"{len(export.layer_names)} layers ({', '.join(parts)})"
+
+
 # ---- controls -----------------------------------------------------------------------------------------
 
 
-def head_choices(loaded: LoadedExport) -> list[str]:
-    """``["Average", "Head 1", ..., "Head H"]`` (just ``["Average"]`` without per-head data)."""
-    if not loaded.per_head:
-        return [AVERAGE]
-    return [AVERAGE] + [f"Head {index + 1}" for index in range(loaded.num_heads)]
+def layer_heads(loaded: LoadedExport, layer: str) -> int:
+    """Number of heads whose maps the layer stores one by one; 0 without per-head data."""
+    meta = loaded.export.layer_meta(layer)
+    return int(meta["num_heads"] or 0) if meta["per_head_data"] else 0
 
 
-def parse_head(choice: str | None, loaded: LoadedExport) -> int | None:
-    """0-based head of a head-dropdown choice; ``None`` for Average."""
+def head_choices(loaded: LoadedExport, layer: str) -> list[str]:
+    """``["Average", "Head 1", ..., "Head H"]``, just ``["Average"]`` for a layer without per-head data
+    (averaged exports, the rollout)."""
+    return [AVERAGE] + [f"Head {index + 1}" for index in range(layer_heads(loaded, layer))]
+
+
+def parse_head(choice: str | None, loaded: LoadedExport, layer: str) -> int | None:
+    """0-based head of a head-dropdown choice for ``layer``; ``None`` for Average.
+
+    A head chosen on a layer without per-head data (the rollout, an averaged export: the Head control
+    there offers Average only) shows the head average.
+    """
     if choice in (None, "", AVERAGE):
         return None
     try:
         head = int(str(choice).removeprefix("Head").strip()) - 1
     except ValueError:
         raise ViewerError(f"unknown head choice {choice!r}") from None
-    if not loaded.per_head:
-        raise ViewerError("this export has head-averaged maps only")
-    if not 0 <= head < loaded.num_heads:
-        raise ViewerError(f"head {head + 1} out of range 1..{loaded.num_heads}")
+    heads = layer_heads(loaded, layer)
+    if heads == 0:
+        return None
+    if not 0 <= head < heads:
+        raise ViewerError(f"head {head + 1} out of range 1..{heads} for layer {layer}")
     return head
 
 
@@ -223,270 +325,3 @@ def check_layer(loaded: LoadedExport, layer: str | None) -> str:
     if layer not in loaded.export.layer_names:
         raise ViewerError(f"unknown layer {layer!r}")
     return layer
-
-
-def _fallback_scale(values: np.ndarray) -> float:
-    scale = float(np.percentile(values, 99.0)) if values.size else 0.0
-    return scale if scale > 0 else float(values.max(initial=0.0)) or 1.0
-
-
-def display_maps(loaded: LoadedExport, layer: str, qi: int, head: int | None) -> tuple[np.ndarray, float]:
-    """One query's maps normalized for display, and the value shown as full colour.
-
-    Per-head data shown as Average: each head dequantized with its own vmax99, averaged in raw scale,
-    then renormalized by the average's own 99th percentile. A single map (averaged export or chosen
-    head) is shown on its stored scale (its vmax99; ``layer_vmax99`` for raw float16).
-
-    Returns
-    -------
-    normalized : np.ndarray
-        ``[S, H_ds, W_ds]`` float32 (values above 1 are clipped when coloured).
-    scale : float
-        Probability drawn at full colour.
-    """
-    export = loaded.export
-    meta = export.layer_meta(layer)
-    if meta["per_head_data"] and head is None:
-        raw = export.query_maps(layer, qi).mean(axis=0)
-        scale = _fallback_scale(raw)
-    else:
-        raw = export.query_maps(layer, qi, head)
-        scale = single_map_scale(meta, head)
-        if scale is None:
-            scale = _fallback_scale(raw)
-    return raw / np.float32(scale), scale
-
-
-def single_map_scale(meta: dict, head: int | None) -> float | None:
-    """The stored scale of one map: the head's vmax99, or the layer's (``None`` if not recorded)."""
-    if meta["normalized_by"] == "head" and head is not None:
-        return float(meta["per_head_vmax99"][head])
-    value = meta.get("layer_vmax99")
-    return float(value) if value else None
-
-
-# ---- images -------------------------------------------------------------------------------------------
-
-
-def query_image(loaded: LoadedExport, query: tuple[int, int] | None) -> np.ndarray:
-    """Frame 0 with the query grid, and the clicked cell highlighted: ``[Hd, Wd, 3] uint8``."""
-    image = loaded.grid_frames[0]
-    if query is None:
-        return image
-    return render.highlight_cell(image, loaded.geometry, *query)
-
-
-def query_overlays(loaded: LoadedExport, settings: Settings, query: tuple[int, int]) -> tuple[list, float]:
-    """One overlay per frame for the clicked query.
-
-    Returns
-    -------
-    gallery : list of (np.ndarray, str)
-        ``S`` labelled overlays (the query cell outlined on frame 0) with captions.
-    scale : float
-        Probability drawn at full colour.
-    """
-    qi = query[0] * loaded.geometry.W_ds + query[1]
-    normalized, scale = display_maps(loaded, settings.layer, qi, settings.head)
-    frames = render.overlay(loaded.base_index, render.to_codes(normalized), loaded.geometry, settings.opacity)
-    render.outline_cell(frames[0], loaded.geometry, *query, color=(255, 255, 255))
-    size = render.label_size(frames.shape[2])
-    for frame, label in zip(frames, loaded.labels, strict=True):
-        render.stamp_text(frame, label, 6, 4, size)
-    gallery = [(frame, label) for frame, label in zip(frames, loaded.labels, strict=True)]
-    return gallery, scale
-
-
-def all_layers_strips(loaded: LoadedExport, settings: Settings, query: tuple[int, int]) -> list:
-    """One vertical strip per layer (title, then every frame) for the clicked query."""
-    qi = query[0] * loaded.geometry.W_ds + query[1]
-    strips = []
-    geometry = loaded.geometry
-    for layer in loaded.export.layer_names:
-        normalized, scale = display_maps(loaded, layer, qi, settings.head)
-        strip = render.new_strip(loaded.num_frames, geometry.display_height, geometry.display_width)
-        frames = render.strip_frames(strip, loaded.num_frames)
-        render.overlay(loaded.base_index, render.to_codes(normalized), geometry, settings.opacity, out=frames)
-        render.outline_cell(frames[0], geometry, *query, color=(255, 255, 255))
-        title = f"{layer}  (full colour = {scale:.4g})"
-        strips.append((render.finish_strip(strip, title, loaded.labels), title))
-    return strips
-
-
-def all_heads_strips(loaded: LoadedExport, settings: Settings, query: tuple[int, int]) -> list:
-    """One vertical strip per head of the current layer, its vmax99 in the title."""
-    export = loaded.export
-    meta = export.layer_meta(settings.layer)
-    qi = query[0] * loaded.geometry.W_ds + query[1]
-    heads = export.query_maps(settings.layer, qi)  # [heads, S, H_ds, W_ds]
-    geometry = loaded.geometry
-    strips = []
-    for head in range(heads.shape[0]):
-        scale = single_map_scale(meta, head) or _fallback_scale(heads[head])
-        strip = render.new_strip(loaded.num_frames, geometry.display_height, geometry.display_width)
-        frames = render.strip_frames(strip, loaded.num_frames)
-        codes = render.to_codes(heads[head] / np.float32(scale))
-        render.overlay(loaded.base_index, codes, geometry, settings.opacity, out=frames)
-        render.outline_cell(frames[0], geometry, *query, color=(255, 255, 255))
-        title = f"Head {head + 1}  (vmax99 {scale:.4g})"
-        strips.append((render.finish_strip(strip, title, loaded.labels), title))
-    return strips
-
-
-def gallery_for(loaded: LoadedExport, settings: Settings, query: tuple[int, int]) -> tuple[list, str]:
-    """The gallery for the current settings and the readout describing what is shown."""
-    notes = []
-    if settings.all_layers:
-        gallery = all_layers_strips(loaded, settings, query)
-        scale = None
-        if settings.all_heads:
-            notes.append("All layers shown; uncheck it to see all heads.")
-    elif settings.all_heads and loaded.per_head:
-        gallery = all_heads_strips(loaded, settings, query)
-        scale = None
-    else:
-        if settings.all_heads:
-            notes.append("No per-head data in this export: showing the head average.")
-        gallery, scale = query_overlays(loaded, settings, query)
-    return gallery, value_readout(loaded, settings, query, scale, notes)
-
-
-def value_readout(
-    loaded: LoadedExport,
-    settings: Settings,
-    query: tuple[int, int] | None,
-    scale: float | None,
-    notes: list[str] | None = None,
-) -> str:
-    """Markdown describing the value range in view."""
-    meta = loaded.export.layer_meta(settings.layer)
-    lines = []
-    layer_vmax = meta.get("layer_vmax99")
-    layer_text = f"{layer_vmax:.4g}" if layer_vmax else "not recorded"
-    if meta["normalized_by"] == "none":
-        lines.append(f"**{settings.layer}** · raw float16 probabilities · layer vmax99 = **{layer_text}**")
-    else:
-        lines.append(f"**{settings.layer}** · layer vmax99 = **{layer_text}**")
-    if meta["per_head_data"]:
-        head_vmax = meta.get("per_head_vmax99")
-        if settings.head is not None:
-            own = f"{head_vmax[settings.head]:.4g}" if head_vmax else layer_text
-            lines.append(f"Head {settings.head + 1} vmax99 = **{own}**")
-        elif head_vmax:
-            lines.append(
-                f"Average of {meta['num_heads']} heads · head vmax99 range **{min(head_vmax):.4g} – "
-                f"{max(head_vmax):.4g}** · the average is renormalized by its own 99th percentile"
-            )
-        else:
-            lines.append(f"Average of {meta['num_heads']} heads, renormalized by its own 99th percentile")
-    if scale is not None:
-        lines.append(f"Full colour (dark red) = probability **{scale:.4g}**; transparent blue = 0")
-    if query is not None:
-        qi = query[0] * loaded.geometry.W_ds + query[1]
-        lines.append(f"Query cell row {query[0]}, col {query[1]} (qi = {qi})")
-    lines.extend(notes or [])
-    return "  \n".join(lines)
-
-
-# ---- special tokens -----------------------------------------------------------------------------------
-
-SHARE_COLUMNS = ["frame", "source", "camera", "registers", "patches", "total"]
-
-
-def token_shares(
-    loaded: LoadedExport, settings: Settings, query: tuple[int, int]
-) -> tuple[list[list], list, str]:
-    """Where the clicked query's attention goes, per frame: camera, registers, patches.
-
-    Returns
-    -------
-    rows : list of list
-        Table rows ``[frame, source, camera, registers, patches, total]``, one per frame and a final
-        ``"all"`` row; shares are probabilities (the whole row sums to 1).
-    chart : list of dict
-        Long-form records ``{"frame", "token", "share"}`` for a stacked bar chart.
-    note : str
-        How the numbers were obtained.
-    """
-    export = loaded.export
-    layer = settings.layer
-    meta = export.layer_meta(layer)
-    qi = query[0] * loaded.geometry.W_ds + query[1]
-    maps = export.query_maps(layer, qi, settings.head)
-    if maps.ndim == 4:  # per-head data shown as the average of heads
-        maps = maps.mean(axis=0)
-    patches = maps.sum(axis=(-2, -1), dtype=np.float64)  # [S]
-    special = export.special_mass(layer)
-    if special is None:
-        camera = registers = np.full(loaded.num_frames, np.nan)
-        note = "This export holds no special-token mass (seed format): patches only."
-    else:
-        mass = np.asarray(special[qi], dtype=np.float64)  # [S, n] or [heads, S, n]
-        if mass.ndim == 3:
-            mass = mass.mean(axis=0) if settings.head is None else mass[settings.head]
-        camera, registers = mass[:, 0], mass[:, 1:].sum(axis=-1)
-        note = (
-            f"Special tokens: {', '.join(meta['special_tokens'])} (exact, float16). "
-            f"All special tokens together: {float(mass.sum()):.4f}; all patches therefore "
-            f"{1.0 - float(mass.sum()):.4f}."
-        )
-    if meta["dtype"] == "uint8":
-        note += " Patch sums are of dequantized uint8 cells, clipped at vmax99: a lower bound."
-    rows: list[list] = []
-    chart: list[dict] = []
-    for frame in range(loaded.num_frames):
-        values = [camera[frame], registers[frame], patches[frame]]
-        total = float(np.nansum(values))
-        rows.append(
-            [str(frame), export.frame_sources[frame], *[_rounded(v) for v in values], round(total, 5)]
-        )
-        for token, value in zip(("camera", "registers", "patches"), values, strict=True):
-            if not np.isnan(value):
-                chart.append({"frame": f"frame {frame}", "token": token, "share": float(value)})
-    camera_total = None if special is None else float(camera.sum())
-    registers_total = None if special is None else float(registers.sum())
-    patches_total = float(patches.sum())
-    everything = patches_total + (camera_total or 0.0) + (registers_total or 0.0)
-    totals = [camera_total, registers_total, patches_total, everything]
-    rows.append(["all", "", *[None if v is None else round(v, 5) for v in totals]])
-    return rows, chart, note
-
-
-def _rounded(value: float) -> float | None:
-    return None if np.isnan(value) else round(float(value), 5)
-
-
-# ---- reverse view -------------------------------------------------------------------------------------
-
-
-def reverse_source_image(loaded: LoadedExport, frame: int, cell: tuple[int, int] | None) -> np.ndarray:
-    """Frame ``frame`` with the grid and the clicked key cell highlighted: ``[Hd, Wd, 3] uint8``."""
-    if not 0 <= frame < loaded.num_frames:
-        raise ViewerError(f"frame {frame} out of range 0..{loaded.num_frames - 1}")
-    image = loaded.grid_frames[frame]
-    return image if cell is None else render.highlight_cell(image, loaded.geometry, *cell)
-
-
-def reverse_overlay(
-    loaded: LoadedExport, settings: Settings, frame: int, cell: tuple[int, int]
-) -> np.ndarray:
-    """Which query patches send attention to key cell ``cell`` of ``frame``, drawn on frame 0.
-
-    This is the column ``[:, (head,) frame, r, c]`` of the exported maps over the query grid,
-    normalized like the forward view (stored scale for one map, own 99th percentile for an average).
-    """
-    export = loaded.export
-    meta = export.layer_meta(settings.layer)
-    column = export.key_maps(settings.layer, frame, cell[0], cell[1], settings.head)
-    if column.ndim == 3:
-        column = column.mean(axis=0)
-        scale = _fallback_scale(column)
-    else:
-        scale = single_map_scale(meta, settings.head) or _fallback_scale(column)
-    codes = render.to_codes(column / np.float32(scale))[None]
-    image = render.overlay(loaded.base_index[:1], codes, loaded.geometry, settings.opacity)[0]
-    if frame == 0:
-        render.outline_cell(image, loaded.geometry, *cell, color=(255, 255, 255))
-    return render.labelled(
-        image, f"queries attending to frame {frame} cell ({cell[0]}, {cell[1]}) · full colour {scale:.3g}"
-    )

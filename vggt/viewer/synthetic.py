@@ -4,6 +4,13 @@ The maps are not a model's: each query spreads its attention as a Gaussian blob 
 every frame (shifted per frame, wider in early layers, different per head) plus the special tokens.
 They are probabilities over the whole sequence nevertheless, pooled exactly as the exporter pools, so
 pooled maps plus special-token mass sum to 1 per query and head.
+
+Every layer kind of the format can be written (``kinds`` and ``rollout``): global layers attend over
+all frames, frame and DINOv2 layers within frame 0 only (one key frame, the class token ``cls`` first
+among a DINOv2 layer's special tokens), and each layer holds its token queries (every frame's camera
+token in global layers and the rollout, frame 0's camera or class token in the others) as broad blobs.
+The synthetic ``rollout`` is a stand-in with the rollout's metadata: head-averaged blobs whose rows sum
+to 1, as a rollout with discard ratio 0 does.
 """
 
 from __future__ import annotations
@@ -12,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from vggt.attn_format import ExportWriter, query_grid_shape
+from vggt.attn_format import ExportWriter, query_grid_shape, special_token_names
 from vggt.quantize import encode_layer
 
 _QUERY_CHUNK = 256
+KINDS = ("global", "frame", "dino")
 
 
 def synthetic_frames(num_frames: int, height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -93,6 +101,44 @@ def pooled_probabilities(
     return pooled.astype(np.float32), special
 
 
+def _chunked_probabilities(
+    grid: tuple[int, int, int, int],
+    key_frames: int,
+    num_heads: int,
+    layer: int,
+    n_special: int,
+    query_rows: np.ndarray,
+    query_cols: np.ndarray,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`pooled_probabilities` of many queries, a chunk at a time.
+
+    Parameters
+    ----------
+    grid : tuple of int
+        ``(H_p, W_p, stride_h, stride_w)``.
+
+    Returns
+    -------
+    pooled : np.ndarray
+        ``[q, heads, K, H_ds, W_ds]`` float32.
+    special : np.ndarray
+        ``[q, heads, K, n_special]`` float32.
+    """
+    H_p, W_p, stride_h, stride_w = grid
+    H_ds, W_ds = query_grid_shape(H_p, W_p, stride_h, stride_w)
+    count = query_rows.shape[0]
+    pooled = np.empty((count, num_heads, key_frames, H_ds, W_ds), dtype=np.float32)
+    special = np.empty((count, num_heads, key_frames, n_special), dtype=np.float32)
+    for start in range(0, count, _QUERY_CHUNK):
+        stop = min(start + _QUERY_CHUNK, count)
+        pooled[start:stop], special[start:stop] = pooled_probabilities(
+            H_p, W_p, stride_h, stride_w, key_frames, num_heads, layer, n_special,
+            query_rows[start:stop], query_cols[start:stop], rng,
+        )  # fmt: skip
+    return pooled, special
+
+
 def write_synthetic_export(
     root: Path,
     num_frames: int = 3,
@@ -108,48 +154,98 @@ def write_synthetic_export(
     n_special: int = 5,
     random_weights: bool = True,
     seed: int = 0,
+    kinds: tuple[str, ...] = ("global",),
+    rollout: bool = False,
+    rollout_discard: float = 0.9,
+    token_queries: bool = True,
 ) -> Path:
     """Write a complete export folder at ``root`` and return ``root``.
 
     Per-head uint8 exports are head-normalized; averaged uint8 exports layer-normalized; float16 raw.
+
+    Parameters
+    ----------
+    kinds : tuple of str
+        Layer kinds, ``num_layers`` layers of each, from ``"global"``, ``"frame"`` and ``"dino"``. Layers
+        are named ``layer_01``... when the only kind is global (as the exporter names them), else
+        ``global_01``, ``frame_01``, ``dino_01``...
+    rollout : bool
+        Also write the layer ``rollout`` (head-averaged even in a per-head export) with
+        ``rollout_discard`` as its discard ratio.
+    token_queries : bool
+        Write each layer's token queries (``token_heatmaps``, ``token_special_mass``), as the exporter
+        does; without them the layers look like those of an export without token maps.
     """
     if precision not in ("uint8", "float16"):
         raise ValueError(f"precision must be uint8 or float16, got {precision!r}")
+    unknown = [kind for kind in kinds if kind not in KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"kinds must be taken from {KINDS}, got {kinds!r}")
     rng = np.random.default_rng(seed)
+    token_rng = np.random.default_rng([seed, 1])  # token maps do not change the patch maps' draws
     patch = 14
     height, width = H_p * patch, W_p * patch
     H_ds, W_ds = query_grid_shape(H_p, W_p, stride_h, stride_w)
+    grid = (H_p, W_p, stride_h, stride_w)
     writer = ExportWriter(root, compress=compress)
     sources = [f"view_{index:03d}.png" for index in range(num_frames)]
     writer.write_frames(synthetic_frames(num_frames, height, width, seed), sources)
     query_rows = np.repeat(np.arange(0, H_p, stride_h), W_ds).astype(np.float32)
     query_cols = np.tile(np.arange(0, W_p, stride_w), H_ds).astype(np.float32)
-    Q = H_ds * W_ds
-    for layer in range(num_layers):
-        pooled = np.empty((Q, num_heads, num_frames, H_ds, W_ds), dtype=np.float32)
-        special = np.empty((Q, num_heads, num_frames, n_special), dtype=np.float32)
-        for start in range(0, Q, _QUERY_CHUNK):
-            stop = min(start + _QUERY_CHUNK, Q)
-            pooled[start:stop], special[start:stop] = pooled_probabilities(
-                H_p, W_p, stride_h, stride_w, num_frames, num_heads, layer, n_special,
-                query_rows[start:stop], query_cols[start:stop], rng,
-            )  # fmt: skip
-        meta: dict = {
-            "layer_index": layer + 1,
-            "block_index": layer,
-            "H_p": H_p,
-            "W_p": W_p,
-            "stride_h": stride_h,
-            "stride_w": stride_w,
-            "num_heads": num_heads,
-        }
-        if not per_head:
-            pooled = pooled.mean(axis=1)
-            special = special.mean(axis=1)
+    base_meta = {"H_p": H_p, "W_p": W_p, "stride_h": stride_h, "stride_w": stride_w, "num_heads": num_heads}
+
+    def write(name: str, kind: str, layer: int, meta: dict, heads_kept: bool) -> None:
+        """One layer: patch queries' and token queries' maps, over all frames or frame 0 only."""
+        key_frames = num_frames if kind in ("global", "rollout") else 1
+        heads = num_heads if kind != "rollout" else 1
+        pooled, special = _chunked_probabilities(
+            grid, key_frames, heads, layer, n_special, query_rows, query_cols, rng
+        )
+        token_frames = list(range(num_frames)) if key_frames > 1 else [0]
+        token = "cls" if kind == "dino" else "camera"
+        # A special token attends broadly (early-layer width), centred differently for each frame's token.
+        centres = (np.asarray(token_frames, np.float32) + 1.0) * W_p / (len(token_frames) + 1.0)
+        token_pooled, token_special = _chunked_probabilities(
+            grid, key_frames, heads, -4, n_special,
+            np.full(len(token_frames), (H_p - 1) / 2.0, np.float32), centres, token_rng,
+        )  # fmt: skip
+        if not heads_kept:
+            pooled, special = pooled.mean(axis=1), special.mean(axis=1)
+            token_pooled, token_special = token_pooled.mean(axis=1), token_special.mean(axis=1)
         heatmaps, fields = encode_layer(pooled, precision)
-        meta |= fields
-        del pooled
-        writer.write_layer(f"layer_{layer + 1:02d}", heatmaps, special.astype(np.float16), meta)
+        meta = base_meta | meta | fields
+        meta |= {
+            "layer_kind": kind,
+            "key_frames": list(range(key_frames)),
+            "special_tokens": special_token_names(n_special, token),
+        }
+        token_arrays: dict = {}
+        if token_queries:
+            token_heatmaps, token_fields = encode_layer(token_pooled, precision)
+            meta |= {
+                "token_queries": [{"token": token, "frame": frame} for frame in token_frames],
+                "token_vmax99": token_fields["layer_vmax99"],
+                "token_per_head_vmax99": token_fields["per_head_vmax99"],
+            }
+            token_arrays = {
+                "token_heatmaps": token_heatmaps,
+                "token_special_mass": token_special.astype(np.float16),
+            }
+        writer.write_layer(name, heatmaps, special.astype(np.float16), meta, **token_arrays)
+
+    for kind in kinds:
+        prefix = "layer" if tuple(kinds) == ("global",) else kind
+        for layer in range(num_layers):
+            meta = {"layer_index": layer + 1, "block_index": layer}
+            write(f"{prefix}_{layer + 1:02d}", kind, layer, meta, per_head)
+    if rollout:
+        meta = {
+            "layer_index": None,
+            "block_index": None,
+            "rollout_discard_ratio": float(rollout_discard),
+            "rollout_layers": 2 * num_layers,
+        }
+        write("rollout", "rollout", num_layers, meta, False)
     writer.write_manifest(
         {
             "image_set_name": "synthetic",
@@ -163,6 +259,8 @@ def write_synthetic_export(
             },
             "preprocess_mode": "crop",
             "first_image_idx": 0,
+            "blocks": list(kinds),
+            "rollout": {"discard_ratio": float(rollout_discard)} if rollout else None,
         }
     )
     return root
