@@ -1,25 +1,30 @@
 """Export cost against the plain forward pass, on the same random-weight model and inputs, in one run.
 
-    python bench/export_bench.py                       # VGGT-1B, 3 frames of 518x518, stride 1
-    python bench/export_bench.py --modes rollout,blocks
-    python bench/export_bench.py --frames 2 --size 280 # quicker look
+    python bench/export_bench.py                          # VGGT-1B, 3 frames of 518x518, stride 1
+    python bench/export_bench.py --modes rollout,blocks   # what those options add
+    python bench/export_bench.py --frames 2 --size 280    # quicker look
 
 Modes: ``averaged`` and ``per_head`` (global layers, the exporter's default), ``rollout`` (averaged plus
 ``--rollout``) and ``blocks`` (averaged with ``--blocks global,frame,dino``); the last two are also
 reported as what they add to ``averaged``.
 
 Model building is excluded from every timing, and one untimed forward pass warms the allocator first.
-The plain forward is timed before and after the exports and the ratios use the mean of the two, so that
-drift of the machine's speed during the run does not favour either side. Peak memory is the process's
-peak resident set size during each phase (Linux: reset through /proc/self/clear_refs before each phase).
+Each export is bracketed by plain forward passes (P, E1, P, E2, P, ...) and compared with the mean of
+its two neighbours, so that drift of the machine's speed during the run cancels; ``--repeats`` repeats
+the sequence and reports the median ratio. Each phase also reports the CPU time the hypervisor took
+from this machine (steal), a sign of a disturbed measurement. Peak memory is the process's peak
+resident set size during a phase (Linux: freed heap returned with malloc_trim and the peak reset
+through /proc/self/clear_refs first), compared with the plain forward's.
 Targets: export time <= 1.20x the plain forward per head and <= 1.10x averaged; peak <= plain + 1.5 GB.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -43,7 +48,13 @@ TIME_TARGETS = {"averaged": 1.10, "per_head": 1.20}
 MEMORY_TARGET_GB = 1.5
 
 
-def reset_peak_rss() -> None:
+def release_and_reset_peak() -> None:
+    """Return freed heap to the OS, then restart the peak-RSS count from the current RSS."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")
 
@@ -56,14 +67,22 @@ def peak_rss_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+def steal_seconds() -> float:
+    """CPU time the hypervisor has taken from this machine since boot, all CPUs (Linux)."""
+    with open("/proc/stat") as handle:
+        fields = handle.readline().split()
+    return int(fields[8]) / 100.0  # clock ticks: USER_HZ is 100 on Linux
+
+
 def measure(label: str, run) -> tuple[float, int]:
-    gc.collect()
-    reset_peak_rss()
+    release_and_reset_peak()
+    steal = steal_seconds()
     started = time.perf_counter()
     run()
     seconds = time.perf_counter() - started
     peak = peak_rss_bytes()
-    print(f"{label:<22} {seconds:8.1f} s   peak RSS {peak / 1e9:6.2f} GB", flush=True)
+    stolen = steal_seconds() - steal
+    print(f"{label:<24} {seconds:7.1f} s   peak RSS {peak / 1e9:5.2f} GB   steal {stolen:4.1f} s", flush=True)
     return seconds, peak
 
 
@@ -76,6 +95,7 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=1)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--modes", default="averaged,per_head", help=f"comma-separated: {', '.join(MODES)}")
+    parser.add_argument("--repeats", type=int, default=1, help="run the sequence this many times")
     parser.add_argument("--workdir", help="where the exports are written (default: a temporary folder)")
     args = parser.parse_args()
     modes = [mode.strip() for mode in args.modes.split(",")]
@@ -102,55 +122,59 @@ def main() -> None:
             model.aggregator(images[None], keep_outputs=False)
 
     measure("warm-up forward", plain)
-    first_s, first_peak = measure("plain forward", plain)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="export_bench_"))
-    results = {}
+    ratios: dict[str, list[float]] = {mode: [] for mode in modes}
+    extra_memory: dict[str, list[int]] = {mode: [] for mode in modes}
+    plain_seconds: list[float] = []
     try:
-        for mode in modes:
-            options = ExportOptions(stride_h=args.stride, stride_w=args.stride, **MODES[mode])
-            out = workdir / mode
+        before = measure("plain forward", plain)
+        for _ in range(args.repeats):
+            for mode in modes:
+                options = ExportOptions(stride_h=args.stride, stride_w=args.stride, **MODES[mode])
+                out = workdir / mode
 
-            def export(options: ExportOptions = options, out: Path = out) -> None:
-                export_attention(model, images, out, options=options, progress=False)
+                def export(options: ExportOptions = options, out: Path = out) -> None:
+                    export_attention(model, images, out, options=options, progress=False)
 
-            results[mode] = measure(f"export ({mode})", export)
-            size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-            print(f"{'':<22} export size {size / 1e9:.2f} GB", flush=True)
-            shutil.rmtree(out)
+                taken, peak = measure(f"export ({mode})", export)
+                size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+                shutil.rmtree(out)
+                after = measure("plain forward", plain)
+                reference = (before[0] + after[0]) / 2
+                ratios[mode].append(taken / reference)
+                extra_memory[mode].append(peak - max(before[1], after[1]))
+                plain_seconds.extend([before[0], after[0]])
+                print(f"{'':<24} ratio {taken / reference:.3f}, export size {size / 1e9:.2f} GB", flush=True)
+                before = after
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    last_s, last_peak = measure("plain forward again", plain)
-    plain_s, plain_peak = (first_s + last_s) / 2, max(first_peak, last_peak)
 
-    print(f"\nratios (export / plain forward, plain = mean of {first_s:.1f} s and {last_s:.1f} s):")
-    for mode, (seconds, peak) in results.items():
-        extra_gb = (peak - plain_peak) / 1e9
+    plain_s = statistics.median(plain_seconds)
+    print(f"\nmedian over {args.repeats} repeat(s); plain forward {plain_s:.1f} s (median)")
+    for mode in modes:
+        ratio, extra_gb = statistics.median(ratios[mode]), statistics.median(extra_memory[mode]) / 1e9
         target = TIME_TARGETS.get(mode)
-        time_note = (
-            ""
-            if target is None
-            else f" (target <= {target:.2f}x, {'ok' if seconds / plain_s <= target else 'MISSED'})"
-        )
-        memory_note = (
-            ""
-            if target is None
-            else (
-                f" (target <= +{MEMORY_TARGET_GB} GB, {'ok' if extra_gb <= MEMORY_TARGET_GB else 'MISSED'})"
+        notes = ""
+        if target is not None:
+            time_ok = "ok" if ratio <= target else "MISSED"
+            memory_ok = "ok" if extra_gb <= MEMORY_TARGET_GB else "MISSED"
+            notes = (
+                f" (target <= {target:.2f}x, {time_ok})",
+                f" (target <= +{MEMORY_TARGET_GB} GB, {memory_ok})",
             )
-        )
-        print(
-            f"  {mode:<9} time {seconds / plain_s:.3f}x{time_note}   "
-            f"peak memory {peak / plain_peak:.3f}x, +{extra_gb:.2f} GB{memory_note}"
-        )
-    if "averaged" in results:
-        base_s, base_peak = results["averaged"]
+        time_note, memory_note = notes or ("", "")
+        print(f"  {mode:<9} time {ratio:.3f}x{time_note}   peak memory {extra_gb:+.2f} GB{memory_note}")
+    if "averaged" in modes:
         for mode in ("rollout", "blocks"):
-            if mode in results:
-                seconds, peak = results[mode]
+            if mode in modes:
+                added = statistics.median(ratios[mode]) - statistics.median(ratios["averaged"])
+                memory = (
+                    statistics.median(extra_memory[mode]) - statistics.median(extra_memory["averaged"])
+                ) / 1e9
                 print(
-                    f"  {mode} adds {seconds - base_s:+.1f} s ({(seconds - base_s) / plain_s:+.1%} of the "
-                    f"plain forward) and {(peak - base_peak) / 1e9:+.2f} GB peak to the averaged export"
+                    f"  {mode} adds {added:+.1%} of the plain forward ({added * plain_s:+.1f} s) and "
+                    f"{memory:+.2f} GB peak memory to the averaged export"
                 )
 
 

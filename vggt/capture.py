@@ -31,7 +31,7 @@ from vggt.models.hooks import HookSession
 
 KINDS = ("global", "frame", "dino")
 # Logits kept in flight per softmax chunk: small enough to stay in the CPU's cache.
-_CHUNK_BYTES = 8 << 20
+_CHUNK_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -199,8 +199,6 @@ class CapturedLayer:
         The same for the special-token queries (``layout.special_queries``) instead of the patches.
     head_mean : Tensor or None
         ``[Q, K, H_ds, W_ds]``: ``maps`` averaged over heads (per head only).
-    workspace : Workspace or None
-        The buffers the arrays live in.
     """
 
     ref: LayerRef
@@ -210,7 +208,6 @@ class CapturedLayer:
     token_maps: Tensor
     token_special_mass: Tensor
     head_mean: Tensor | None = None
-    workspace: Workspace | None = None
 
     @property
     def block_index(self) -> int:
@@ -233,11 +230,9 @@ class AttentionCapture(HookSession):
     per_head : bool
         Keep every head, or average over heads.
     on_layer : Callable[[CapturedLayer], None]
-        Called as soon as each layer is captured, while the forward pass goes on.
-    workspaces : Callable[[], Workspace], optional
-        Gives the buffers to capture the next layer into. By default one workspace serves every
-        layer, so ``on_layer`` must consume a layer before it returns; a caller that hands layers to
-        another thread gives a workspace that thread is done with.
+        Called as soon as each layer is captured, inside its hook. The arrays it gets are reused for
+        the next layer, so it consumes them before returning (the forward pass waits meanwhile: work
+        overlapping the forward would only compete with its threads for the same cores).
     """
 
     def __init__(
@@ -248,7 +243,6 @@ class AttentionCapture(HookSession):
         num_frames: int,
         per_head: bool,
         on_layer: Callable[[CapturedLayer], None],
-        workspaces: Callable[[], Workspace] | None = None,
     ) -> None:
         self.aggregator = aggregator
         self.grid = grid
@@ -256,8 +250,7 @@ class AttentionCapture(HookSession):
         self.num_frames = num_frames
         self.per_head = per_head
         self.on_layer = on_layer
-        shared = Workspace()
-        self.workspaces = workspaces or (lambda: shared)
+        self.workspace = Workspace()
 
     def hooks(self) -> Iterator[tuple[nn.Module, Callable]]:
         for ref in self.layers:
@@ -273,25 +266,38 @@ class AttentionCapture(HookSession):
         def hook(module: nn.Module, args: tuple[Tensor, Tensor], output) -> None:
             q, k = args
             # Frame and DINOv2 layers see one frame per batch entry: frame 0 is entry 0.
-            workspace = self.workspaces()
-            self.on_layer(capture_layer(q[:1], k[:1], ref, layout, self.grid, self.per_head, workspace))
+            self.on_layer(capture_layer(q[:1], k[:1], ref, layout, self.grid, self.per_head, self.workspace))
 
         return hook
 
 
-def softmax_chunks(q: Tensor, k: Tensor, rows: Tensor, chunk_bytes: int = _CHUNK_BYTES):
-    """Yield ``(start, probs)``: softmax rows ``rows[start:start+c]`` of ``q`` over all of ``k``.
+def attention_chunks(q: Tensor, k: Tensor, rows: Tensor, chunk_bytes: int = _CHUNK_BYTES):
+    """Yield ``(start, exps, totals)`` for softmax rows ``rows[start:start+c]`` of ``q`` over all of ``k``.
 
-    ``q``, ``k`` are ``[heads, N, head_dim]``; ``probs`` is ``[heads, c, N]`` float32, computed in
-    float32 whatever the inputs' dtype, with the model's scale ``head_dim ** -0.5``.
+    ``q``, ``k`` are ``[heads, N, head_dim]``. ``exps`` ``[heads, c, N]`` holds ``exp(logit - row max)``
+    and ``totals`` ``[heads, c, 1]`` their row sums, so that the probabilities are ``exps / totals``:
+    the caller divides where the result is to go, saving a pass. Float32 whatever the inputs' dtype,
+    with the model's scale ``head_dim ** -0.5``. ``exps`` lives in a buffer that the next chunk reuses.
     """
     heads, num_tokens, head_dim = q.shape
     keys_t = k.float().transpose(-2, -1)  # [heads, head_dim, N]
     chunk = max(1, chunk_bytes // (4 * heads * num_tokens))
+    buffer = torch.empty(heads, min(chunk, rows.numel()), num_tokens, device=q.device)
     rows = rows.to(q.device)
     for start in range(0, rows.numel(), chunk):
-        queries = q[:, rows[start : start + chunk]].float().mul_(head_dim**-0.5)
-        yield start, torch.softmax(torch.bmm(queries, keys_t), dim=-1)
+        selected = rows[start : start + chunk]
+        queries = q[:, selected].float().mul_(head_dim**-0.5)
+        exps = torch.bmm(queries, keys_t, out=buffer[:, : selected.numel()])
+        exps.sub_(exps.amax(dim=-1, keepdim=True)).exp_()
+        yield start, exps, exps.sum(dim=-1, keepdim=True)
+
+
+def _divide_into(destination: Tensor, numerator: Tensor, denominator: Tensor) -> None:
+    """``destination[...] = numerator / denominator`` in one pass where they share a device."""
+    if destination.device == numerator.device:
+        torch.div(numerator, denominator, out=destination)
+    else:
+        destination.copy_(numerator / denominator)
 
 
 def capture_layer(
@@ -335,22 +341,25 @@ def capture_layer(
     lead = (heads, num_rows) if per_head else (num_rows,)
     maps = workspace.take("maps", (*lead, key_frames, cells))
     special = workspace.take("special", (*lead, key_frames, start_patch))
+    head_mean = workspace.take("head_mean", (num_rows, key_frames, cells)) if per_head else None
     # Probabilities are computed in float32 even inside the forward pass's autocast region.
     with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
-        for start, probs in softmax_chunks(q[0], k[0], rows):
-            stop = start + probs.shape[1]
-            if not per_head:
-                probs = probs.mean(dim=0)
-            probs = probs.unflatten(-1, (key_frames, per_frame))
-            maps[..., start:stop, :, :].copy_(grid.pool(probs[..., start_patch:]))
-            special[..., start:stop, :, :].copy_(probs[..., :start_patch])
+        for start, exps, totals in attention_chunks(q[0], k[0], rows):
+            stop = start + exps.shape[1]
+            if per_head:  # divided straight into head-major storage; the head mean read while it is hot
+                exps, totals = exps.unflatten(-1, (key_frames, per_frame)), totals[..., None]
+                _divide_into(maps[:, start:stop], grid.pool(exps[..., start_patch:]), totals)
+                _divide_into(special[:, start:stop], exps[..., :start_patch], totals)
+                torch.mean(maps[:, start:stop], dim=0, out=head_mean[start:stop])
+            else:
+                probs = exps.div_(totals).mean(dim=0).unflatten(-1, (key_frames, per_frame))
+                maps[start:stop].copy_(grid.pool(probs[..., start_patch:]))
+                special[start:stop].copy_(probs[..., :start_patch])
     maps = maps.unflatten(-1, (grid.H_ds, grid.W_ds))
     queries = grid.num_queries
-    head_mean = None
     if per_head:  # [heads, rows, ...] -> [rows, heads, ...]
         maps, special = maps.transpose(0, 1), special.transpose(0, 1)
-        head_mean = workspace.take("head_mean", (queries, *maps.shape[2:]))
-        torch.mean(maps[:queries], dim=1, out=head_mean)
+        head_mean = head_mean[:queries].unflatten(-1, (grid.H_ds, grid.W_ds))
     return CapturedLayer(
         ref,
         layout,
@@ -359,5 +368,4 @@ def capture_layer(
         maps[queries:],
         special[queries:],
         head_mean,
-        workspace,
     )

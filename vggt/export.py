@@ -17,9 +17,7 @@ place when complete.
 from __future__ import annotations
 
 import os
-import queue
 import shutil
-import threading
 import uuid
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -32,7 +30,6 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from vggt.attn_format import ExportWriter
-from vggt.attn_format.writer import Encoded
 from vggt.capture import (
     KINDS,
     AttentionCapture,
@@ -283,20 +280,17 @@ def export_attention(
         writer.write_frames(to_uint8_frames(images), sources)
         total = len(layers) + int(options.rollout)
         with tqdm(total=total, desc="writing layers", unit="layer", disable=not progress) as bar:
+            codes = Workspace()  # the encoded maps of one layer, reused by the next
 
             def write(captured: CapturedLayer, extra: dict | None = None) -> None:
                 name = layer_name(captured.ref, blocks)
                 meta = base_meta | {"num_heads": heads[captured.ref.kind]} | (extra or {})
-                _write_layer(writer, name, captured, meta, options.precision)
+                _write_layer(writer, name, captured, meta, options.precision, codes)
                 bar.update(1)
 
-            pipeline = _LayerPipeline(write)
-            try:
-                rollout = _forward_with_capture(
-                    model, images, grid, layers, options, pipeline, autocast_dtype, progress
-                )
-            finally:
-                pipeline.close()
+            rollout = _forward_with_capture(
+                model, images, grid, layers, options, write, autocast_dtype, progress
+            )
             if rollout is not None:
                 rollout_meta = {
                     "rollout_discard_ratio": options.rollout_discard,
@@ -312,90 +306,35 @@ def export_attention(
     return out_dir
 
 
-class _LayerPipeline:
-    """Encodes and writes captured layers on a worker thread while the forward pass goes on.
-
-    Encoding (numpy) and writing (file I/O) release the GIL, so they overlap with the next layers'
-    computation. Two workspaces alternate: the capture fills one while the worker encodes the other,
-    and the capture of a layer waits until its workspace is free again.
-    """
-
-    def __init__(self, write: Callable[[CapturedLayer, dict | None], None]) -> None:
-        self._write = write
-        self._workspaces = [Workspace(), Workspace()]
-        self._free = {id(w): threading.Event() for w in self._workspaces}
-        for event in self._free.values():
-            event.set()
-        self._turn = 0
-        self._tasks: queue.Queue = queue.Queue()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._work, name="export-writer", daemon=True)
-        self._thread.start()
-
-    def next_workspace(self) -> Workspace:
-        """The workspace to capture the next layer into, once the worker is done with it."""
-        workspace = self._workspaces[self._turn]
-        self._turn ^= 1
-        self._free[id(workspace)].wait()
-        self._raise_worker_error()
-        self._free[id(workspace)].clear()
-        return workspace
-
-    def submit(self, captured: CapturedLayer, extra: dict | None = None) -> None:
-        self._raise_worker_error()
-        self._tasks.put((captured, extra))
-
-    def close(self) -> None:
-        """Wait for every submitted layer to be written; re-raise the worker's error, if any."""
-        self._tasks.put(None)
-        self._thread.join()
-        self._raise_worker_error()
-
-    def _raise_worker_error(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def _work(self) -> None:
-        while (task := self._tasks.get()) is not None:
-            captured, extra = task
-            try:
-                if self._error is None:
-                    self._write(captured, extra)
-            except BaseException as error:  # handed to the main thread
-                self._error = error
-            finally:
-                if captured.workspace is not None and id(captured.workspace) in self._free:
-                    self._free[id(captured.workspace)].set()
-
-
 def _write_layer(
-    writer: ExportWriter, name: str, captured: CapturedLayer, meta: dict, precision: str
+    writer: ExportWriter, name: str, captured: CapturedLayer, meta: dict, precision: str, codes: Workspace
 ) -> None:
-    """Encode a captured layer (patch queries and token queries) and write it; the patch queries' maps
-    are encoded straight into the file (numpy only: this runs on the pipeline's worker thread)."""
+    """Encode a captured layer (patch queries and token queries) and write it."""
     ref, layout = captured.ref, captured.layout
-    maps = captured.maps.numpy()
     head_mean = None if captured.head_mean is None else captured.head_mean.numpy()
+    code_dtype = torch.uint8 if precision == "uint8" else torch.float16
+    buffer = codes.take("heatmaps", captured.maps.shape, code_dtype).numpy()
+    heatmaps, fields = encode_layer(captured.maps.numpy(), precision, head_mean, out=buffer)
     token_heatmaps, token_fields = encode_layer(captured.token_maps.numpy(), precision)
     is_rollout = ref.kind == ROLLOUT_NAME
     token_name = layout.special_tokens[0]
-    meta = meta | {
-        "layer_kind": ref.kind,
-        "layer_index": None if is_rollout else ref.number,
-        "block_index": None if is_rollout else ref.block_index,
-        "key_frames": list(range(layout.key_frames)),
-        "special_tokens": list(layout.special_tokens),
-        "token_queries": [{"token": token_name, "frame": frame} for frame in layout.special_queries],
-        "token_vmax99": token_fields["layer_vmax99"],
-        "token_per_head_vmax99": token_fields["per_head_vmax99"],
-    }
-
-    def encode(out: np.ndarray) -> dict:
-        return encode_layer(maps, precision, head_mean, out=out)[1]
-
+    meta = (
+        meta
+        | fields
+        | {
+            "layer_kind": ref.kind,
+            "layer_index": None if is_rollout else ref.number,
+            "block_index": None if is_rollout else ref.block_index,
+            "key_frames": list(range(layout.key_frames)),
+            "special_tokens": list(layout.special_tokens),
+            "token_queries": [{"token": token_name, "frame": frame} for frame in layout.special_queries],
+            "token_vmax99": token_fields["layer_vmax99"],
+            "token_per_head_vmax99": token_fields["per_head_vmax99"],
+        }
+    )
     writer.write_layer(
         name,
-        Encoded(tuple(maps.shape), precision, encode),
+        heatmaps,
         _float16(captured.special_mass),
         meta,
         token_heatmaps=token_heatmaps,
@@ -413,7 +352,7 @@ def _forward_with_capture(
     grid: QueryGrid,
     layers: list[LayerRef],
     options: ExportOptions,
-    pipeline: _LayerPipeline,
+    on_layer: Callable[[CapturedLayer], None],
     autocast_dtype: torch.dtype | None,
     progress: bool,
 ) -> RolloutCapture | None:
@@ -440,8 +379,7 @@ def _forward_with_capture(
                 layers,
                 num_frames,
                 options.per_head,
-                pipeline.submit,
-                pipeline.next_workspace,
+                on_layer,
             )
         )
         if options.rollout:

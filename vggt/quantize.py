@@ -12,6 +12,8 @@ runs instead, so the result is exact in every case.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -21,7 +23,8 @@ VMAX_ESTIMATOR = "exact 99th percentile (numpy 'linear' interpolation)"
 
 _SAMPLE_SIZE = 1 << 16
 _SAMPLE_MARGIN = 400  # sample ranks below the target: ~8 standard deviations of the sampled rank
-_CHUNK_VALUES = 1 << 16  # elements per block in quantize_uint8: four passes stay in cache
+_CHUNK_VALUES = 1 << 16  # elements per block in quantize_uint8: its passes stay in cache
+_SELECT_BLOCK = 1 << 18  # elements per block when selecting the top values
 
 
 def percentile99(values: np.ndarray) -> float:
@@ -54,14 +57,26 @@ def _order_statistics(flat: np.ndarray, lower_rank: int, upper_rank: int) -> tup
         sample = np.sort(flat[:: count // _SAMPLE_SIZE])
         at = math.floor(sample.size * lower_rank / count) - _SAMPLE_MARGIN
         if at > 0:
-            threshold = sample[at]
-            top = flat[flat >= threshold]
+            top = _at_least(flat, sample[at])
             below = count - top.size
             if below <= lower_rank:
                 picked = np.partition(top, [lower_rank - below, upper_rank - below])
                 return float(picked[lower_rank - below]), float(picked[upper_rank - below])
     picked = np.partition(flat, [lower_rank, upper_rank])
     return float(picked[lower_rank]), float(picked[upper_rank])
+
+
+def _at_least(flat: np.ndarray, threshold: float) -> np.ndarray:
+    """The values ``>= threshold``, selected a cache-sized block at a time through one reused mask
+    (a mask of the whole array would be a fresh allocation, paid for in page faults)."""
+    mask = np.empty(min(flat.size, _SELECT_BLOCK), dtype=bool)
+    parts = []
+    for start in range(0, flat.size, _SELECT_BLOCK):
+        block = flat[start : start + _SELECT_BLOCK]
+        block_mask = mask[: block.size]
+        np.greater_equal(block, threshold, out=block_mask)
+        parts.append(block[block_mask])
+    return np.concatenate(parts)
 
 
 def quantize_uint8(
@@ -150,7 +165,8 @@ def encode_layer(
     head_mean : np.ndarray, optional
         ``[Q, K, H_ds, W_ds]``, the maps averaged over heads, if already at hand (per head only).
     out : np.ndarray, optional
-        Array of the shape of ``maps`` and the dtype of ``precision`` to write into (reused buffers).
+        Array of the shape of ``maps`` and the dtype of ``precision`` to write into (a reused buffer:
+        memory touched for the first time costs page faults).
 
     Returns
     -------
@@ -178,8 +194,13 @@ def encode_layer(
     if not per_head:
         return quantize_uint8(maps, fields["layer_vmax99"], out=out), fields | {"normalized_by": "layer"}
     codes = np.empty(maps.shape, dtype=np.uint8) if out is None else out
-    head_vmax = []
-    for head in range(maps.shape[1]):
-        head_vmax.append(vmax99(maps[:, head]))
-        quantize_uint8(maps[:, head], head_vmax[-1], out=codes[:, head])
+
+    def encode_head(head: int) -> float:
+        scale = vmax99(maps[:, head])
+        quantize_uint8(maps[:, head], scale, out=codes[:, head])
+        return scale
+
+    # numpy releases the GIL: the heads go in parallel, one thread per core.
+    with ThreadPoolExecutor(max_workers=max(1, min(maps.shape[1], os.cpu_count() or 1))) as pool:
+        head_vmax = list(pool.map(encode_head, range(maps.shape[1])))
     return codes, fields | {"per_head_vmax99": head_vmax, "normalized_by": "head"}

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from vggt.capture import CapturedLayer, LayerRef, QueryGrid, sequence_layout, softmax_chunks
+from vggt.capture import CapturedLayer, LayerRef, QueryGrid, attention_chunks, sequence_layout
 from vggt.models.hooks import HookSession
 
 DEFAULT_DISCARD_RATIO = 0.9
@@ -128,8 +128,9 @@ class RolloutCapture(HookSession):
         matrix = torch.empty(sequences, length, length)
         every_row = torch.arange(length)
         for index in range(sequences):
-            for start, probs in softmax_chunks(q[index], k[index], every_row):
-                rows = transition_rows(probs.mean(dim=0), start, self.num_tokens, self.discard_ratio)
+            for start, exps, totals in attention_chunks(q[index], k[index], every_row):
+                head_mean = exps.div_(totals).mean(dim=0)
+                rows = transition_rows(head_mean, start, self.num_tokens, self.discard_ratio)
                 matrix[index, start : start + rows.shape[0]].copy_(rows)
         return matrix[0] if kind == "global" else matrix
 

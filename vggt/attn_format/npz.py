@@ -23,7 +23,7 @@ from vggt.attn_format.schema import FormatError
 
 _ZIP_LOCAL_HEADER = struct.Struct("<4s5H3L2H")
 _ZIP_LOCAL_SIGNATURE = b"PK\x03\x04"
-_CRC_BLOCK = 16 << 20
+_MAPPED_WRITE_BYTES = 1 << 20  # members from this size on are copied into mapped pages
 
 # What zipfile, zlib and numpy's header parser raise on damaged bytes (the header is parsed as a
 # Python literal, hence the tokenizer and syntax errors).
@@ -152,7 +152,7 @@ class _Entry:
     name: bytes
     header_offset: int
     size: int
-    crc: int | None  # None until the member's bytes are final
+    crc: int
 
 
 def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
@@ -163,21 +163,18 @@ def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
 
 
 class StoredNpzWriter:
-    """Writes an uncompressed NPZ that ``np.load`` reads, with members that can be filled in place.
+    """Writes an uncompressed NPZ that ``np.load`` reads, large members through memory-mapped pages.
 
-    :meth:`allocate` reserves a member and returns a writable memory map of its array: encoding
-    straight into the file's pages saves a pass over the data and the cost of ``write()``, which on
-    common file systems is several times that of filling mapped pages. Members are stored (not
-    deflated) and carry zip64 sizes, so they may exceed 4 GB.
-
-    Use as a context manager; the zip directory and the CRCs are written on a clean exit.
+    Copying an array into mapped pages of the file costs a fraction of ``write()`` on common file
+    systems, which pays per page for the copy and the block reservation; the CRC is taken from the
+    source while it is still in cache. Members are stored (not deflated) with zip64 sizes, so they may
+    exceed 4 GB. Use as a context manager: the zip directory is written on a clean exit.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._file = open(self.path, "w+b")
         self._entries: list[_Entry] = []
-        self._maps: list[np.memmap] = []
 
     def __enter__(self) -> StoredNpzWriter:
         return self
@@ -187,14 +184,17 @@ class StoredNpzWriter:
             if exc_type is None:
                 self._finish()
         finally:
-            self._maps.clear()
             self._file.close()
 
-    def _begin(self, key: str, shape: tuple[int, ...], dtype: np.dtype) -> tuple[_Entry, bytes]:
+    def add(self, key: str, array: np.ndarray) -> None:
+        """Write member ``key`` (``key.npy``) holding ``array``."""
+        array = np.ascontiguousarray(array)
+        if array.dtype.hasobject:
+            raise FormatError(f"NPZ member {key!r}: object arrays are not stored")
         name = f"{key}.npy".encode()
-        header = _npy_header(shape, dtype)
-        size = len(header) + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        entry = _Entry(name, self._file.seek(0, io.SEEK_END), size, None)
+        header = _npy_header(array.shape, array.dtype)
+        size = len(header) + array.nbytes
+        entry = _Entry(name, self._file.seek(0, io.SEEK_END), size, zlib.crc32(array, zlib.crc32(header)))
         extra = struct.pack("<HHQQ", 1, 16, size, size)
         self._file.write(
             _LOCAL_HEADER.pack(
@@ -204,7 +204,7 @@ class StoredNpzWriter:
                 0,
                 0,
                 _DOS_DATE_1980_01_01,
-                0,
+                entry.crc,
                 _SIZE_IN_EXTRA,
                 _SIZE_IN_EXTRA,
                 len(name),
@@ -213,45 +213,19 @@ class StoredNpzWriter:
         )
         self._file.write(name + extra + header)
         self._entries.append(entry)
-        return entry, header
-
-    def add(self, key: str, array: np.ndarray) -> None:
-        """Write a (small) member from memory."""
-        array = np.ascontiguousarray(array)
-        if array.dtype.hasobject:
-            raise FormatError(f"NPZ member {key!r}: object arrays are not stored")
-        entry, header = self._begin(key, array.shape, array.dtype)
-        data = array.tobytes()
-        self._file.write(data)
-        entry.crc = zlib.crc32(data, zlib.crc32(header))
-
-    def allocate(self, key: str, shape: tuple[int, ...], dtype: np.dtype | str) -> np.ndarray:
-        """Reserve member ``key`` and return a writable ``[shape] dtype`` memory map of its data."""
-        dtype = np.dtype(dtype)
-        entry, header = self._begin(key, tuple(shape), dtype)
+        if array.nbytes < _MAPPED_WRITE_BYTES:
+            self._file.write(array.tobytes())
+            return
         data_offset = self._file.tell()
-        self._file.truncate(entry.header_offset + self._local_size(entry) + entry.size)
-        if entry.size == len(header):
-            return np.zeros(shape, dtype=dtype)
         self._file.flush()
-        mapped = np.memmap(self._file, dtype=dtype, mode="r+", offset=data_offset, shape=tuple(shape))
-        self._maps.append(mapped)
-        return mapped
-
-    @staticmethod
-    def _local_size(entry: _Entry) -> int:
-        return _LOCAL_HEADER.size + len(entry.name) + 20
+        self._file.truncate(data_offset + array.nbytes)
+        with mmap.mmap(self._file.fileno(), 0) as mapped:
+            target = np.frombuffer(mapped, dtype=np.uint8, count=array.nbytes, offset=data_offset)
+            np.copyto(target, array.reshape(-1).view(np.uint8))
+            del target  # the map closes only once no array refers to it
+        self._file.seek(0, io.SEEK_END)
 
     def _finish(self) -> None:
-        # No msync of the maps: they share the page cache with the file, which the kernel writes back
-        # in its own time; an msync here would wait for the disk.
-        self._file.flush()
-        for entry in self._entries:
-            start = entry.header_offset + self._local_size(entry)
-            if entry.crc is None:
-                entry.crc = self._crc_of(start, entry.size)
-            self._file.seek(entry.header_offset + 14)
-            self._file.write(struct.pack("<I", entry.crc))
         directory_offset = self._file.seek(0, io.SEEK_END)
         for entry in self._entries:
             extra = struct.pack("<HHQQQ", 1, 24, entry.size, entry.size, entry.header_offset)
@@ -295,10 +269,3 @@ class StoredNpzWriter:
         )
         self._file.write(_ZIP64_LOCATOR.pack(0x07064B50, 0, end_offset, 1))
         self._file.write(_END.pack(0x06054B50, 0, 0, count, count, _SIZE_IN_EXTRA, _SIZE_IN_EXTRA, 0))
-
-    def _crc_of(self, start: int, size: int) -> int:
-        crc = 0
-        with mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
-            for offset in range(start, start + size, _CRC_BLOCK):
-                crc = zlib.crc32(view[offset : min(offset + _CRC_BLOCK, start + size)], crc)
-        return crc

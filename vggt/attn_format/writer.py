@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -39,26 +38,6 @@ from vggt.attn_format.schema import (
     write_json_atomic,
 )
 from vggt.quantize import VMAX_ESTIMATOR
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """An array the writer lets its producer encode straight into the file (uncompressed NPZ) or
-    into memory (compressed NPZ), instead of receiving it finished.
-
-    Attributes
-    ----------
-    shape : tuple of int
-    dtype : str
-        ``"uint8"`` or ``"float16"``.
-    encode : Callable[[np.ndarray], dict]
-        Fills the given array (of ``shape`` and ``dtype``) and returns the metadata fields the
-        encoding determined (``layer_vmax99``, ``per_head_vmax99``, ``normalized_by``, ...).
-    """
-
-    shape: tuple[int, ...]
-    dtype: str
-    encode: Callable[[np.ndarray], dict]
 
 
 class ExportWriter:
@@ -125,7 +104,7 @@ class ExportWriter:
     def write_layer(
         self,
         name: str,
-        heatmaps: np.ndarray | Encoded,
+        heatmaps: np.ndarray,
         special_mass: np.ndarray,
         meta: dict,
         token_heatmaps: np.ndarray | None = None,
@@ -138,10 +117,9 @@ class ExportWriter:
         name : str
             Layer name: ``"layer_01"`` (global layers of a global-only export), ``"global_01"``,
             ``"frame_01"``, ``"dino_01"`` or ``"rollout"``.
-        heatmaps : np.ndarray or Encoded
+        heatmaps : np.ndarray
             ``[Q, K, H_ds, W_ds]`` (averaged) or ``[Q, heads, K, H_ds, W_ds]`` (per head), uint8 codes or
             float16 raw probabilities; K key frames (``meta["key_frames"]``, all S frames by default).
-            An :class:`Encoded` is encoded straight into the file, its fields added to ``meta``.
         special_mass : np.ndarray
             ``[Q, K, n_special]`` or ``[Q, heads, K, n_special]`` float16: probability mass sent to each
             key frame's special tokens (camera or class token, registers).
@@ -163,44 +141,29 @@ class ExportWriter:
             raise FormatError(f"bad layer name {name!r}")
         if (token_heatmaps is None) != (token_special_mass is None):
             raise FormatError(f"layer {name}: token maps and token special mass go together")
-        encoded = heatmaps if isinstance(heatmaps, Encoded) else None
-        maps = np.asarray(heatmaps) if encoded is None else np.empty((0,) * len(encoded.shape), encoded.dtype)
-        arrays = {HEATMAPS_KEY: maps, SPECIAL_MASS_KEY: np.asarray(special_mass)}
+        arrays = {HEATMAPS_KEY: np.asarray(heatmaps), SPECIAL_MASS_KEY: np.asarray(special_mass)}
         if token_heatmaps is not None:
             arrays[TOKEN_HEATMAPS_KEY] = np.asarray(token_heatmaps)
             arrays[TOKEN_SPECIAL_MASS_KEY] = np.asarray(token_special_mass)
-        shapes = {key: tuple(array.shape) for key, array in arrays.items()}
-        if encoded is not None:
-            shapes[HEATMAPS_KEY] = tuple(encoded.shape)
-        full = self._complete_layer_meta(name, arrays, shapes, meta)
+        full = self._complete_layer_meta(name, arrays, meta)
         where = f"layer {name}"
         if bool(full["token_queries"]) != (token_heatmaps is not None):
             raise FormatError(f"{where}: token_queries must list exactly the rows of the token maps")
+        check_layer_meta(full, where)
         for key, array in arrays.items():
-            check_dtype_shape(array.dtype, shapes[key], full, key, where)
-        if encoded is None:
-            check_layer_meta(full, where)
+            check_dtype_shape(array.dtype, array.shape, full, key, where)
 
         layer_dir = self.attn_dir / name
         layer_dir.mkdir(parents=True, exist_ok=True)
         npz_file = layer_dir / NPZ_NAME_BY_DTYPE[full["dtype"]]
         tmp = npz_file.with_name(npz_file.name + ".tmp")
         if self.compress:
-            if encoded is not None:
-                arrays[HEATMAPS_KEY] = np.empty(encoded.shape, encoded.dtype)
-                full.update(encoded.encode(arrays[HEATMAPS_KEY]))
             with open(tmp, "wb") as handle:
                 np.savez_compressed(handle, **arrays)
         else:
             with StoredNpzWriter(tmp) as npz:
                 for key, array in arrays.items():
-                    if key == HEATMAPS_KEY and encoded is not None:
-                        full.update(encoded.encode(npz.allocate(key, encoded.shape, encoded.dtype)))
-                    else:
-                        npz.add(key, array)
-        if encoded is not None:
-            _finish_scales(full)
-            check_layer_meta(full, where)
+                    npz.add(key, array)
         os.replace(tmp, npz_file)
 
         metadata_name = f"{name}_metadata.json"
@@ -216,9 +179,7 @@ class ExportWriter:
         self._summaries[name] = {key: full[key] for key in summary_keys}
         return full
 
-    def _complete_layer_meta(
-        self, name: str, arrays: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]], meta: dict
-    ) -> dict:
+    def _complete_layer_meta(self, name: str, arrays: dict[str, np.ndarray], meta: dict) -> dict:
         missing = [
             key
             for key in ("layer_index", "block_index", "H_p", "W_p", "stride_h", "stride_w")
@@ -230,7 +191,7 @@ class ExportWriter:
         dtype_name = heatmaps.dtype.name
         if dtype_name not in NPZ_NAME_BY_DTYPE:
             raise FormatError(f"layer {name}: heatmaps must be uint8 or float16, got {heatmaps.dtype}")
-        per_head = len(shapes[HEATMAPS_KEY]) == 5
+        per_head = heatmaps.ndim == 5
         H_ds, W_ds = query_grid_shape(
             int(meta["H_p"]), int(meta["W_p"]), int(meta["stride_h"]), int(meta["stride_w"])
         )
@@ -257,7 +218,7 @@ class ExportWriter:
             "block_index": index_or_none("block_index"),
             "npz_path": f"{name}/{NPZ_NAME_BY_DTYPE[dtype_name]}",
             "dtype": dtype_name,
-            **{f"{key}_shape": [int(n) for n in shape] for key, shape in shapes.items()},
+            **{f"{key}_shape": [int(n) for n in array.shape] for key, array in arrays.items()},
             "special_tokens": meta.get("special_tokens") or special_token_names(n_special),
             "Q": H_ds * W_ds,
             "S": len(image_paths),
@@ -274,7 +235,7 @@ class ExportWriter:
             "query_source": meta.get("query_source", sources[0] if sources else None),
             "token_queries": list(meta.get("token_queries", [])),
             "per_head_data": per_head,
-            "num_heads": meta.get("num_heads", int(shapes[HEATMAPS_KEY][1]) if per_head else None),
+            "num_heads": meta.get("num_heads", int(heatmaps.shape[1]) if per_head else None),
             "layer_vmax99": meta.get("layer_vmax99"),
             "per_head_vmax99": meta.get("per_head_vmax99"),
             "token_vmax99": meta.get("token_vmax99"),
