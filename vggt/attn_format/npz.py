@@ -1,8 +1,9 @@
-"""NPZ files of an export: member headers read without the data, stored members memory-mapped.
+"""NPZ files of an export: member headers read without the data, stored members memory-mapped, and
+the writer of stored NPZ files (large members copied into mapped pages).
 
 numpy's own ``np.load`` reads a whole member; an export's reader wants one query's maps, so stored
 (uncompressed) members are located in the zip and memory-mapped, and deflated ones are decompressed
-once. Nothing is ever unpickled.
+once. Nothing is ever unpickled. What :class:`StoredNpzWriter` writes, ``np.load`` reads as usual.
 """
 
 from __future__ import annotations
