@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vggt.attn_format import special_token_names
 from vggt.models.hooks import HookSession
 
 KINDS = ("global", "frame", "dino")
@@ -132,18 +133,13 @@ class SequenceLayout:
         return torch.cat((patches, special))
 
 
-def special_token_names(first: str, n_special: int) -> tuple[str, ...]:
-    """``(first, "register_1", ...)``: a frame's special tokens in model order."""
-    return (first, *(f"register_{i}" for i in range(1, n_special)))
-
-
 def sequence_layout(aggregator: nn.Module, kind: str, num_frames: int) -> SequenceLayout:
     """The :class:`SequenceLayout` of ``kind`` layers of ``aggregator`` for ``num_frames`` frames."""
     if kind == "dino":
         start = 1 + aggregator.patch_embed.num_register_tokens
-        return SequenceLayout(1, start, special_token_names("cls", start), (0,))
+        return SequenceLayout(1, start, tuple(special_token_names(start, "cls")), (0,))
     start = aggregator.patch_start_idx
-    names = special_token_names("camera", start)
+    names = tuple(special_token_names(start, "camera"))
     if kind == "global":
         return SequenceLayout(num_frames, start, names, tuple(range(num_frames)))
     if kind == "frame":
@@ -208,10 +204,6 @@ class CapturedLayer:
     token_maps: Tensor
     token_special_mass: Tensor
     head_mean: Tensor | None = None
-
-    @property
-    def block_index(self) -> int:
-        return self.ref.block_index
 
 
 class AttentionCapture(HookSession):

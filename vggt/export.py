@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from vggt.attn_format import ExportWriter
+from vggt.attn_format import layer_name as format_layer_name
 from vggt.capture import (
     KINDS,
     AttentionCapture,
@@ -38,6 +39,7 @@ from vggt.capture import (
     QueryGrid,
     Workspace,
     attention_blocks,
+    sequence_layout,
 )
 from vggt.device import autocast_context
 from vggt.preprocess import to_uint8_frames
@@ -152,12 +154,8 @@ def parse_layers(spec: str | None, depth: int) -> tuple[int, ...] | None:
 
 
 def layer_name(ref: LayerRef, blocks: Sequence[str]) -> str:
-    """Name of a layer in an export: ``layer_01`` while the export's only layer kind is global (the
-    seed's names), else ``global_01``, ``frame_01``, ``dino_01``; the rollout is ``rollout``."""
-    if ref.kind == ROLLOUT_NAME:
-        return ROLLOUT_NAME
-    prefix = "layer" if tuple(blocks) == ("global",) else ref.kind
-    return f"{prefix}_{ref.number:02d}"
+    """Name of a layer in an export of the kinds ``blocks`` (see :func:`vggt.attn_format.layer_name`)."""
+    return format_layer_name(ref.kind, ref.number, blocks)
 
 
 def layer_depths(aggregator: nn.Module) -> dict[str, int]:
@@ -166,28 +164,30 @@ def layer_depths(aggregator: nn.Module) -> dict[str, int]:
 
 
 def estimate_export_bytes(
+    aggregator: nn.Module,
     num_frames: int,
     image_size: tuple[int, int],
     grid: QueryGrid,
-    num_heads: int,
     layers: Sequence[LayerRef],
-    n_special: int,
     options: ExportOptions,
 ) -> int:
     """Bytes an export will take on disk (uncompressed NPZ; PNG frames counted as raw RGB)."""
     value_bytes = 1 if options.precision == "uint8" else 2
 
-    def layer_bytes(rows: int, heads: int, key_frames: int) -> int:
-        return rows * heads * key_frames * (grid.H_ds * grid.W_ds * value_bytes + n_special * 2) + 4096
+    def layer_bytes(kind: str, heads: int) -> int:
+        layout = sequence_layout(aggregator, "global" if kind == ROLLOUT_NAME else kind, num_frames)
+        rows = grid.num_queries + len(layout.special_queries)
+        per_key_frame = grid.num_queries * value_bytes + layout.patch_start * 2
+        return rows * heads * layout.key_frames * per_key_frame + 4096
 
-    heads = num_heads if options.per_head else 1
-    total = 0
-    for ref in layers:
-        key_frames = num_frames if ref.kind == "global" else 1
-        token_rows = num_frames if ref.kind == "global" else 1
-        total += layer_bytes(grid.num_queries + token_rows, heads, key_frames)
+    total = sum(
+        layer_bytes(
+            ref.kind, attention_blocks(aggregator, ref.kind)[0].attn.num_heads if options.per_head else 1
+        )
+        for ref in layers
+    )
     if options.rollout:
-        total += layer_bytes(grid.num_queries + num_frames, 1, num_frames)
+        total += layer_bytes(ROLLOUT_NAME, 1)
     frames = num_frames * image_size[0] * image_size[1] * 3
     return total + frames + 65536
 

@@ -256,8 +256,6 @@ def make_plan(args: argparse.Namespace, model: VGGT, device: torch.device) -> Pl
     aggregator = model.aggregator
     stride_h = args.stride_h if args.stride_h is not None else (args.stride if args.stride is not None else 1)
     stride_w = args.stride_w if args.stride_w is not None else (args.stride if args.stride is not None else 1)
-    if stride_h < 1 or stride_w < 1:
-        raise UsageError(f"strides must be at least 1, got stride_h={stride_h}, stride_w={stride_w}")
     blocks = parse_blocks(args.blocks)
     depths = layer_depths(aggregator)
     numbers = parse_layers(args.layers, max(depths[kind] for kind in blocks))
@@ -280,8 +278,7 @@ def make_plan(args: argparse.Namespace, model: VGGT, device: torch.device) -> Pl
     grid = QueryGrid(images.shape[-2] // config.patch_size, images.shape[-1] // config.patch_size,
                      stride_h, stride_w)  # fmt: skip
     num_frames = len(choice.paths)
-    disk = estimate_export_bytes(num_frames, tuple(images.shape[-2:]), grid, config.num_heads, layers,
-                                 config.patch_start_idx, options)  # fmt: skip
+    disk = estimate_export_bytes(aggregator, num_frames, tuple(images.shape[-2:]), grid, layers, options)
     extra = rollout_bytes(aggregator, grid, num_frames) if options.rollout else 0
     # Weights held in host memory: float32 on the CPU; on a GPU they live in its own memory.
     weights = 4 * sum(p.numel() for p in model.parameters()) if device.type == "cpu" else 0

@@ -11,7 +11,8 @@ row-stochastic transition matrix over the ``N = S * T`` aggregator tokens::
 
 Rows of ``R`` are kept for the query grid's patches of frame 0 and every frame's camera token, and
 pooled onto each frame's grid like the layer maps. The matrices are formed while the forward pass runs
-(``memory_bytes`` tells how much they take) and multiplied afterwards, starting from the kept rows.
+(:func:`rollout_memory_bytes` tells how much they take) and multiplied afterwards, starting from the
+kept rows.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ class RolloutCapture(HookSession):
         if len(self.matrices) != self.num_layers:
             raise RuntimeError(f"rollout saw {len(self.matrices)} of {self.num_layers} attention layers")
         frames, per_frame = self.num_frames, self.tokens_per_frame
-        kind, last = self.matrices[-1]
+        _, last = self.matrices[-1]
         flow = last[self.layout.query_rows(self.grid)]  # [R, N]
         for kind, matrix in reversed(self.matrices[:-1]):
             if kind == "global":

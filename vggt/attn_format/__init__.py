@@ -29,6 +29,7 @@ from vggt.attn_format.schema import (
     TOKEN_HEATMAPS_KEY,
     TOKEN_SPECIAL_MASS_KEY,
     FormatError,
+    layer_name,
     query_grid_shape,
     special_token_names,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "AttnExport",
     "ExportWriter",
     "FormatError",
+    "layer_name",
     "open_export",
     "query_grid_shape",
     "resolve_in_export",

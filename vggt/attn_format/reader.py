@@ -238,7 +238,6 @@ class AttnExport:
         if not 0 <= int(row) < rows:
             what = "token query" if token else "query index"
             raise FormatError(f"{what} {row} out of range 0..{rows - 1} in layer {name}")
-        self._member_table(name)
         stored = self._array(name, key)
         scales = self.head_scales(name, token)
         if not meta["per_head_data"]:

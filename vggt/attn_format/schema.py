@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,16 @@ def query_grid_shape(H_p: int, W_p: int, stride_h: int, stride_w: int) -> tuple[
 def special_token_names(n_special: int, first: str = "camera") -> list[str]:
     """Names of a frame's special tokens in model order: ``["camera", "register_1", ...]``."""
     return [first] + [f"register_{i}" for i in range(1, n_special)]
+
+
+def layer_name(kind: str, number: int | None, kinds: Sequence[str]) -> str:
+    """Name of a layer in an export that holds layer ``kinds``: ``layer_01`` while the only numbered kind
+    is global (the seed's names), else ``global_01``, ``frame_01``, ``dino_01``; the rollout is
+    ``rollout``."""
+    if kind == "rollout":
+        return "rollout"
+    prefix = "layer" if [k for k in kinds if k != "rollout"] == ["global"] else kind
+    return f"{prefix}_{number:02d}"
 
 
 def layer_sort_key(kind: str, index: int | None) -> tuple[int, int]:

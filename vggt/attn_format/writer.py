@@ -251,7 +251,12 @@ class ExportWriter:
                     f"layer {name}: metadata says {key}={value!r} but the arrays give {full[key]!r}"
                 )
             full.setdefault(key, value)
-        _finish_scales(full)
+        for key in ("layer_vmax99", "token_vmax99"):  # scales as plain JSON numbers
+            if full[key] is not None:
+                full[key] = float(full[key])
+        for key in ("per_head_vmax99", "token_per_head_vmax99"):
+            if full[key] is not None:
+                full[key] = [float(v) for v in full[key]]
         if full["num_heads"] is not None:
             full["num_heads"] = int(full["num_heads"])
         return full
@@ -302,13 +307,3 @@ class ExportWriter:
         path = self.attn_dir / MANIFEST_NAME
         write_json_atomic(path, full)
         return path
-
-
-def _finish_scales(meta: dict) -> None:
-    """Scales as plain JSON numbers."""
-    for key in ("layer_vmax99", "token_vmax99"):
-        if meta[key] is not None:
-            meta[key] = float(meta[key])
-    for key in ("per_head_vmax99", "token_per_head_vmax99"):
-        if meta[key] is not None:
-            meta[key] = [float(v) for v in meta[key]]

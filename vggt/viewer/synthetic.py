@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vggt.attn_format import ExportWriter, query_grid_shape, special_token_names
+from vggt.attn_format import ExportWriter, layer_name, query_grid_shape, special_token_names
 from vggt.quantize import encode_layer
 
 _QUERY_CHUNK = 256
@@ -234,10 +234,9 @@ def write_synthetic_export(
         writer.write_layer(name, heatmaps, special.astype(np.float16), meta, **token_arrays)
 
     for kind in kinds:
-        prefix = "layer" if tuple(kinds) == ("global",) else kind
         for layer in range(num_layers):
             meta = {"layer_index": layer + 1, "block_index": layer}
-            write(f"{prefix}_{layer + 1:02d}", kind, layer, meta, per_head)
+            write(layer_name(kind, layer + 1, kinds), kind, layer, meta, per_head)
     if rollout:
         meta = {
             "layer_index": None,
