@@ -20,7 +20,8 @@ from vggt.attn_format import (
     open_export,
     query_grid_shape,
 )
-from vggt.quantize import dequantize_uint8, percentile99, quantize_uint8
+from vggt.attn_format.npz import StoredNpzWriter
+from vggt.quantize import EncodedMaps, dequantize_uint8, percentile99, quantize_uint8
 from vggt.viewer.synthetic import pooled_probabilities, synthetic_frames, write_synthetic_export
 
 REPO = Path(__file__).resolve().parents[1]
@@ -563,6 +564,48 @@ def test_quantization_round_trip() -> None:
     assert codes.dtype == np.uint8 and codes.max() == 255 and codes.min() == 0
     back = dequantize_uint8(codes, vmax)
     assert np.all(np.abs(back - np.minimum(values, vmax)) <= vmax / 510 * 1.001)
+
+
+def test_streamed_npz_members_read_back_with_valid_crcs(tmp_path: Path) -> None:
+    """Maps encoded block by block while written (several blocks, the buffer ring wrapping around)
+    read back with np.load and zipfile's CRC check, equal to the codes encoded in one go."""
+    rng = np.random.default_rng(3)
+    maps = rng.random((301, 4, 3, 37, 37), dtype=np.float32) ** 6  # 5 MB of codes: 5 blocks
+    head_vmax = np.asarray([percentile99(maps[:, h]) for h in range(4)], np.float32)[:, None, None, None]
+    path = tmp_path / "streamed.npz"
+    with StoredNpzWriter(path) as npz:
+        npz.add("codes", EncodedMaps(maps, "uint8", head_vmax))
+        npz.add("raw", EncodedMaps(maps[:7], "float16"))
+        npz.add("small", np.arange(5, dtype=np.float16))
+    with zipfile.ZipFile(path) as archive:
+        assert archive.testzip() is None
+    with np.load(path) as loaded:
+        codes, raw, small = loaded["codes"], loaded["raw"], loaded["small"]
+    expected = np.rint(np.clip(maps.astype(np.float64) / head_vmax * 255, 0, 255))
+    assert codes.dtype == np.uint8 and codes.shape == maps.shape
+    assert np.abs(codes - expected).max() <= 1 and np.mean(codes == expected) > 0.999
+    assert np.array_equal(codes, quantize_uint8(maps, head_vmax))
+    assert np.array_equal(raw, maps[:7].astype(np.float16)) and np.array_equal(small, np.arange(5))
+
+
+def test_failing_row_source_leaves_no_layer(tmp_path: Path) -> None:
+    """An encoder failing after some blocks are on disk: the error comes through, no layer is left."""
+
+    class Failing(EncodedMaps):
+        def fill(self, start: int, stop: int, out: np.ndarray) -> None:
+            if start >= 2 * (stop - start):
+                raise RuntimeError("encoder failed")
+            super().fill(start, stop, out)
+
+    writer = ExportWriter(tmp_path / "export")
+    writer.write_frames(synthetic_frames(2, 28 * 14, 28 * 14), ["a.png", "b.png"])
+    maps = np.full((28 * 28, 4, 2, 28, 28), 1 / 24, np.float32)  # 25 MB of codes
+    meta = {"layer_index": 1, "block_index": 0, "H_p": 28, "W_p": 28, "stride_h": 1, "stride_w": 1}
+    meta |= {"layer_vmax99": 0.1, "per_head_vmax99": [0.1] * 4, "num_heads": 4, "patch_size": 14}
+    special = np.zeros((28 * 28, 4, 2, 5), np.float16)
+    with pytest.raises(RuntimeError, match="encoder failed"):
+        writer.write_layer("layer_01", Failing(maps, "uint8", 0.1), special, meta)
+    assert not [p for p in (tmp_path / "export/attn_maps").rglob("*") if p.is_file()]
 
 
 def test_schema_document_names_every_field(tmp_path: Path) -> None:

@@ -284,6 +284,14 @@ def attention_chunks(q: Tensor, k: Tensor, rows: Tensor, chunk_bytes: int = _CHU
         yield start, exps, exps.sum(dim=-1, keepdim=True)
 
 
+def _head_mean(exps: Tensor, totals: Tensor) -> Tensor:
+    """Probabilities averaged over heads, ``mean_h exps[h] / totals[h]`` -> ``[c, N]``, in one pass over
+    ``exps`` ``[heads, c, N]`` (a batched matrix-vector product instead of dividing, then averaging)."""
+    heads = exps.shape[0]
+    weights = totals.reciprocal().mul_(1.0 / heads)  # [heads, c, 1]
+    return torch.bmm(weights.permute(1, 2, 0), exps.transpose(0, 1)).squeeze(1)
+
+
 def _divide_into(destination: Tensor, numerator: Tensor, denominator: Tensor) -> None:
     """``destination[...] = numerator / denominator`` in one pass where they share a device."""
     if destination.device == numerator.device:
@@ -338,15 +346,15 @@ def capture_layer(
     with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
         for start, exps, totals in attention_chunks(q[0], k[0], rows):
             stop = start + exps.shape[1]
-            if per_head:  # divided straight into head-major storage; the head mean read while it is hot
+            mean = _head_mean(exps, totals).unflatten(-1, (key_frames, per_frame))
+            if per_head:  # divided straight into head-major storage
+                head_mean[start:stop] = grid.pool(mean[..., start_patch:])
                 exps, totals = exps.unflatten(-1, (key_frames, per_frame)), totals[..., None]
                 _divide_into(maps[:, start:stop], grid.pool(exps[..., start_patch:]), totals)
                 _divide_into(special[:, start:stop], exps[..., :start_patch], totals)
-                torch.mean(maps[:, start:stop], dim=0, out=head_mean[start:stop])
             else:
-                probs = exps.div_(totals).mean(dim=0).unflatten(-1, (key_frames, per_frame))
-                maps[start:stop].copy_(grid.pool(probs[..., start_patch:]))
-                special[start:stop].copy_(probs[..., :start_patch])
+                maps[start:stop] = grid.pool(mean[..., start_patch:])
+                special[start:stop] = mean[..., :start_patch]
     maps = maps.unflatten(-1, (grid.H_ds, grid.W_ds))
     queries = grid.num_queries
     if per_head:  # [heads, rows, ...] -> [rows, heads, ...]

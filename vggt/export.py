@@ -37,7 +37,6 @@ from vggt.capture import (
     CapturedLayer,
     LayerRef,
     QueryGrid,
-    Workspace,
     attention_blocks,
     sequence_layout,
 )
@@ -280,12 +279,11 @@ def export_attention(
         writer.write_frames(to_uint8_frames(images), sources)
         total = len(layers) + int(options.rollout)
         with tqdm(total=total, desc="writing layers", unit="layer", disable=not progress) as bar:
-            codes = Workspace()  # the encoded maps of one layer, reused by the next
 
             def write(captured: CapturedLayer, extra: dict | None = None) -> None:
                 name = layer_name(captured.ref, blocks)
                 meta = base_meta | {"num_heads": heads[captured.ref.kind]} | (extra or {})
-                _write_layer(writer, name, captured, meta, options.precision, codes)
+                _write_layer(writer, name, captured, meta, options.precision)
                 bar.update(1)
 
             rollout = _forward_with_capture(
@@ -307,14 +305,13 @@ def export_attention(
 
 
 def _write_layer(
-    writer: ExportWriter, name: str, captured: CapturedLayer, meta: dict, precision: str, codes: Workspace
+    writer: ExportWriter, name: str, captured: CapturedLayer, meta: dict, precision: str
 ) -> None:
     """Encode a captured layer (patch queries and token queries) and write it."""
     ref, layout = captured.ref, captured.layout
     head_mean = None if captured.head_mean is None else captured.head_mean.numpy()
-    code_dtype = torch.uint8 if precision == "uint8" else torch.float16
-    buffer = codes.take("heatmaps", captured.maps.shape, code_dtype).numpy()
-    heatmaps, fields = encode_layer(captured.maps.numpy(), precision, head_mean, out=buffer)
+    # The maps are encoded as the writer streams them into the file.
+    heatmaps, fields = encode_layer(captured.maps.numpy(), precision, head_mean)
     token_heatmaps, token_fields = encode_layer(captured.token_maps.numpy(), precision)
     is_rollout = ref.kind == ROLLOUT_NAME
     token_name = layout.special_tokens[0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -23,7 +24,7 @@ VMAX_ESTIMATOR = "exact 99th percentile (numpy 'linear' interpolation)"
 
 _SAMPLE_SIZE = 1 << 16
 _SAMPLE_MARGIN = 400  # sample ranks below the target: ~8 standard deviations of the sampled rank
-_CHUNK_VALUES = 1 << 16  # elements per block in quantize_uint8: its passes stay in cache
+_CHUNK_VALUES = 1 << 18  # elements encoded at a time: the passes over them stay in cache
 _SELECT_BLOCK = 1 << 18  # elements per block when selecting the top values
 
 
@@ -79,44 +80,82 @@ def _at_least(flat: np.ndarray, threshold: float) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def quantize_uint8(
-    values: np.ndarray, vmax99: float | np.ndarray, out: np.ndarray | None = None
-) -> np.ndarray:
-    """``round(clip(values / vmax99, 0, 1) * 255)`` as uint8, in cache-sized blocks.
+class EncodedMaps:
+    """A layer's maps in their stored dtype, encoded a block of queries at a time as they are written.
+
+    Encoding on demand lets the NPZ writer turn float maps into codes one cache-sized block at a time,
+    straight into the file (a :class:`vggt.attn_format.npz.RowSource`); ``np.asarray`` gives the whole
+    encoded array.
+
+    Parameters
+    ----------
+    values : np.ndarray
+        Float probabilities ``[Q, ...]``; read (not copied) until encoded.
+    precision : str
+        ``"uint8"``: ``round(clip(values / vmax99, 0, 1) * 255)``; ``"float16"``: the values cast.
+    vmax99 : float or np.ndarray, optional
+        The uint8 scale: a scalar, or broadcastable against ``values[0]`` (per head: ``[heads, 1, 1, 1]``
+        for ``[Q, heads, S, H_ds, W_ds]`` values). A non-positive scale (an all-zero map) is taken as 1.
+    """
+
+    def __init__(
+        self, values: np.ndarray, precision: str = "uint8", vmax99: float | np.ndarray | None = None
+    ) -> None:
+        if precision not in ("uint8", "float16"):
+            raise ValueError(f"precision must be 'uint8' or 'float16', got {precision!r}")
+        self.values = np.asarray(values)
+        if self.values.ndim == 0:
+            raise ValueError("maps to encode need at least one axis")
+        self.shape = self.values.shape
+        self.dtype = np.dtype(np.uint8 if precision == "uint8" else np.float16)
+        self._codes_per_unit = None
+        if precision == "uint8":
+            if vmax99 is None:
+                raise ValueError("uint8 encoding needs a vmax99 scale")
+            vmax = np.asarray(vmax99, dtype=np.float32)
+            if vmax.ndim > max(self.values.ndim - 1, 0):
+                raise ValueError(f"a scale of shape {vmax.shape} does not fit maps of shape {self.shape}")
+            self._codes_per_unit = np.float32(UINT8_MAX) / np.where(vmax > 0, vmax, np.float32(1.0))
+        self._rows_per_step = min(max(1, _CHUNK_VALUES // max(1, math.prod(self.shape[1:]))), self.shape[0])
+        self._scratch = threading.local()  # fill may run in several threads at once
+
+    def fill(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Encode rows ``[start, stop)`` into ``out`` (``[stop - start, *shape[1:]]`` of :attr:`dtype`).
+
+        Thread-safe for disjoint rows.
+        """
+        step = self._rows_per_step
+        work = getattr(self._scratch, "work", None)
+        if work is None and self._codes_per_unit is not None:
+            work = self._scratch.work = np.empty((step, *self.shape[1:]), np.float32)
+        for first in range(start, stop, step):
+            last = min(first + step, stop)
+            values, target = self.values[first:last], out[first - start : last - start]
+            if self._codes_per_unit is None:
+                target[...] = values
+            else:
+                target[...] = _quantize_block(values, self._codes_per_unit, work[: last - first])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        encoded = np.empty(self.shape, self.dtype)
+        self.fill(0, self.shape[0], encoded)
+        return encoded if dtype is None else encoded.astype(dtype)
+
+
+def quantize_uint8(values: np.ndarray, vmax99: float | np.ndarray) -> np.ndarray:
+    """``round(clip(values / vmax99, 0, 1) * 255)`` as uint8 (see :class:`EncodedMaps`).
 
     Parameters
     ----------
     values : np.ndarray
         Float probabilities of any shape.
     vmax99 : float or np.ndarray
-        The scale, a scalar or broadcastable against ``values`` (per head: ``[heads, 1, 1, 1]`` for
+        The scale: a scalar, or broadcastable against ``values[0]`` (per head: ``[heads, 1, 1, 1]`` for
         ``[Q, heads, S, H_ds, W_ds]`` values). A non-positive scale (an all-zero layer) is taken as 1.
-    out : np.ndarray, optional
-        uint8 array of the shape of ``values`` to write into; it may be a strided view, e.g. one head
-        of a ``[Q, heads, ...]`` array.
-
-    Returns
-    -------
-    np.ndarray
-        ``out``, or a new uint8 array of the shape of ``values``.
     """
     values = np.asarray(values)
-    vmax = np.asarray(vmax99, dtype=np.float32)
-    codes_per_unit = np.float32(UINT8_MAX) / np.where(vmax > 0, vmax, np.float32(1.0)).astype(np.float32)
-    if out is None:
-        out = np.empty(values.shape, dtype=np.uint8)
-    if values.ndim == 0 or codes_per_unit.ndim > values.ndim:
-        work = np.empty(np.broadcast_shapes(values.shape, codes_per_unit.shape), np.float32)
-        out[...] = _quantize_block(values, codes_per_unit, work)
-        return out
-    codes_per_unit = codes_per_unit.reshape((1,) * (values.ndim - codes_per_unit.ndim) + codes_per_unit.shape)
-    rows_per_block = max(1, _CHUNK_VALUES // max(1, values[0].size))
-    scratch = np.empty((rows_per_block, *values.shape[1:]), dtype=np.float32)
-    for start in range(0, values.shape[0], rows_per_block):
-        stop = min(start + rows_per_block, values.shape[0])
-        block = codes_per_unit if codes_per_unit.shape[0] == 1 else codes_per_unit[start:stop]
-        out[start:stop] = _quantize_block(values[start:stop], block, scratch[: stop - start])
-    return out
+    encoded = EncodedMaps(values.reshape(values.shape or (1,)), "uint8", vmax99)
+    return np.asarray(encoded).reshape(values.shape)
 
 
 def _quantize_block(values: np.ndarray, codes_per_unit: np.ndarray, work: np.ndarray) -> np.ndarray:
@@ -147,31 +186,27 @@ def vmax99(values: np.ndarray) -> float:
 
 
 def encode_layer(
-    maps: np.ndarray,
-    precision: str = "uint8",
-    head_mean: np.ndarray | None = None,
-    out: np.ndarray | None = None,
-) -> tuple[np.ndarray, dict]:
-    """Encode one layer's pooled probabilities as the format stores them.
+    maps: np.ndarray, precision: str = "uint8", head_mean: np.ndarray | None = None
+) -> tuple[EncodedMaps, dict]:
+    """Scales of one layer's pooled probabilities, and the maps encoded as the format stores them.
 
     Parameters
     ----------
     maps : np.ndarray
         float32 ``[Q, K, H_ds, W_ds]`` (averaged) or ``[Q, heads, K, H_ds, W_ds]`` (per head). Per head,
-        ``maps[:, h]`` is best contiguous (head-major storage seen through a transposed view).
+        ``maps[:, h]`` is best contiguous (head-major storage seen through a transposed view). Read
+        when the result is encoded, so it must stay unchanged until then.
     precision : str
         ``"uint8"``: codes normalized by the layer's vmax99 (averaged) or each head's (per head);
         ``"float16"``: the raw probabilities.
     head_mean : np.ndarray, optional
         ``[Q, K, H_ds, W_ds]``, the maps averaged over heads, if already at hand (per head only).
-    out : np.ndarray, optional
-        Array of the shape of ``maps`` and the dtype of ``precision`` to write into (a reused buffer:
-        memory touched for the first time costs page faults).
 
     Returns
     -------
-    heatmaps : np.ndarray
-        uint8 codes or float16 probabilities, the shape of ``maps`` (``out`` when given).
+    heatmaps : EncodedMaps
+        uint8 codes or float16 probabilities of the shape of ``maps``, encoded when written (or by
+        ``np.asarray``).
     fields : dict
         ``layer_vmax99`` (scale of the head-averaged maps, see :func:`vmax99`), ``per_head_vmax99``,
         ``normalized_by`` and ``vmax_estimator`` for the layer's metadata.
@@ -181,26 +216,24 @@ def encode_layer(
     per_head = maps.ndim == 5
     if head_mean is None:
         head_mean = maps.mean(axis=1, dtype=np.float32) if per_head else maps
-    fields: dict = {
-        "layer_vmax99": vmax99(head_mean),
-        "per_head_vmax99": None,
+    if precision == "float16" or not per_head:
+        fields = {
+            "layer_vmax99": vmax99(head_mean),
+            "per_head_vmax99": None,
+            "vmax_estimator": VMAX_ESTIMATOR,
+        }
+        if precision == "float16":
+            return EncodedMaps(maps, "float16"), fields | {"normalized_by": "none"}
+        return EncodedMaps(maps, "uint8", fields["layer_vmax99"]), fields | {"normalized_by": "layer"}
+    # numpy releases the GIL: the scales are found in parallel, one thread per core.
+    heads = maps.shape[1]
+    with ThreadPoolExecutor(max_workers=max(1, min(heads + 1, os.cpu_count() or 1))) as pool:
+        scales = list(pool.map(vmax99, [head_mean, *(maps[:, head] for head in range(heads))]))
+    head_vmax = np.asarray(scales[1:], dtype=np.float32).reshape(heads, *(1,) * (maps.ndim - 2))
+    fields = {
+        "layer_vmax99": scales[0],
+        "per_head_vmax99": scales[1:],
         "vmax_estimator": VMAX_ESTIMATOR,
+        "normalized_by": "head",
     }
-    if precision == "float16":
-        if out is None:
-            return maps.astype(np.float16), fields | {"normalized_by": "none"}
-        out[...] = maps
-        return out, fields | {"normalized_by": "none"}
-    if not per_head:
-        return quantize_uint8(maps, fields["layer_vmax99"], out=out), fields | {"normalized_by": "layer"}
-    codes = np.empty(maps.shape, dtype=np.uint8) if out is None else out
-
-    def encode_head(head: int) -> float:
-        scale = vmax99(maps[:, head])
-        quantize_uint8(maps[:, head], scale, out=codes[:, head])
-        return scale
-
-    # numpy releases the GIL: the heads go in parallel, one thread per core.
-    with ThreadPoolExecutor(max_workers=max(1, min(maps.shape[1], os.cpu_count() or 1))) as pool:
-        head_vmax = list(pool.map(encode_head, range(maps.shape[1])))
-    return codes, fields | {"per_head_vmax99": head_vmax, "normalized_by": "head"}
+    return EncodedMaps(maps, "uint8", head_vmax), fields

@@ -1,5 +1,5 @@
 """NPZ files of an export: member headers read without the data, stored members memory-mapped, and
-the writer of stored NPZ files (large members copied into mapped pages).
+the writer of stored NPZ files (large members streamed a block at a time).
 
 numpy's own ``np.load`` reads a whole member; an export's reader wants one query's maps, so stored
 (uncompressed) members are located in the zip and memory-mapped, and deflated ones are decompressed
@@ -9,14 +9,16 @@ once. Nothing is ever unpickled. What :class:`StoredNpzWriter` writes, ``np.load
 from __future__ import annotations
 
 import io
-import mmap
+import math
+import os
 import struct
 import tokenize
 import zipfile
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -24,7 +26,8 @@ from vggt.attn_format.schema import FormatError
 
 _ZIP_LOCAL_HEADER = struct.Struct("<4s5H3L2H")
 _ZIP_LOCAL_SIGNATURE = b"PK\x03\x04"
-_MAPPED_WRITE_BYTES = 1 << 20  # members from this size on are copied into mapped pages
+_STREAM_BLOCK_BYTES = 1 << 20  # a row source is produced and written this much at a time
+_FILL_THREADS = max(1, os.cpu_count() or 1)  # row sources are filled in parallel, one thread per core
 
 # What zipfile, zlib and numpy's header parser raise on damaged bytes (the header is parsed as a
 # Python literal, hence the tokenizer and syntax errors).
@@ -137,6 +140,7 @@ def load_member(path: Path, member: NpyMember, where: str) -> np.ndarray:
 # ---- writing ------------------------------------------------------------------------------------------
 
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
+_LOCAL_CRC_OFFSET = 14  # signature, version, flags, method, time and date come first
 _CENTRAL_HEADER = struct.Struct("<IHHHHHHIIIHHHHHII")
 _ZIP64_END = struct.Struct("<IQHHIIQQQQ")
 _ZIP64_LOCATOR = struct.Struct("<IIQI")
@@ -163,18 +167,38 @@ def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
     return stream.getvalue()
 
 
-class StoredNpzWriter:
-    """Writes an uncompressed NPZ that ``np.load`` reads, large members through memory-mapped pages.
+@runtime_checkable
+class RowSource(Protocol):
+    """An array produced a block of rows (along its first axis) at a time, while it is being written.
 
-    Copying an array into mapped pages of the file costs a fraction of ``write()`` on common file
-    systems, which pays per page for the copy and the block reservation; the CRC is taken from the
-    source while it is still in cache. Members are stored (not deflated) with zip64 sizes, so they may
-    exceed 4 GB. Use as a context manager: the zip directory is written on a clean exit.
+    :class:`StoredNpzWriter` asks for the rows in order, so that an array that exists only as a recipe
+    (e.g. uint8 codes of float maps) never has to be held whole.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def fill(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Write rows ``[start, stop)`` into ``out``, a C-contiguous ``[stop - start, *shape[1:]]`` array.
+
+        Called from several threads at once, for disjoint rows.
+        """
+        ...
+
+
+class StoredNpzWriter:
+    """Writes an uncompressed NPZ that ``np.load`` reads; members may be :class:`RowSource` objects.
+
+    A row source is written through a small ring of cache-sized blocks: threads (one per core) fill
+    blocks while one more checksums and writes the filled ones in order, so producing the data, its
+    CRC-32 and the copy into the file overlap and the data crosses memory once. Members are stored (not
+    deflated) with zip64 sizes, so they may exceed 4 GB. Use as a context manager: the zip directory is
+    written on a clean exit.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._file = open(self.path, "w+b")
+        self._file = open(self.path, "wb")
         self._entries: list[_Entry] = []
 
     def __enter__(self) -> StoredNpzWriter:
@@ -187,44 +211,66 @@ class StoredNpzWriter:
         finally:
             self._file.close()
 
-    def add(self, key: str, array: np.ndarray) -> None:
-        """Write member ``key`` (``key.npy``) holding ``array``."""
-        array = np.ascontiguousarray(array)
-        if array.dtype.hasobject:
+    def add(self, key: str, data: np.ndarray | RowSource) -> None:
+        """Write member ``key`` (``key.npy``) holding ``data``, an array or a :class:`RowSource`."""
+        # (an ndarray has a fill method of its own: it is an array, not a row source)
+        if isinstance(data, RowSource) and not isinstance(data, np.ndarray):
+            source, array = data, None
+            shape, dtype = tuple(source.shape), np.dtype(source.dtype)
+        else:
+            source, array = None, np.ascontiguousarray(data)
+            shape, dtype = array.shape, array.dtype
+        if dtype.hasobject:
             raise FormatError(f"NPZ member {key!r}: object arrays are not stored")
         name = f"{key}.npy".encode()
-        header = _npy_header(array.shape, array.dtype)
-        size = len(header) + array.nbytes
-        entry = _Entry(name, self._file.seek(0, io.SEEK_END), size, zlib.crc32(array, zlib.crc32(header)))
+        header = _npy_header(shape, dtype)
+        size = len(header) + math.prod(shape) * dtype.itemsize
+        header_offset = self._file.seek(0, io.SEEK_END)
         extra = struct.pack("<HHQQ", 1, 16, size, size)
-        self._file.write(
-            _LOCAL_HEADER.pack(
-                0x04034B50,
-                _ZIP64_VERSION,
-                0,
-                0,
-                0,
-                _DOS_DATE_1980_01_01,
-                entry.crc,
-                _SIZE_IN_EXTRA,
-                _SIZE_IN_EXTRA,
-                len(name),
-                len(extra),
-            )  # fmt: skip
-        )
-        self._file.write(name + extra + header)
-        self._entries.append(entry)
-        if array.nbytes < _MAPPED_WRITE_BYTES:
-            self._file.write(array.tobytes())
-            return
-        data_offset = self._file.tell()
-        self._file.flush()
-        self._file.truncate(data_offset + array.nbytes)
-        with mmap.mmap(self._file.fileno(), 0) as mapped:
-            target = np.frombuffer(mapped, dtype=np.uint8, count=array.nbytes, offset=data_offset)
-            np.copyto(target, array.reshape(-1).view(np.uint8))
-            del target  # the map closes only once no array refers to it
+        local_header = _LOCAL_HEADER.pack(
+            0x04034B50, _ZIP64_VERSION, 0, 0, 0, _DOS_DATE_1980_01_01, 0,
+            _SIZE_IN_EXTRA, _SIZE_IN_EXTRA, len(name), len(extra),
+        )  # fmt: skip
+        self._file.write(local_header + name + extra + header)
+        crc = zlib.crc32(header)
+        if source is None:
+            crc = zlib.crc32(array, crc)
+            self._file.write(array.reshape(-1).view(np.uint8) if array.size else b"")
+        else:
+            crc = self._stream_rows(source, shape, dtype, crc)
+        # The CRC is known only now: patch it into the local header written ahead of the data.
+        self._file.seek(header_offset + _LOCAL_CRC_OFFSET)
+        self._file.write(struct.pack("<I", crc))
         self._file.seek(0, io.SEEK_END)
+        self._entries.append(_Entry(name, header_offset, size, crc))
+
+    def _stream_rows(self, source: RowSource, shape: tuple[int, ...], dtype: np.dtype, crc: int) -> int:
+        rows = shape[0] if shape else 0
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        rows_per_block = max(1, _STREAM_BLOCK_BYTES // max(1, row_bytes))
+        ring_size = 2 * _FILL_THREADS + 1
+        ring = [np.empty((min(rows_per_block, rows), *shape[1:]), dtype) for _ in range(ring_size)]
+        checksum = [crc]
+
+        def append(filled: Future, block: np.ndarray) -> None:  # the I/O thread: blocks in file order
+            filled.result()
+            checksum[0] = zlib.crc32(block, checksum[0])
+            self._file.write(block.reshape(-1).view(np.uint8))
+
+        written: list[Future | None] = [None] * ring_size
+        with ThreadPoolExecutor(_FILL_THREADS) as fillers, ThreadPoolExecutor(1) as io_thread:
+            for number, start in enumerate(range(0, rows, rows_per_block)):
+                slot = number % ring_size
+                if written[slot] is not None:
+                    written[slot].result()  # its block is on disk: the buffer may be refilled
+                stop = min(start + rows_per_block, rows)
+                block = ring[slot][: stop - start]
+                filled = fillers.submit(source.fill, start, stop, block)
+                written[slot] = io_thread.submit(append, filled, block)
+            for future in written:
+                if future is not None:
+                    future.result()
+        return checksum[0]
 
     def _finish(self) -> None:
         directory_offset = self._file.seek(0, io.SEEK_END)

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from vggt import __version__
-from vggt.attn_format.npz import StoredNpzWriter
+from vggt.attn_format.npz import RowSource, StoredNpzWriter
 from vggt.attn_format.schema import (
     ATTN_DIR_NAME,
     DERIVED_LAYER_KEYS,
@@ -38,6 +38,10 @@ from vggt.attn_format.schema import (
     write_json_atomic,
 )
 from vggt.quantize import VMAX_ESTIMATOR
+
+
+def _array_or_source(data: Any) -> np.ndarray | RowSource:
+    return data if isinstance(data, RowSource) and not isinstance(data, np.ndarray) else np.asarray(data)
 
 
 class ExportWriter:
@@ -117,9 +121,11 @@ class ExportWriter:
         name : str
             Layer name: ``"layer_01"`` (global layers of a global-only export), ``"global_01"``,
             ``"frame_01"``, ``"dino_01"`` or ``"rollout"``.
-        heatmaps : np.ndarray
+        heatmaps : np.ndarray or RowSource
             ``[Q, K, H_ds, W_ds]`` (averaged) or ``[Q, heads, K, H_ds, W_ds]`` (per head), uint8 codes or
             float16 raw probabilities; K key frames (``meta["key_frames"]``, all S frames by default).
+            A :class:`~vggt.attn_format.npz.RowSource` (such as :class:`vggt.quantize.EncodedMaps`)
+            is encoded block by block as it is written.
         special_mass : np.ndarray
             ``[Q, K, n_special]`` or ``[Q, heads, K, n_special]`` float16: probability mass sent to each
             key frame's special tokens (camera or class token, registers).
@@ -128,7 +134,7 @@ class ExportWriter:
             ``stride_h``, ``stride_w`` and, for uint8, ``layer_vmax99`` (plus ``per_head_vmax99`` when
             head-normalized). Other fields of the schema may be given; derivable ones (shapes, dtype,
             paths, grid) are filled in.
-        token_heatmaps, token_special_mass : np.ndarray, optional
+        token_heatmaps, token_special_mass : np.ndarray (or RowSource) and np.ndarray, optional
             The same for the special-token queries listed in ``meta["token_queries"]``, with their own
             scales ``token_vmax99`` / ``token_per_head_vmax99``.
 
@@ -141,9 +147,9 @@ class ExportWriter:
             raise FormatError(f"bad layer name {name!r}")
         if (token_heatmaps is None) != (token_special_mass is None):
             raise FormatError(f"layer {name}: token maps and token special mass go together")
-        arrays = {HEATMAPS_KEY: np.asarray(heatmaps), SPECIAL_MASS_KEY: np.asarray(special_mass)}
+        arrays = {HEATMAPS_KEY: _array_or_source(heatmaps), SPECIAL_MASS_KEY: np.asarray(special_mass)}
         if token_heatmaps is not None:
-            arrays[TOKEN_HEATMAPS_KEY] = np.asarray(token_heatmaps)
+            arrays[TOKEN_HEATMAPS_KEY] = _array_or_source(token_heatmaps)
             arrays[TOKEN_SPECIAL_MASS_KEY] = np.asarray(token_special_mass)
         full = self._complete_layer_meta(name, arrays, meta)
         where = f"layer {name}"
@@ -157,13 +163,17 @@ class ExportWriter:
         layer_dir.mkdir(parents=True, exist_ok=True)
         npz_file = layer_dir / NPZ_NAME_BY_DTYPE[full["dtype"]]
         tmp = npz_file.with_name(npz_file.name + ".tmp")
-        if self.compress:
-            with open(tmp, "wb") as handle:
-                np.savez_compressed(handle, **arrays)
-        else:
-            with StoredNpzWriter(tmp) as npz:
-                for key, array in arrays.items():
-                    npz.add(key, array)
+        try:
+            if self.compress:
+                with open(tmp, "wb") as handle:
+                    np.savez_compressed(handle, **{key: np.asarray(array) for key, array in arrays.items()})
+            else:
+                with StoredNpzWriter(tmp) as npz:
+                    for key, array in arrays.items():
+                        npz.add(key, array)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, npz_file)
 
         metadata_name = f"{name}_metadata.json"
@@ -191,7 +201,7 @@ class ExportWriter:
         dtype_name = heatmaps.dtype.name
         if dtype_name not in NPZ_NAME_BY_DTYPE:
             raise FormatError(f"layer {name}: heatmaps must be uint8 or float16, got {heatmaps.dtype}")
-        per_head = heatmaps.ndim == 5
+        per_head = len(heatmaps.shape) == 5
         H_ds, W_ds = query_grid_shape(
             int(meta["H_p"]), int(meta["W_p"]), int(meta["stride_h"]), int(meta["stride_w"])
         )
