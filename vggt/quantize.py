@@ -28,6 +28,16 @@ _CHUNK_VALUES = 1 << 18  # elements encoded at a time: the passes over them stay
 _SELECT_BLOCK = 1 << 18  # elements per block when selecting the top values
 
 
+def worker_threads() -> int:
+    """Threads for numpy work that releases the GIL: the cores this process may use, at most 8
+    (beyond that, memory bandwidth rather than cores limits these passes)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
+
+
 def percentile99(values: np.ndarray) -> float:
     """Exact 99th percentile (linear interpolation, as ``np.percentile``) of all values.
 
@@ -225,9 +235,9 @@ def encode_layer(
         if precision == "float16":
             return EncodedMaps(maps, "float16"), fields | {"normalized_by": "none"}
         return EncodedMaps(maps, "uint8", fields["layer_vmax99"]), fields | {"normalized_by": "layer"}
-    # numpy releases the GIL: the scales are found in parallel, one thread per core.
+    # numpy releases the GIL: the scales are found in parallel.
     heads = maps.shape[1]
-    with ThreadPoolExecutor(max_workers=max(1, min(heads + 1, os.cpu_count() or 1))) as pool:
+    with ThreadPoolExecutor(max_workers=min(heads + 1, worker_threads())) as pool:
         scales = list(pool.map(vmax99, [head_mean, *(maps[:, head] for head in range(heads))]))
     head_vmax = np.asarray(scales[1:], dtype=np.float32).reshape(heads, *(1,) * (maps.ndim - 2))
     fields = {

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import struct
 import tokenize
 import zipfile
@@ -23,11 +22,11 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from vggt.attn_format.schema import FormatError
+from vggt.quantize import worker_threads
 
 _ZIP_LOCAL_HEADER = struct.Struct("<4s5H3L2H")
 _ZIP_LOCAL_SIGNATURE = b"PK\x03\x04"
 _STREAM_BLOCK_BYTES = 1 << 20  # a row source is produced and written this much at a time
-_FILL_THREADS = max(1, os.cpu_count() or 1)  # row sources are filled in parallel, one thread per core
 
 # What zipfile, zlib and numpy's header parser raise on damaged bytes (the header is parsed as a
 # Python literal, hence the tokenizer and syntax errors).
@@ -189,7 +188,7 @@ class RowSource(Protocol):
 class StoredNpzWriter:
     """Writes an uncompressed NPZ that ``np.load`` reads; members may be :class:`RowSource` objects.
 
-    A row source is written through a small ring of cache-sized blocks: threads (one per core) fill
+    A row source is written through a small ring of cache-sized blocks: worker threads fill
     blocks while one more checksums and writes the filled ones in order, so producing the data, its
     CRC-32 and the copy into the file overlap and the data crosses memory once. Members are stored (not
     deflated) with zip64 sizes, so they may exceed 4 GB. Use as a context manager: the zip directory is
@@ -248,7 +247,8 @@ class StoredNpzWriter:
         rows = shape[0] if shape else 0
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
         rows_per_block = max(1, _STREAM_BLOCK_BYTES // max(1, row_bytes))
-        ring_size = 2 * _FILL_THREADS + 1
+        fill_threads = worker_threads()
+        ring_size = 2 * fill_threads + 1
         ring = [np.empty((min(rows_per_block, rows), *shape[1:]), dtype) for _ in range(ring_size)]
         checksum = [crc]
 
@@ -258,7 +258,7 @@ class StoredNpzWriter:
             self._file.write(block.reshape(-1).view(np.uint8))
 
         written: list[Future | None] = [None] * ring_size
-        with ThreadPoolExecutor(_FILL_THREADS) as fillers, ThreadPoolExecutor(1) as io_thread:
+        with ThreadPoolExecutor(fill_threads) as fillers, ThreadPoolExecutor(1) as io_thread:
             for number, start in enumerate(range(0, rows, rows_per_block)):
                 slot = number % ring_size
                 if written[slot] is not None:
