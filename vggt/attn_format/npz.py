@@ -185,6 +185,14 @@ class RowSource(Protocol):
         ...
 
 
+def array_or_source(data: Any) -> np.ndarray | RowSource:
+    """``data`` itself when it is a :class:`RowSource`, else ``np.asarray(data)`` (an ndarray has a
+    ``fill`` method of its own, but it is an array, not a row source)."""
+    if isinstance(data, RowSource) and not isinstance(data, np.ndarray):
+        return data
+    return np.asarray(data)
+
+
 class StoredNpzWriter:
     """Writes an uncompressed NPZ that ``np.load`` reads; members may be :class:`RowSource` objects.
 
@@ -212,13 +220,13 @@ class StoredNpzWriter:
 
     def add(self, key: str, data: np.ndarray | RowSource) -> None:
         """Write member ``key`` (``key.npy``) holding ``data``, an array or a :class:`RowSource`."""
-        # (an ndarray has a fill method of its own: it is an array, not a row source)
-        if isinstance(data, RowSource) and not isinstance(data, np.ndarray):
-            source, array = data, None
-            shape, dtype = tuple(source.shape), np.dtype(source.dtype)
-        else:
+        data = array_or_source(data)
+        if isinstance(data, np.ndarray):
             source, array = None, np.ascontiguousarray(data)
             shape, dtype = array.shape, array.dtype
+        else:
+            source, array = data, None
+            shape, dtype = tuple(source.shape), np.dtype(source.dtype)
         if dtype.hasobject:
             raise FormatError(f"NPZ member {key!r}: object arrays are not stored")
         name = f"{key}.npy".encode()

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from vggt import __version__
-from vggt.attn_format.npz import RowSource, StoredNpzWriter
+from vggt.attn_format.npz import StoredNpzWriter, array_or_source
 from vggt.attn_format.schema import (
     ATTN_DIR_NAME,
     DERIVED_LAYER_KEYS,
@@ -38,10 +38,6 @@ from vggt.attn_format.schema import (
     write_json_atomic,
 )
 from vggt.quantize import VMAX_ESTIMATOR
-
-
-def _array_or_source(data: Any) -> np.ndarray | RowSource:
-    return data if isinstance(data, RowSource) and not isinstance(data, np.ndarray) else np.asarray(data)
 
 
 class ExportWriter:
@@ -147,9 +143,9 @@ class ExportWriter:
             raise FormatError(f"bad layer name {name!r}")
         if (token_heatmaps is None) != (token_special_mass is None):
             raise FormatError(f"layer {name}: token maps and token special mass go together")
-        arrays = {HEATMAPS_KEY: _array_or_source(heatmaps), SPECIAL_MASS_KEY: np.asarray(special_mass)}
+        arrays = {HEATMAPS_KEY: array_or_source(heatmaps), SPECIAL_MASS_KEY: np.asarray(special_mass)}
         if token_heatmaps is not None:
-            arrays[TOKEN_HEATMAPS_KEY] = _array_or_source(token_heatmaps)
+            arrays[TOKEN_HEATMAPS_KEY] = array_or_source(token_heatmaps)
             arrays[TOKEN_SPECIAL_MASS_KEY] = np.asarray(token_special_mass)
         full = self._complete_layer_meta(name, arrays, meta)
         where = f"layer {name}"
