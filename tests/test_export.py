@@ -241,6 +241,25 @@ def test_layer_subset(export_tiny, tmp_path):
     assert export.layer_meta("layer_02")["block_index"] == 1
 
 
+def test_forward_pass_stops_after_the_last_chosen_layer(export_tiny, tiny_model, tiny_reference, tmp_path):
+    aggregator = tiny_model.aggregator
+    ran = []
+    handles = [
+        aggregator.frame_blocks[1].register_forward_hook(lambda *_: ran.append("frame 2")),
+        aggregator.global_blocks[0].attn.proj.register_forward_hook(lambda *_: ran.append("global 1 output")),
+    ]
+    try:
+        export = open_export(export_tiny(tmp_path / "e", per_head=True, layers=(1,)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert ran == []  # neither global layer 1's attention output nor anything after it was computed
+    want, _ = expected_pooled(tiny_reference, 0, 1, 1, per_head=True)
+    scale = np.asarray(export.layer_meta("layer_01")["per_head_vmax99"])[None, :, None, None, None]
+    error = np.abs(dequantized(export, "layer_01") - np.minimum(want, scale))
+    assert np.all(error <= scale / 255 * 0.5 + 1e-6)
+
+
 # --------------------------------------------------------------------------------------------------
 # The command line, on the tiny model saved as a checkpoint with its architecture in a JSON file
 # (the ``tiny_cli`` fixture of conftest.py).

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from vggt.models import layers
 from vggt.models.config import AggregatorConfig
-from vggt.models.hooks import iter_hook_points
+from vggt.models.hooks import StopAfter, iter_hook_points
 from vggt.models.vggt import VGGT
 
 from .conftest import FIXTURES
@@ -172,3 +172,40 @@ def test_other_configs_build_and_run():
     with torch.no_grad():
         outputs, start = model(torch.rand(2, 3, 42, 28))
     assert start == 3 and outputs[0].shape == (1, 2, 3 + 6, 64)
+
+
+def test_stop_after_ends_the_forward_pass_there(tiny_model, tiny_reference):
+    images = tiny_reference["input.images"]
+    aggregator = tiny_model.aggregator
+    point = aggregator.global_blocks[0].attn.hook_qk
+    seen = []
+    point.register_forward_hook(lambda *_: seen.append("earlier hook"))
+    for block in (aggregator.global_blocks[0], aggregator.frame_blocks[1], aggregator.global_blocks[1]):
+        block.register_forward_hook(lambda *_: seen.append("later block"))
+    try:
+        with torch.no_grad(), StopAfter(point) as stop:
+            aggregator(images)
+        assert stop.stopped
+        assert seen == ["earlier hook"]  # hooks attached before it run; nothing after it does
+        assert len(point._forward_hooks) == 1  # its own hook is gone
+
+        # Its exception is swallowed only by the session that raised it; other errors pass through.
+        after_inner = []
+        with StopAfter(point) as outer:
+            with StopAfter(aggregator.global_blocks[1].attn.hook_qk) as inner:
+                aggregator(images)
+            after_inner.append(True)
+        assert outer.stopped and not inner.stopped and not after_inner
+
+        def broken(*_):
+            raise RuntimeError("hook failed")
+
+        handle = point.register_forward_hook(broken)
+        with pytest.raises(RuntimeError, match="hook failed"), StopAfter(point):
+            aggregator(images)
+        handle.remove()
+    finally:
+        for module in aggregator.modules():
+            module._forward_hooks.clear()
+    with torch.no_grad():
+        aggregator(images)  # runs to the end again

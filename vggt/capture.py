@@ -100,6 +100,14 @@ class LayerRef:
         """1-based layer number within its kind."""
         return self.block_index + 1
 
+    @property
+    def forward_position(self) -> tuple[int, int]:
+        """Sort key: the order in which the aggregator's forward pass reaches the layer (all DINOv2
+        blocks first, then frame block 1, global block 1, frame block 2, ...)."""
+        if self.kind == "dino":
+            return (-1, self.block_index)
+        return (self.block_index, 0 if self.kind == "frame" else 1)
+
 
 @dataclass(frozen=True)
 class SequenceLayout:

@@ -41,6 +41,7 @@ from vggt.capture import (
     sequence_layout,
 )
 from vggt.device import autocast_context
+from vggt.models.hooks import StopAfter
 from vggt.preprocess import to_uint8_frames
 from vggt.quantize import encode_layer
 from vggt.rollout import DEFAULT_DISCARD_RATIO, RolloutCapture, rollout_memory_bytes
@@ -358,10 +359,12 @@ def _forward_with_capture(
     num_frames = images.shape[0]
     model.eval()
     blocks = aggregator.global_blocks
+    # Nothing after the last captured layer's attention probabilities is needed: the pass stops there.
+    last = _last_layer(layers, options.rollout, len(blocks))
     rollout = None
     with ExitStack() as stack:
         bar = stack.enter_context(
-            tqdm(total=len(blocks), desc="forward pass", unit="block", disable=not progress)
+            tqdm(total=_global_blocks_reached(last), desc="forward pass", unit="block", disable=not progress)
         )
 
         def tick(*_) -> None:  # a forward hook must return None, or it replaces the block's output
@@ -385,8 +388,25 @@ def _forward_with_capture(
             )
         stack.enter_context(torch.inference_mode())
         stack.enter_context(autocast_context(device, autocast_dtype))
+        # Entered last: its hook runs after the captures' hooks on the same hook point.
+        stack.enter_context(StopAfter(attention_blocks(aggregator, last.kind)[last.block_index].attn.hook_qk))
         aggregator(images.to(device)[None], keep_outputs=False)
+        bar.update(bar.total - bar.n)  # the block the pass stopped in
     return rollout
+
+
+def _last_layer(layers: Sequence[LayerRef], rollout: bool, depth: int) -> LayerRef:
+    """The captured layer the forward pass reaches last (the rollout needs every global layer)."""
+    if rollout:
+        return LayerRef("global", depth - 1)
+    return max(layers, key=lambda ref: ref.forward_position)
+
+
+def _global_blocks_reached(last: LayerRef) -> int:
+    """Global blocks that a forward pass ending at ``last`` enters, the one it ends in included."""
+    if last.kind == "dino":
+        return 0
+    return last.block_index + (1 if last.kind == "global" else 0)
 
 
 def _manifest_fields(

@@ -10,6 +10,9 @@ forward hooks to read what flows through it::
     handle = model.aggregator.global_blocks[3].attn.hook_qk.register_forward_hook(read_qk)
     ...
     handle.remove()
+
+A caller that needs nothing after some point of the forward pass ends it there with
+:class:`StopAfter`, as TransformerLens's ``stop_at_layer`` does.
 """
 
 from __future__ import annotations
@@ -63,3 +66,35 @@ class HookSession:
         for handle in getattr(self, "_handles", []):
             handle.remove()
         self._handles = []
+
+
+class StopForward(Exception):
+    """Raised by the hook of a :class:`StopAfter` session to end the forward pass early."""
+
+    def __init__(self, session: StopAfter) -> None:
+        super().__init__("forward pass stopped early")
+        self.session = session
+
+
+class StopAfter(HookSession):
+    """Ends the forward pass as soon as ``module`` has run: for callers that need nothing after it.
+
+    Enter it after the sessions whose hooks on ``module`` must still run (hooks run in the order they
+    were attached). The ``with`` block swallows the :class:`StopForward` its hook raised, so
+    ``with StopAfter(module): model(x)`` simply returns early; :attr:`stopped` tells whether it did.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.stopped = False
+
+    def hooks(self) -> Iterable[tuple[nn.Module, Callable]]:
+        yield self.module, self._stop
+
+    def _stop(self, module: nn.Module, args, output) -> None:
+        self.stopped = True
+        raise StopForward(self)
+
+    def __exit__(self, exc_type, exc, traceback) -> bool:
+        super().__exit__(exc_type, exc, traceback)
+        return isinstance(exc, StopForward) and exc.session is self
