@@ -241,19 +241,24 @@ def test_layer_subset(export_tiny, tmp_path):
     assert export.layer_meta("layer_02")["block_index"] == 1
 
 
-def test_forward_pass_stops_after_the_last_chosen_layer(export_tiny, tiny_model, tiny_reference, tmp_path):
+def test_forward_pass_stops_after_the_last_chosen_layer(tiny_model, tiny_reference, tmp_path, capsys):
     aggregator = tiny_model.aggregator
     ran = []
     handles = [
         aggregator.frame_blocks[1].register_forward_hook(lambda *_: ran.append("frame 2")),
         aggregator.global_blocks[0].attn.proj.register_forward_hook(lambda *_: ran.append("global 1 output")),
     ]
+    options = ExportOptions(per_head=True, layers=(1,))
     try:
-        export = open_export(export_tiny(tmp_path / "e", per_head=True, layers=(1,)))
+        out = export_attention(tiny_model, tiny_reference["input.images"][0], tmp_path / "e", options=options)
     finally:
         for handle in handles:
             handle.remove()
     assert ran == []  # neither global layer 1's attention output nor anything after it was computed
+    # The progress bar counts the one global block the pass entered, and ends full.
+    forward_bar = [line for line in capsys.readouterr().err.split("\r") if line.startswith("forward pass")]
+    assert "1/1" in forward_bar[-1]
+    export = open_export(out)
     want, _ = expected_pooled(tiny_reference, 0, 1, 1, per_head=True)
     scale = np.asarray(export.layer_meta("layer_01")["per_head_vmax99"])[None, :, None, None, None]
     error = np.abs(dequantized(export, "layer_01") - np.minimum(want, scale))

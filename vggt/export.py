@@ -389,8 +389,8 @@ def _forward_with_capture(
         stack.enter_context(torch.inference_mode())
         stack.enter_context(autocast_context(device, autocast_dtype))
         # Entered last: its hook runs after the captures' hooks on the same hook point.
-        stack.enter_context(StopAfter(attention_blocks(aggregator, last.kind)[last.block_index].attn.hook_qk))
-        aggregator(images.to(device)[None], keep_outputs=False)
+        with StopAfter(attention_blocks(aggregator, last.kind)[last.block_index].attn.hook_qk):
+            aggregator(images.to(device)[None], keep_outputs=False)
         bar.update(bar.total - bar.n)  # the block the pass stopped in
     return rollout
 
