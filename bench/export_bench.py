@@ -14,9 +14,9 @@ its two neighbours, so that drift of the machine's speed during the run cancels;
 the sequence and reports the median ratio. Interference from other work on the machine only ever
 slows a run down, so the fastest export against the fastest plain forward is printed too. Each phase
 also reports the CPU time the hypervisor took from this machine (steal), a sign of a disturbed
-measurement. Peak memory is the process's peak
-resident set size during a phase (Linux: freed heap returned with malloc_trim and the peak reset
-through /proc/self/clear_refs first), compared with the plain forward's.
+measurement. Peak memory is the process's peak resident set size during a phase (Linux: freed heap
+returned with malloc_trim and the peak reset through /proc/self/clear_refs first), compared with the
+plain forward's.
 Targets: export time <= 1.20x the plain forward per head and <= 1.10x averaged; peak <= plain + 1.5 GB.
 """
 

@@ -164,6 +164,14 @@ def attention_blocks(aggregator: nn.Module, kind: str) -> nn.ModuleList:
     raise ValueError(f"unknown layer kind {kind!r}: use one of {', '.join(KINDS)}")
 
 
+def qk_hook_point(aggregator: nn.Module, ref: LayerRef) -> nn.Module:
+    """The ``hook_qk`` hook point of layer ``ref``; a ``ValueError`` if the model has no such block."""
+    blocks = attention_blocks(aggregator, ref.kind)
+    if not 0 <= ref.block_index < len(blocks):
+        raise ValueError(f"{ref.kind} block {ref.block_index} does not exist (the model has {len(blocks)})")
+    return blocks[ref.block_index].attn.hook_qk
+
+
 class Workspace:
     """Buffers reused from layer to layer.
 
@@ -254,13 +262,8 @@ class AttentionCapture(HookSession):
 
     def hooks(self) -> Iterator[tuple[nn.Module, Callable]]:
         for ref in self.layers:
-            blocks = attention_blocks(self.aggregator, ref.kind)
-            if not 0 <= ref.block_index < len(blocks):
-                raise ValueError(
-                    f"{ref.kind} block {ref.block_index} does not exist (the model has {len(blocks)})"
-                )
             layout = sequence_layout(self.aggregator, ref.kind, self.num_frames)
-            yield blocks[ref.block_index].attn.hook_qk, self._make_hook(ref, layout)
+            yield qk_hook_point(self.aggregator, ref), self._make_hook(ref, layout)
 
     def _make_hook(self, ref: LayerRef, layout: SequenceLayout) -> Callable:
         def hook(module: nn.Module, args: tuple[Tensor, Tensor], output) -> None:

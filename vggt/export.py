@@ -38,6 +38,7 @@ from vggt.capture import (
     LayerRef,
     QueryGrid,
     attention_blocks,
+    qk_hook_point,
     sequence_layout,
 )
 from vggt.device import autocast_context
@@ -389,7 +390,7 @@ def _forward_with_capture(
         stack.enter_context(torch.inference_mode())
         stack.enter_context(autocast_context(device, autocast_dtype))
         # Entered last: its hook runs after the captures' hooks on the same hook point.
-        with StopAfter(attention_blocks(aggregator, last.kind)[last.block_index].attn.hook_qk):
+        with StopAfter(qk_hook_point(aggregator, last)):
             aggregator(images.to(device)[None], keep_outputs=False)
         bar.update(bar.total - bar.n)  # the block the pass stopped in
     return rollout
