@@ -2,9 +2,9 @@
 
 For one forward pass, :class:`AttentionCapture` attaches to the ``hook_qk`` hook point of the chosen
 attention layers (global, frame or DINOv2 blocks), recomputes the softmax rows of the query frame's
-patch tokens and of its special-token queries (camera or class token) in chunks from the hooked ``q``
-and ``k`` (never an N x N matrix), pools every key frame's patch probabilities onto the query grid
-and hands each finished layer to a callback. Hooks are removed on exit, also on error.
+patch tokens and of its special-token queries (camera or class token) a tile of rows at a time from
+the hooked ``q`` and ``k`` (never an N x N matrix), pools every key frame's patch probabilities onto
+the query grid and hands each finished layer to a callback. Hooks are removed on exit, also on error.
 
 Which tokens a layer sees depends on its kind:
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -31,8 +32,10 @@ from vggt.attn_format import special_token_names
 from vggt.models.hooks import HookSession
 
 KINDS = ("global", "frame", "dino")
-# Logits kept in flight per softmax chunk: small enough to stay in the CPU's cache.
+# Logits kept in flight per softmax chunk of the rollout.
 _CHUNK_BYTES = 16 << 20
+# One tile of a layer's logits (and its running head mean) fits in a core's L2 cache.
+_TILE_BYTES = 3 << 19
 
 
 @dataclass(frozen=True)
@@ -295,22 +298,6 @@ def attention_chunks(q: Tensor, k: Tensor, rows: Tensor, chunk_bytes: int = _CHU
         yield start, exps, exps.sum(dim=-1, keepdim=True)
 
 
-def _head_mean(exps: Tensor, totals: Tensor) -> Tensor:
-    """Probabilities averaged over heads, ``mean_h exps[h] / totals[h]`` -> ``[c, N]``, in one pass over
-    ``exps`` ``[heads, c, N]`` (a batched matrix-vector product instead of dividing, then averaging)."""
-    heads = exps.shape[0]
-    weights = totals.reciprocal().mul_(1.0 / heads)  # [heads, c, 1]
-    return torch.bmm(weights.permute(1, 2, 0), exps.transpose(0, 1)).squeeze(1)
-
-
-def _divide_into(destination: Tensor, numerator: Tensor, denominator: Tensor) -> None:
-    """``destination[...] = numerator / denominator`` in one pass where they share a device."""
-    if destination.device == numerator.device:
-        torch.div(numerator, denominator, out=destination)
-    else:
-        destination.copy_(numerator / denominator)
-
-
 def capture_layer(
     q: Tensor,
     k: Tensor,
@@ -342,7 +329,7 @@ def capture_layer(
     if q.shape[0] != 1:
         raise ValueError(f"attention capture takes one sequence, got a batch of {q.shape[0]}")
     workspace = workspace or Workspace()
-    heads, num_tokens = q.shape[1], q.shape[2]
+    heads, num_tokens, head_dim = q.shape[1:]
     per_frame = layout.tokens_per_frame(grid)
     key_frames = layout.key_frames
     if num_tokens != key_frames * per_frame:
@@ -353,19 +340,35 @@ def capture_layer(
     maps = workspace.take("maps", (*lead, key_frames, cells))
     special = workspace.take("special", (*lead, key_frames, start_patch))
     head_mean = workspace.take("head_mean", (num_rows, key_frames, cells)) if per_head else None
+    mean_maps, mean_special = (head_mean, None) if per_head else (maps, special)
     # Probabilities are computed in float32 even inside the forward pass's autocast region.
     with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
-        for start, exps, totals in attention_chunks(q[0], k[0], rows):
-            stop = start + exps.shape[1]
-            mean = _head_mean(exps, totals).unflatten(-1, (key_frames, per_frame))
-            if per_head:  # divided straight into head-major storage
-                head_mean[start:stop] = grid.pool(mean[..., start_patch:])
-                exps, totals = exps.unflatten(-1, (key_frames, per_frame)), totals[..., None]
-                _divide_into(maps[:, start:stop], grid.pool(exps[..., start_patch:]), totals)
-                _divide_into(special[:, start:stop], exps[..., :start_patch], totals)
-            else:
-                maps[start:stop] = grid.pool(mean[..., start_patch:])
-                special[start:stop] = mean[..., :start_patch]
+        queries = q[0][:, rows.to(q.device)].float().mul_(head_dim**-0.5)  # [heads, R, head_dim]
+        keys_t = k[0].float().transpose(-2, -1)  # [heads, head_dim, N]
+
+    def capture_tile(first: int, last: int) -> None:
+        """Rows ``[first, last)``, head by head: logits, softmax in place, then stored or averaged."""
+        # Worker threads do not inherit the caller's grad mode; inference mode suits the workspace's
+        # tensors whether or not they were made in it.
+        with torch.inference_mode(), torch.autocast(q.device.type, enabled=False):
+            probs = torch.empty(last - first, num_tokens, device=q.device)
+            mean_tile = torch.zeros(last - first, key_frames, cells, device=q.device)
+            special_sum = torch.zeros(last - first, key_frames, start_patch, device=q.device)
+            for head in range(heads):
+                _softmax_in_place(torch.mm(queries[head, first:last], keys_t[head], out=probs))
+                by_frame = probs.unflatten(-1, (key_frames, per_frame))
+                patches = grid.pool(by_frame[..., start_patch:])
+                if per_head:
+                    maps[head, first:last].copy_(patches)
+                    special[head, first:last].copy_(by_frame[..., :start_patch])
+                else:
+                    special_sum.add_(by_frame[..., :start_patch])
+                mean_tile.add_(patches)
+            mean_maps[first:last].copy_(mean_tile.mul_(1.0 / heads))
+            if mean_special is not None:
+                mean_special[first:last].copy_(special_sum.mul_(1.0 / heads))
+
+    _run_tiles(capture_tile, num_rows, num_tokens, q.device)
     maps = maps.unflatten(-1, (grid.H_ds, grid.W_ds))
     queries = grid.num_queries
     if per_head:  # [heads, rows, ...] -> [rows, heads, ...]
@@ -380,3 +383,40 @@ def capture_layer(
         special[queries:],
         head_mean,
     )
+
+
+def _softmax_in_place(logits: Tensor) -> Tensor:
+    """Softmax over the last axis, written over ``logits`` (on the CPU without a new allocation, so that
+    a tile never leaves the cache)."""
+    if logits.device.type == "cpu":
+        return torch.softmax(logits, dim=-1, out=logits)
+    return logits.copy_(torch.softmax(logits, dim=-1))
+
+
+def _run_tiles(capture_tile: Callable[[int, int], None], num_rows: int, num_tokens: int, device) -> None:
+    """Call ``capture_tile(first, last)`` over ``num_rows`` rows.
+
+    On the CPU, tiles of rows small enough for a core's own cache run in parallel, one per thread and
+    each single-threaded: the same cores as torch's own parallelism, without the synchronisation of
+    many small multi-threaded operations or the trips to main memory of large ones. Another device
+    takes all rows at once.
+    """
+    if device.type != "cpu":
+        capture_tile(0, num_rows)
+        return
+    rows_per_tile = max(1, _TILE_BYTES // (4 * num_tokens))
+    tiles = [(first, min(first + rows_per_tile, num_rows)) for first in range(0, num_rows, rows_per_tile)]
+    threads = min(torch.get_num_threads(), len(tiles))
+    if threads <= 1:
+        for first, last in tiles:
+            capture_tile(first, last)
+        return
+    saved = torch.get_num_threads()
+    try:
+        # torch.set_num_threads also pins the calling thread's BLAS, so each worker sets it for itself;
+        # with some builds the setting is process-wide, hence the caller's is put back after.
+        with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            for done in [pool.submit(capture_tile, first, last) for first, last in tiles]:
+                done.result()
+    finally:
+        torch.set_num_threads(saved)

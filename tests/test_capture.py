@@ -1,0 +1,75 @@
+"""The capture of one layer on its own: tiles of rows computed in parallel equal a plain softmax."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vggt import capture
+from vggt.capture import LayerRef, QueryGrid, SequenceLayout, Workspace, capture_layer
+
+GRID = QueryGrid(grid_h=6, grid_w=5, stride_h=2, stride_w=2)
+LAYOUT = SequenceLayout(
+    key_frames=3, patch_start=2, special_tokens=("camera", "register_1"), special_queries=(0, 1, 2)
+)
+HEADS, HEAD_DIM = 3, 8
+
+
+def plain_attention(q: torch.Tensor, k: torch.Tensor) -> np.ndarray:
+    """``softmax(q k^T / sqrt(d))`` in float64, ``[heads, N, N]``."""
+    q64, k64 = q[0].double(), k[0].double()
+    return torch.softmax(q64 @ k64.transpose(-2, -1) / HEAD_DIM**0.5, dim=-1).numpy()
+
+
+def pooled_by_hand(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the query grid's patches, then of the camera tokens, pooled cell by cell.
+
+    Returns maps ``[heads, R, S, H_ds, W_ds]`` and special mass ``[heads, R, S, 2]``.
+    """
+    per_frame = LAYOUT.patch_start + GRID.num_patches
+    patch_rows = [
+        LAYOUT.patch_start + r * GRID.grid_w + c
+        for r in range(0, GRID.grid_h, GRID.stride_h)
+        for c in range(0, GRID.grid_w, GRID.stride_w)
+    ]
+    rows = patch_rows + [frame * per_frame for frame in LAYOUT.special_queries]
+    by_frame = probs[:, rows].reshape(HEADS, len(rows), LAYOUT.key_frames, per_frame)
+    patches = by_frame[..., LAYOUT.patch_start :].reshape(*by_frame.shape[:3], GRID.grid_h, GRID.grid_w)
+    maps = np.zeros((*by_frame.shape[:3], GRID.H_ds, GRID.W_ds))
+    for r in range(GRID.H_ds):
+        for c in range(GRID.W_ds):
+            rs = slice(r * GRID.stride_h, (r + 1) * GRID.stride_h)
+            cs = slice(c * GRID.stride_w, (c + 1) * GRID.stride_w)
+            maps[..., r, c] = patches[..., rs, cs].sum(axis=(-2, -1))
+    return maps, by_frame[..., : LAYOUT.patch_start]
+
+
+@pytest.mark.parametrize("per_head", [True, False])
+def test_parallel_tiles_equal_plain_softmax(monkeypatch, per_head):
+    # Tiles of two rows each, so that the 18 query rows are split over several threads.
+    num_tokens = LAYOUT.key_frames * (LAYOUT.patch_start + GRID.num_patches)
+    monkeypatch.setattr(capture, "_TILE_BYTES", 2 * 4 * num_tokens)
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, HEADS, num_tokens, HEAD_DIM, generator=generator) * 2
+    k = torch.randn(1, HEADS, num_tokens, HEAD_DIM, generator=generator) * 2
+    maps, special = pooled_by_hand(plain_attention(q, k))
+    queries = GRID.num_queries
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with torch.inference_mode():  # as inside the exporter's forward pass
+            layer = capture_layer(q, k, LayerRef("global", 0), LAYOUT, GRID, per_head, Workspace())
+        assert torch.get_num_threads() == 3  # the workers' single-threaded setting does not leak out
+    finally:
+        torch.set_num_threads(threads)
+    if per_head:
+        expected = maps.swapaxes(0, 1), special.swapaxes(0, 1)
+        np.testing.assert_allclose(layer.head_mean.numpy(), maps[:, :queries].mean(axis=0), atol=1e-6)
+    else:
+        expected = maps.mean(axis=0), special.mean(axis=0)
+        assert layer.head_mean is None
+    np.testing.assert_allclose(layer.maps.numpy(), expected[0][:queries], atol=1e-6)
+    np.testing.assert_allclose(layer.special_mass.numpy(), expected[1][:queries], atol=1e-6)
+    np.testing.assert_allclose(layer.token_maps.numpy(), expected[0][queries:], atol=1e-6)
+    np.testing.assert_allclose(layer.token_special_mass.numpy(), expected[1][queries:], atol=1e-6)
