@@ -340,7 +340,7 @@ def capture_layer(
     maps = workspace.take("maps", (*lead, key_frames, cells))
     special = workspace.take("special", (*lead, key_frames, start_patch))
     head_mean = workspace.take("head_mean", (num_rows, key_frames, cells)) if per_head else None
-    mean_maps, mean_special = (head_mean, None) if per_head else (maps, special)
+    mean_maps = head_mean if per_head else maps
     # Probabilities are computed in float32 even inside the forward pass's autocast region.
     with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
         queries = q[0][:, rows.to(q.device)].float().mul_(head_dim**-0.5)  # [heads, R, head_dim]
@@ -353,7 +353,8 @@ def capture_layer(
         with torch.inference_mode(), torch.autocast(q.device.type, enabled=False):
             probs = torch.empty(last - first, num_tokens, device=q.device)
             mean_tile = torch.zeros(last - first, key_frames, cells, device=q.device)
-            special_sum = torch.zeros(last - first, key_frames, start_patch, device=q.device)
+            special_shape = (last - first, key_frames, start_patch)
+            special_sum = None if per_head else torch.zeros(special_shape, device=q.device)
             for head in range(heads):
                 _softmax_in_place(torch.mm(queries[head, first:last], keys_t[head], out=probs))
                 by_frame = probs.unflatten(-1, (key_frames, per_frame))
@@ -365,8 +366,8 @@ def capture_layer(
                     special_sum.add_(by_frame[..., :start_patch])
                 mean_tile.add_(patches)
             mean_maps[first:last].copy_(mean_tile.mul_(1.0 / heads))
-            if mean_special is not None:
-                mean_special[first:last].copy_(special_sum.mul_(1.0 / heads))
+            if special_sum is not None:
+                special[first:last].copy_(special_sum.mul_(1.0 / heads))
 
     _run_tiles(capture_tile, num_rows, num_tokens, q.device)
     maps = maps.unflatten(-1, (grid.H_ds, grid.W_ds))
