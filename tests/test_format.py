@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ from vggt.attn_format import (
     open_export,
     query_grid_shape,
 )
-from vggt.attn_format.npz import StoredNpzWriter
+from vggt.attn_format.npz import StoredNpzWriter, load_member, scan_npz
 from vggt.quantize import EncodedMaps, dequantize_uint8, percentile99, quantize_uint8
 from vggt.viewer.synthetic import pooled_probabilities, synthetic_frames, write_synthetic_export
 
@@ -586,6 +587,63 @@ def test_streamed_npz_members_read_back_with_valid_crcs(tmp_path: Path) -> None:
     assert np.abs(codes - expected).max() <= 1 and np.mean(codes == expected) > 0.999
     assert np.array_equal(codes, quantize_uint8(maps, head_vmax))
     assert np.array_equal(raw, maps[:7].astype(np.float16)) and np.array_equal(small, np.arange(5))
+
+
+def _write_large_members(path: Path, direct_io: bool) -> None:
+    rng = np.random.default_rng(5)
+    maps = rng.random((300, 4, 3, 37, 37), dtype=np.float32)  # 4.9 MB of codes, streamed
+    raw = rng.integers(0, 256, (20 << 20) + 7, dtype=np.uint8)  # two and a half direct-write buffers
+    with StoredNpzWriter(path, direct_io=direct_io) as npz:
+        npz.add("small", np.arange(5, dtype=np.float16))
+        npz.add("codes", EncodedMaps(maps, "uint8", 0.5))
+        npz.add("raw", raw)
+        npz.add("tail", np.arange(3, dtype=np.uint8))
+
+
+@pytest.mark.parametrize("refused", [None, "at open", "at the second write"])
+def test_large_members_page_aligned_and_the_same_written_directly_or_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refused: str | None
+) -> None:
+    """Members of 4 MB or more start on a 4096-byte boundary. Written with direct I/O (where the file
+    system takes it; also when it refuses it at open or midway) the file is byte for byte the one
+    written through the page cache, and it reads back."""
+    if refused and not hasattr(os, "O_DIRECT"):
+        pytest.skip("no direct I/O on this platform")
+    direct_flag = getattr(os, "O_DIRECT", 0)
+    fcntl = pytest.importorskip("fcntl") if direct_flag else None
+    _write_large_members(tmp_path / "cached.npz", direct_io=False)
+    direct_opens, direct_writes = [], []
+    real_open, real_pwrite = os.open, os.pwrite
+
+    def spying_open(path, flags, *args, **kwargs):
+        if flags & direct_flag:
+            direct_opens.append(path)
+            if refused == "at open":
+                raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args, **kwargs)
+
+    def spying_pwrite(fd: int, data, offset: int) -> int:
+        if direct_flag and fcntl.fcntl(fd, fcntl.F_GETFL) & direct_flag:
+            direct_writes.append(offset)
+            if refused == "at the second write" and len(direct_writes) == 2:
+                raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "open", spying_open)
+    monkeypatch.setattr(os, "pwrite", spying_pwrite)
+    path = tmp_path / "direct.npz"
+    _write_large_members(path, direct_io=True)
+    monkeypatch.undo()
+    if direct_flag:
+        assert len(direct_opens) == 2  # the codes and the raw bytes; the small members go the usual way
+    assert path.read_bytes() == (tmp_path / "cached.npz").read_bytes()
+    members = scan_npz(path, "direct.npz")
+    assert members["codes"].data_offset % 4096 == 0 and members["raw"].data_offset % 4096 == 0
+    with zipfile.ZipFile(path) as archive:
+        assert archive.testzip() is None
+    with np.load(path) as loaded:
+        assert loaded["raw"].size == (20 << 20) + 7 and np.array_equal(loaded["tail"], np.arange(3))
+        assert np.array_equal(loaded["codes"], load_member(path, members["codes"], "direct.npz"))
 
 
 def test_failing_row_source_leaves_no_layer(tmp_path: Path) -> None:

@@ -8,9 +8,13 @@ once. Nothing is ever unpickled. What :class:`StoredNpzWriter` writes, ``np.load
 
 from __future__ import annotations
 
+import errno
 import io
 import math
+import mmap
+import os
 import struct
+import threading
 import tokenize
 import zipfile
 import zlib
@@ -27,6 +31,10 @@ from vggt.quantize import worker_threads
 _ZIP_LOCAL_HEADER = struct.Struct("<4s5H3L2H")
 _ZIP_LOCAL_SIGNATURE = b"PK\x03\x04"
 _STREAM_BLOCK_BYTES = 1 << 20  # a row source is produced and written this much at a time
+# Members with at least this much data start on a page boundary and are written with direct I/O.
+_DIRECT_MIN_BYTES = 4 << 20
+_PAGE = 4096  # direct I/O writes whole pages from page-aligned memory
+_DIRECT_CHUNK = 8 << 20  # bytes gathered per direct write
 
 # What zipfile, zlib and numpy's header parser raise on damaged bytes (the header is parsed as a
 # Python literal, hence the tokenizer and syntax errors).
@@ -151,6 +159,11 @@ _SIZE_IN_EXTRA = 0xFFFFFFFF
 _DOS_DATE_1980_01_01 = (0 << 9) | (1 << 5) | 1
 
 
+_LOCAL_EXTRA_SIZE = struct.calcsize("<HHQQ")  # the zip64 sizes in each local header
+_O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere all data go through the file object
+_REFUSED_DIRECT = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP)
+
+
 @dataclass
 class _Entry:
     name: bytes
@@ -159,11 +172,145 @@ class _Entry:
     crc: int
 
 
-def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+class _FileSink:
+    """A member's data written through the file object, at its current position."""
+
+    def __init__(self, file: io.BufferedWriter) -> None:
+        self._file = file
+
+    def __enter__(self) -> _FileSink:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        pass
+
+    def write(self, data: np.ndarray) -> None:
+        self._file.write(data)
+
+
+class _StagingPool:
+    """Page-aligned buffers for direct writes, kept from member to member (fresh memory costs a page
+    fault per page)."""
+
+    def __init__(self) -> None:
+        self._free: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> mmap.mmap:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return mmap.mmap(-1, _DIRECT_CHUNK)  # anonymous maps start on a page boundary
+
+    def give_back(self, buffer: mmap.mmap) -> None:
+        with self._lock:
+            if len(self._free) < 2:  # one sink's worth; writers running side by side make their own
+                self._free.append(buffer)
+                return
+        try:
+            buffer.close()
+        except BufferError:  # a view of it is still alive (an error's traceback): freed with it
+            pass
+
+
+_STAGING = _StagingPool()
+
+
+class _DirectSink:
+    """A member's data written with direct I/O, from a page-aligned file offset on.
+
+    A multi-GB export then neither costs a copy into the page cache nor evicts what the cache held (the
+    model's weights among it). The data are gathered into two page-aligned buffers that a thread of
+    their own writes in turn, so the disk works while the next buffer fills. The last partial page goes
+    through the ordinary descriptor, and so does everything once the file system refuses a direct write.
+    Used as a context manager: a clean exit writes what is left and waits for the disk.
+    """
+
+    def __init__(self, path: Path, plain_fd: int, offset: int) -> None:
+        self._direct_fd = os.open(path, os.O_WRONLY | _O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+        self._plain_fd = plain_fd
+        self._direct = True
+        self._offset = offset  # file offset of the current buffer's first byte
+        self._buffers = [_STAGING.take(), _STAGING.take()]
+        self._current, self._filled = 0, 0
+        self._writer = ThreadPoolExecutor(1)
+        self._pending: Future | None = None
+
+    def __enter__(self) -> _DirectSink:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        try:
+            if exc_type is None:
+                if self._filled:
+                    self._submit()
+                if self._pending is not None:
+                    self._pending.result()
+        finally:
+            self._writer.shutdown(wait=True)
+            os.close(self._direct_fd)
+            for buffer in self._buffers:
+                _STAGING.give_back(buffer)
+
+    def write(self, data: np.ndarray) -> None:
+        """Append ``data``, a contiguous 1-D uint8 array."""
+        view = memoryview(data)
+        taken = 0
+        while taken < len(view):
+            count = min(len(view) - taken, _DIRECT_CHUNK - self._filled)
+            buffer = self._buffers[self._current]
+            buffer[self._filled : self._filled + count] = view[taken : taken + count]
+            self._filled += count
+            taken += count
+            if self._filled == _DIRECT_CHUNK:
+                self._submit()
+
+    def _submit(self) -> None:
+        """Hand the current buffer to the writer thread and go on with the other one."""
+        if self._pending is not None:
+            self._pending.result()  # the other buffer is on disk: it may be refilled
+        buffer, length, offset = self._buffers[self._current], self._filled, self._offset
+        self._pending = self._writer.submit(self._write_out, buffer, length, offset)
+        self._offset += length
+        self._current, self._filled = 1 - self._current, 0
+
+    def _write_out(self, buffer: mmap.mmap, length: int, offset: int) -> None:
+        view = memoryview(buffer)[:length]
+        pages = length - length % _PAGE
+        if pages and self._direct:
+            try:
+                _write_all(self._direct_fd, view[:pages], offset)
+                view, offset = view[pages:], offset + pages
+            except OSError as exc:
+                if exc.errno not in _REFUSED_DIRECT:
+                    raise
+                self._direct = False  # the whole buffer again, the ordinary way, and from now on
+        _write_all(self._plain_fd, view, offset)
+
+
+_Sink = _FileSink | _DirectSink
+
+
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    """``os.pwrite`` until all of ``data`` is at ``offset``."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+def _npy_header(shape: tuple[int, ...], dtype: np.dtype, file_offset: int = 0, align: int = 1) -> bytes:
+    """An ``.npy`` version 1.0 header written at ``file_offset``, padded with spaces so that the array
+    data after it starts at a multiple of ``align`` in the file."""
     stream = io.BytesIO()
     header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
     np.lib.format.write_array_header_1_0(stream, header)
-    return stream.getvalue()
+    raw = stream.getvalue()
+    padding = -(file_offset + len(raw)) % align
+    if not padding:
+        return raw
+    # numpy pads the dictionary with spaces up to a final newline; the length field follows the magic.
+    (length,) = struct.unpack_from("<H", raw, 8)
+    return raw[:8] + struct.pack("<H", length + padding) + raw[10:-1] + b" " * padding + b"\n"
 
 
 @runtime_checkable
@@ -203,8 +350,9 @@ class StoredNpzWriter:
     written on a clean exit.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, direct_io: bool = True) -> None:
         self.path = Path(path)
+        self.direct_io = direct_io
         self._file = open(self.path, "wb")
         self._entries: list[_Entry] = []
 
@@ -230,9 +378,12 @@ class StoredNpzWriter:
         if dtype.hasobject:
             raise FormatError(f"NPZ member {key!r}: object arrays are not stored")
         name = f"{key}.npy".encode()
-        header = _npy_header(shape, dtype)
-        size = len(header) + math.prod(shape) * dtype.itemsize
+        data_bytes = math.prod(shape) * dtype.itemsize
+        direct = data_bytes >= _DIRECT_MIN_BYTES
         header_offset = self._file.seek(0, io.SEEK_END)
+        header_start = header_offset + _LOCAL_HEADER.size + len(name) + _LOCAL_EXTRA_SIZE
+        header = _npy_header(shape, dtype, header_start, _PAGE if direct else 1)
+        size = len(header) + data_bytes
         extra = struct.pack("<HHQQ", 1, 16, size, size)
         local_header = _LOCAL_HEADER.pack(
             0x04034B50, _ZIP64_VERSION, 0, 0, 0, _DOS_DATE_1980_01_01, 0,
@@ -240,18 +391,38 @@ class StoredNpzWriter:
         )  # fmt: skip
         self._file.write(local_header + name + extra + header)
         crc = zlib.crc32(header)
-        if source is None:
-            crc = zlib.crc32(array, crc)
-            self._file.write(array.reshape(-1).view(np.uint8) if array.size else b"")
-        else:
-            crc = self._stream_rows(source, shape, dtype, crc)
+        with self._data_sink(header_start + len(header) if direct and self.direct_io else None) as sink:
+            if source is None:
+                crc = zlib.crc32(array, crc)
+                if array.size:
+                    sink.write(array.reshape(-1).view(np.uint8))
+            else:
+                crc = self._stream_rows(source, shape, dtype, crc, sink)
         # The CRC is known only now: patch it into the local header written ahead of the data.
         self._file.seek(header_offset + _LOCAL_CRC_OFFSET)
         self._file.write(struct.pack("<I", crc))
         self._file.seek(0, io.SEEK_END)
         self._entries.append(_Entry(name, header_offset, size, crc))
 
-    def _stream_rows(self, source: RowSource, shape: tuple[int, ...], dtype: np.dtype, crc: int) -> int:
+    def _data_sink(self, data_offset: int | None) -> _Sink:
+        """Where a member's data go: through the file object, or, for data starting at the page-aligned
+        ``data_offset``, straight to the disk where the file system takes direct I/O."""
+        if data_offset is not None and _O_DIRECT:
+            self._file.flush()  # what the file object holds lands before the direct writes
+            try:
+                return _DirectSink(self.path, self._file.fileno(), data_offset)
+            except OSError:  # a file system without direct I/O (tmpfs, some FUSE mounts)
+                pass
+        return _FileSink(self._file)
+
+    def _stream_rows(
+        self,
+        source: RowSource,
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        crc: int,
+        sink: _FileSink | _DirectSink,
+    ) -> int:
         rows = shape[0] if shape else 0
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
         rows_per_block = max(1, _STREAM_BLOCK_BYTES // max(1, row_bytes))
@@ -263,7 +434,7 @@ class StoredNpzWriter:
         def append(filled: Future, block: np.ndarray) -> None:  # the I/O thread: blocks in file order
             filled.result()
             checksum[0] = zlib.crc32(block, checksum[0])
-            self._file.write(block.reshape(-1).view(np.uint8))
+            sink.write(block.reshape(-1).view(np.uint8))
 
         written: list[Future | None] = [None] * ring_size
         with ThreadPoolExecutor(fill_threads) as fillers, ThreadPoolExecutor(1) as io_thread:
