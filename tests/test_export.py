@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import shutil
 import zipfile
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 
 from vggt import export as export_module
-from vggt.attn_format import open_export
+from vggt.attn_format import ExportWriter, open_export
 from vggt.export import ExportError, ExportOptions, export_attention, parse_layers
 from vggt.preprocess import load_and_preprocess_images, to_uint8_frames
 
@@ -164,6 +165,26 @@ def test_hooks_are_removed_on_success_and_error(export_tiny, tiny_model, tmp_pat
     assert no_hooks()
     # Nothing that looks like an export, and no staging folder, is left behind.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]
+
+
+def test_failed_layer_write_aborts_the_export(export_tiny, tiny_model, tmp_path, monkeypatch):
+    """A write failing in the background (a full disk at the second layer) ends the export with that
+    error, hooks removed and nothing left on disk."""
+    real_write = ExportWriter.write_layer
+    names = []
+
+    def write_until_full(self, name, *args, **kwargs):
+        names.append(name)
+        if len(names) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(ExportWriter, "write_layer", write_until_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_tiny(tmp_path / "full", per_head=True)
+    assert all(not module._forward_hooks for module in tiny_model.modules())
+    assert not list(tmp_path.iterdir())
+    assert names == ["layer_01", "layer_02"]
 
 
 def test_existing_folder_refused_unless_overwrite(export_tiny, tiny_model, tiny_reference, tmp_path):

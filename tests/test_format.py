@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import shutil
 import stat
@@ -592,11 +593,14 @@ def test_streamed_npz_members_read_back_with_valid_crcs(tmp_path: Path) -> None:
 def _write_large_members(path: Path, direct_io: bool) -> None:
     rng = np.random.default_rng(5)
     maps = rng.random((300, 4, 3, 37, 37), dtype=np.float32)  # 4.9 MB of codes, streamed
-    raw = rng.integers(0, 256, (20 << 20) + 7, dtype=np.uint8)  # two and a half direct-write buffers
+    raw = rng.integers(0, 256, (20 << 20) + 8, dtype=np.uint8)  # two and a half direct-write buffers
+    aligned = np.frombuffer(mmap.mmap(-1, raw.size), np.uint8)  # page-aligned memory: written as it is
+    aligned[:] = raw
     with StoredNpzWriter(path, direct_io=direct_io) as npz:
         npz.add("small", np.arange(5, dtype=np.float16))
         npz.add("codes", EncodedMaps(maps, "uint8", 0.5))
-        npz.add("raw", raw)
+        npz.add("raw", raw[1:])
+        npz.add("aligned", aligned.view(np.uint16))
         npz.add("tail", np.arange(3, dtype=np.uint8))
 
 
@@ -635,14 +639,15 @@ def test_large_members_page_aligned_and_the_same_written_directly_or_not(
     _write_large_members(path, direct_io=True)
     monkeypatch.undo()
     if direct_flag:
-        assert len(direct_opens) == 2  # the codes and the raw bytes; the small members go the usual way
+        assert len(direct_opens) == 3  # the codes and the raw bytes; the small members go the usual way
     assert path.read_bytes() == (tmp_path / "cached.npz").read_bytes()
     members = scan_npz(path, "direct.npz")
-    assert members["codes"].data_offset % 4096 == 0 and members["raw"].data_offset % 4096 == 0
+    assert all(members[key].data_offset % 4096 == 0 for key in ("codes", "raw", "aligned"))
     with zipfile.ZipFile(path) as archive:
         assert archive.testzip() is None
     with np.load(path) as loaded:
         assert loaded["raw"].size == (20 << 20) + 7 and np.array_equal(loaded["tail"], np.arange(3))
+        assert np.array_equal(loaded["aligned"].view(np.uint8)[1:], loaded["raw"])
         assert np.array_equal(loaded["codes"], load_member(path, members["codes"], "direct.npz"))
 
 

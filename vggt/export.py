@@ -42,6 +42,7 @@ from vggt.capture import (
     sequence_layout,
 )
 from vggt.device import autocast_context
+from vggt.layer_queue import LayerWriteQueue
 from vggt.models.hooks import StopAfter
 from vggt.preprocess import to_uint8_frames
 from vggt.quantize import encode_layer
@@ -280,13 +281,13 @@ def export_attention(
         writer = ExportWriter(staging, compress=options.compress)
         writer.write_frames(to_uint8_frames(images), sources)
         total = len(layers) + int(options.rollout)
-        with tqdm(total=total, desc="writing layers", unit="layer", disable=not progress) as bar:
+        bar = tqdm(total=total, desc="writing layers", unit="layer", disable=not progress)
+        with bar, LayerWriteQueue(writer.write_layer, on_written=lambda: bar.update(1)) as queue:
 
             def write(captured: CapturedLayer, extra: dict | None = None) -> None:
                 name = layer_name(captured.ref, blocks)
                 meta = base_meta | {"num_heads": heads[captured.ref.kind]} | (extra or {})
-                _write_layer(writer, name, captured, meta, options.precision)
-                bar.update(1)
+                _queue_layer(queue, name, captured, meta, options.precision)
 
             rollout = _forward_with_capture(
                 model, images, grid, layers, options, write, autocast_dtype, progress
@@ -297,6 +298,7 @@ def export_attention(
                     "rollout_layers": rollout.num_layers,
                 }
                 write(rollout.result(), rollout_meta)
+            queue.finish()
         weights_source = getattr(model, "weights_source", None)
         writer.write_manifest(_manifest_fields(manifest, out_dir, options, blocks, weights_source))
         _move_into_place(staging, out_dir, overwrite)
@@ -306,13 +308,14 @@ def export_attention(
     return out_dir
 
 
-def _write_layer(
-    writer: ExportWriter, name: str, captured: CapturedLayer, meta: dict, precision: str
+def _queue_layer(
+    queue: LayerWriteQueue, name: str, captured: CapturedLayer, meta: dict, precision: str
 ) -> None:
-    """Encode a captured layer (patch queries and token queries) and write it."""
+    """Encode a captured layer (patch queries and token queries) and queue it for writing.
+
+    Everything queued is a copy: the captured arrays are reused for the next layer."""
     ref, layout = captured.ref, captured.layout
     head_mean = None if captured.head_mean is None else captured.head_mean.numpy()
-    # The maps are encoded as the writer streams them into the file.
     heatmaps, fields = encode_layer(captured.maps.numpy(), precision, head_mean)
     token_heatmaps, token_fields = encode_layer(captured.token_maps.numpy(), precision)
     is_rollout = ref.kind == ROLLOUT_NAME
@@ -331,12 +334,12 @@ def _write_layer(
             "token_per_head_vmax99": token_fields["per_head_vmax99"],
         }
     )
-    writer.write_layer(
+    queue.submit(
         name,
-        heatmaps,
+        heatmaps.encode_into(queue.buffer(heatmaps.shape, heatmaps.dtype)),
         _float16(captured.special_mass),
         meta,
-        token_heatmaps=token_heatmaps,
+        token_heatmaps=np.asarray(token_heatmaps),
         token_special_mass=_float16(captured.token_special_mass),
     )
 

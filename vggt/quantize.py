@@ -26,6 +26,7 @@ _SAMPLE_SIZE = 1 << 16
 _SAMPLE_MARGIN = 200  # sample ranks below the target: ~8 standard deviations of the sampled rank
 _CHUNK_VALUES = 1 << 18  # elements encoded at a time: the passes over them stay in cache
 _SELECT_BLOCK = 1 << 18  # elements per block when selecting the top values
+_TASK_BYTES = 1 << 20  # encoded bytes per task when a layer is encoded on several threads
 
 
 def worker_threads() -> int:
@@ -146,9 +147,29 @@ class EncodedMaps:
             else:
                 target[...] = _quantize_block(values, self._codes_per_unit, work[: last - first])
 
+    def encode_into(self, out: np.ndarray) -> np.ndarray:
+        """Encode every row into ``out`` (C-contiguous, :attr:`shape` and :attr:`dtype`) on
+        :func:`worker_threads` threads; returns ``out``."""
+        if out.shape != self.shape or out.dtype != self.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"cannot encode {self.dtype} {self.shape} into {out.dtype} {out.shape}")
+        rows = self.shape[0]
+        rows_per_task = max(1, _TASK_BYTES // max(1, out[:1].nbytes))
+        starts = range(0, rows, rows_per_task)
+        if len(starts) <= 1:
+            self.fill(0, rows, out)
+            return out
+        with ThreadPoolExecutor(min(len(starts), worker_threads())) as pool:
+            for done in [
+                pool.submit(
+                    self.fill, start, min(start + rows_per_task, rows), out[start : start + rows_per_task]
+                )
+                for start in starts
+            ]:
+                done.result()
+        return out
+
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        encoded = np.empty(self.shape, self.dtype)
-        self.fill(0, self.shape[0], encoded)
+        encoded = self.encode_into(np.empty(self.shape, self.dtype))
         return encoded if dtype is None else encoded.astype(dtype)
 
 

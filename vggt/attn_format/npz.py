@@ -220,9 +220,10 @@ class _DirectSink:
     """A member's data written with direct I/O, from a page-aligned file offset on.
 
     A multi-GB export then neither costs a copy into the page cache nor evicts what the cache held (the
-    model's weights among it). The data are gathered into two page-aligned buffers that a thread of
-    their own writes in turn, so the disk works while the next buffer fills. The last partial page goes
-    through the ordinary descriptor, and so does everything once the file system refuses a direct write.
+    model's weights among it). Data in page-aligned memory are written as they are; other data are
+    gathered into two page-aligned buffers that a thread of their own writes in turn, so the disk works
+    while the next buffer fills. The last partial page goes through the ordinary descriptor, and so does
+    everything once the file system refuses a direct write.
     Used as a context manager: a clean exit writes what is left and waits for the disk.
     """
 
@@ -255,6 +256,12 @@ class _DirectSink:
     def write(self, data: np.ndarray) -> None:
         """Append ``data``, a contiguous 1-D uint8 array."""
         view = memoryview(data)
+        if not self._filled and data.ctypes.data % _PAGE == 0 and len(view) >= _PAGE:
+            # Page-aligned memory goes to the disk as it is, whole pages of it; the rest is staged.
+            pages = len(view) - len(view) % _PAGE
+            self._write_out(view[:pages], self._offset)
+            self._offset += pages
+            view = view[pages:]
         taken = 0
         while taken < len(view):
             count = min(len(view) - taken, _DIRECT_CHUNK - self._filled)
@@ -269,14 +276,14 @@ class _DirectSink:
         """Hand the current buffer to the writer thread and go on with the other one."""
         if self._pending is not None:
             self._pending.result()  # the other buffer is on disk: it may be refilled
-        buffer, length, offset = self._buffers[self._current], self._filled, self._offset
-        self._pending = self._writer.submit(self._write_out, buffer, length, offset)
-        self._offset += length
+        filled = memoryview(self._buffers[self._current])[: self._filled]
+        self._pending = self._writer.submit(self._write_out, filled, self._offset)
+        self._offset += self._filled
         self._current, self._filled = 1 - self._current, 0
 
-    def _write_out(self, buffer: mmap.mmap, length: int, offset: int) -> None:
-        view = memoryview(buffer)[:length]
-        pages = length - length % _PAGE
+    def _write_out(self, view: memoryview, offset: int) -> None:
+        """Write ``view`` at ``offset``: its whole pages directly while the file system takes that."""
+        pages = len(view) - len(view) % _PAGE
         if pages and self._direct:
             try:
                 _write_all(self._direct_fd, view[:pages], offset)
