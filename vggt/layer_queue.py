@@ -21,8 +21,9 @@ class LayerWriteQueue:
     The caller encodes each layer into :meth:`buffer` and queues its write with :meth:`submit`.
     Buffers are reused in turn, ``depth`` of them: one is handed out only once the write of the
     layer it last held has finished. A failed write raises from the next :meth:`buffer`,
-    :meth:`submit` or :meth:`finish`. Use as a context manager: leaving it waits for the writes under
-    way, so that nothing writes into a folder that an error handler is about to remove.
+    :meth:`submit` or :meth:`finish`. Use as a context manager: leaving it waits for the write under
+    way (and, on a clean exit, the queued ones), so that nothing writes into a folder that an error
+    handler is about to remove.
 
     Parameters
     ----------
@@ -50,7 +51,8 @@ class LayerWriteQueue:
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:
-        self._thread.shutdown(wait=True)
+        # On an error, writes not yet started are dropped; the one under way is waited for.
+        self._thread.shutdown(wait=True, cancel_futures=exc_type is not None)
 
     def buffer(self, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
         """A C-contiguous, page-aligned ``shape`` array of ``dtype`` for the next layer (contents

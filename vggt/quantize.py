@@ -66,10 +66,10 @@ def percentile99(values: np.ndarray) -> float:
 def _order_statistics(flat: np.ndarray, lower_rank: int, upper_rank: int) -> tuple[float, float]:
     count = flat.size
     if count > 8 * _SAMPLE_SIZE:
-        sample = np.sort(flat[:: count // _SAMPLE_SIZE])
+        sample = flat[:: count // _SAMPLE_SIZE]
         at = math.floor(sample.size * lower_rank / count) - _SAMPLE_MARGIN
         if at > 0:
-            top = _at_least(flat, sample[at])
+            top = _at_least(flat, np.partition(sample, at)[at])
             below = count - top.size
             if below <= lower_rank:
                 picked = np.partition(top, [lower_rank - below, upper_rank - below])
