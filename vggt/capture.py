@@ -285,15 +285,13 @@ def attention_chunks(q: Tensor, k: Tensor, rows: Tensor, chunk_bytes: int = _CHU
     the caller divides where the result is to go, saving a pass. Float32 whatever the inputs' dtype,
     with the model's scale ``head_dim ** -0.5``. ``exps`` lives in a buffer that the next chunk reuses.
     """
-    heads, num_tokens, head_dim = q.shape
-    keys_t = k.float().transpose(-2, -1)  # [heads, head_dim, N]
+    heads, num_tokens, _ = q.shape
+    queries, keys_t = _float_operands(q, k, rows)
     chunk = max(1, chunk_bytes // (4 * heads * num_tokens))
     buffer = torch.empty(heads, min(chunk, rows.numel()), num_tokens, device=q.device)
-    rows = rows.to(q.device)
     for start in range(0, rows.numel(), chunk):
-        selected = rows[start : start + chunk]
-        queries = q[:, selected].float().mul_(head_dim**-0.5)
-        exps = torch.bmm(queries, keys_t, out=buffer[:, : selected.numel()])
+        count = min(chunk, rows.numel() - start)
+        exps = torch.bmm(queries[:, start : start + count], keys_t, out=buffer[:, :count])
         exps.sub_(exps.amax(dim=-1, keepdim=True)).exp_()
         yield start, exps, exps.sum(dim=-1, keepdim=True)
 
@@ -329,7 +327,7 @@ def capture_layer(
     if q.shape[0] != 1:
         raise ValueError(f"attention capture takes one sequence, got a batch of {q.shape[0]}")
     workspace = workspace or Workspace()
-    heads, num_tokens, head_dim = q.shape[1:]
+    heads, num_tokens = q.shape[1], q.shape[2]
     per_frame = layout.tokens_per_frame(grid)
     key_frames = layout.key_frames
     if num_tokens != key_frames * per_frame:
@@ -343,8 +341,7 @@ def capture_layer(
     mean_maps = head_mean if per_head else maps
     # Probabilities are computed in float32 even inside the forward pass's autocast region.
     with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
-        queries = q[0][:, rows.to(q.device)].float().mul_(head_dim**-0.5)  # [heads, R, head_dim]
-        keys_t = k[0].float().transpose(-2, -1)  # [heads, head_dim, N]
+        queries, keys_t = _float_operands(q[0], k[0], rows)
 
     def capture_tile(first: int, last: int) -> None:
         """Rows ``[first, last)``, head by head: logits, softmax in place, then stored or averaged."""
@@ -384,6 +381,14 @@ def capture_layer(
         special[queries:],
         head_mean,
     )
+
+
+def _float_operands(q: Tensor, k: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """The softmax rows' operands in float32: ``q[:, rows]`` times the model's scale ``head_dim ** -0.5``
+    (``[heads, R, head_dim]``) and ``k`` transposed (``[heads, head_dim, N]``), from ``[heads, N,
+    head_dim]`` inputs of any float dtype."""
+    queries = q[:, rows.to(q.device)].float().mul_(q.shape[-1] ** -0.5)
+    return queries, k.float().transpose(-2, -1)
 
 
 def _softmax_in_place(logits: Tensor) -> Tensor:

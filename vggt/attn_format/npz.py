@@ -14,7 +14,6 @@ import math
 import mmap
 import os
 import struct
-import threading
 import tokenize
 import zipfile
 import zlib
@@ -188,34 +187,6 @@ class _FileSink:
         self._file.write(data)
 
 
-class _StagingPool:
-    """Page-aligned buffers for direct writes, kept from member to member (fresh memory costs a page
-    fault per page)."""
-
-    def __init__(self) -> None:
-        self._free: list[mmap.mmap] = []
-        self._lock = threading.Lock()
-
-    def take(self) -> mmap.mmap:
-        with self._lock:
-            if self._free:
-                return self._free.pop()
-        return mmap.mmap(-1, _DIRECT_CHUNK)  # anonymous maps start on a page boundary
-
-    def give_back(self, buffer: mmap.mmap) -> None:
-        with self._lock:
-            if len(self._free) < 2:  # one sink's worth; writers running side by side make their own
-                self._free.append(buffer)
-                return
-        try:
-            buffer.close()
-        except BufferError:  # a view of it is still alive (an error's traceback): freed with it
-            pass
-
-
-_STAGING = _StagingPool()
-
-
 class _DirectSink:
     """A member's data written with direct I/O, from a page-aligned file offset on.
 
@@ -232,7 +203,8 @@ class _DirectSink:
         self._plain_fd = plain_fd
         self._direct = True
         self._offset = offset  # file offset of the current buffer's first byte
-        self._buffers = [_STAGING.take(), _STAGING.take()]
+        # Anonymous maps start on a page boundary; untouched pages cost nothing.
+        self._buffers = [mmap.mmap(-1, _DIRECT_CHUNK) for _ in range(2)]
         self._current, self._filled = 0, 0
         self._writer = ThreadPoolExecutor(1)
         self._pending: Future | None = None
@@ -250,8 +222,6 @@ class _DirectSink:
         finally:
             self._writer.shutdown(wait=True)
             os.close(self._direct_fd)
-            for buffer in self._buffers:
-                _STAGING.give_back(buffer)
 
     def write(self, data: np.ndarray) -> None:
         """Append ``data``, a contiguous 1-D uint8 array."""
@@ -428,7 +398,7 @@ class StoredNpzWriter:
         shape: tuple[int, ...],
         dtype: np.dtype,
         crc: int,
-        sink: _FileSink | _DirectSink,
+        sink: _Sink,
     ) -> int:
         rows = shape[0] if shape else 0
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
