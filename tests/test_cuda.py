@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.test_device_quantize import assert_same_encoding, attention_like, half_codes
 from tests.test_export import dequantized, expected_pooled
 from tests.test_export_kinds import all_rows, all_token_rows
 from vggt.attn_format import open_export
@@ -87,3 +88,13 @@ def test_cli_on_cuda_records_device_and_dtype(tiny_cli, tmp_path):
     assert export.manifest["device"] == "cuda" and export.manifest["autocast_dtype"] == "float16"
     maps = dequantized(export, "layer_02")
     assert maps.shape[1] == 4 and np.isfinite(maps).all() and maps.max() > 0
+
+
+@pytest.mark.parametrize("precision", ["uint8", "float16"])
+def test_gpu_quantizer_matches_numpy_byte_for_byte(precision):
+    averaged = half_codes(attention_like((60, 3, 8, 8), seed=0))
+    assert_same_encoding(averaged, precision, "cuda")
+    by_head = attention_like((4, 60, 3, 8, 8), seed=1)
+    by_head[2] = half_codes(by_head[2])
+    per_head = by_head.transpose(1, 0, 2, 3, 4)
+    assert_same_encoding(per_head, precision, "cuda", per_head.mean(axis=1, dtype=np.float32))

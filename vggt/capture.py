@@ -185,19 +185,28 @@ class Workspace:
     def __init__(self) -> None:
         self._buffers: dict[str, Tensor] = {}
 
-    def take(self, name: str, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
-        """A tensor of ``shape`` backed by the buffer ``name`` (grown when too small); contents undefined."""
+    def take(
+        self,
+        name: str,
+        shape: Sequence[int],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
+    ) -> Tensor:
+        """A tensor of ``shape`` on ``device`` (the CPU by default) backed by the buffer ``name`` (made
+        anew when too small or elsewhere); contents undefined."""
         count = math.prod(shape)
+        device = torch.device("cpu") if device is None else torch.device(device)
         buffer = self._buffers.get(name)
-        if buffer is None or buffer.dtype != dtype or buffer.numel() < count:
-            buffer = torch.empty(count, dtype=dtype)
+        if buffer is None or buffer.dtype != dtype or buffer.device != device or buffer.numel() < count:
+            self._buffers.pop(name, None)  # freed before its successor is allocated
+            buffer = torch.empty(count, dtype=dtype, device=device)
             self._buffers[name] = buffer
         return buffer[:count].view(*shape)
 
 
 @dataclass
 class CapturedLayer:
-    """One layer's pooled attention, float32 on CPU.
+    """One layer's pooled attention, float32, on the device the layer was computed on.
 
     Arrays with a heads axis (per head) are views of head-major storage, so ``maps[:, h]`` is
     contiguous. They may be views of a :class:`Workspace`: valid until the next layer is captured.
@@ -335,9 +344,13 @@ def capture_layer(
     rows = layout.query_rows(grid)
     num_rows, cells, start_patch = rows.numel(), grid.num_queries, layout.patch_start
     lead = (heads, num_rows) if per_head else (num_rows,)
-    maps = workspace.take("maps", (*lead, key_frames, cells))
-    special = workspace.take("special", (*lead, key_frames, start_patch))
-    head_mean = workspace.take("head_mean", (num_rows, key_frames, cells)) if per_head else None
+    # On a GPU the maps stay there, so that they are reduced to codes before they cross to the host.
+    device = q.device
+    maps = workspace.take("maps", (*lead, key_frames, cells), device=device)
+    special = workspace.take("special", (*lead, key_frames, start_patch), device=device)
+    head_mean = None
+    if per_head:
+        head_mean = workspace.take("head_mean", (num_rows, key_frames, cells), device=device)
     mean_maps = head_mean if per_head else maps
     # Probabilities are computed in float32 even inside the forward pass's autocast region.
     with torch.no_grad(), torch.autocast(q.device.type, enabled=False):

@@ -43,10 +43,11 @@ from vggt.capture import (
     sequence_layout,
 )
 from vggt.device import autocast_context
+from vggt.device_quantize import DeviceEncodedMaps, encode_layer_on_device
 from vggt.layer_queue import LayerWriteQueue
 from vggt.models.hooks import StopAfter
 from vggt.preprocess import to_uint8_frames
-from vggt.quantize import encode_layer
+from vggt.quantize import EncodedMaps, encode_layer
 from vggt.rollout import DEFAULT_DISCARD_RATIO, RolloutCapture, rollout_memory_bytes
 
 PRECISIONS = ("uint8", "float16")
@@ -316,9 +317,8 @@ def _queue_layer(
 
     Everything queued is a copy: the captured arrays are reused for the next layer."""
     ref, layout = captured.ref, captured.layout
-    head_mean = None if captured.head_mean is None else captured.head_mean.numpy()
-    heatmaps, fields = encode_layer(captured.maps.numpy(), precision, head_mean)
-    token_heatmaps, token_fields = encode_layer(captured.token_maps.numpy(), precision)
+    heatmaps, fields = _encode(captured.maps, precision, captured.head_mean)
+    token_heatmaps, token_fields = _encode(captured.token_maps, precision)
     is_rollout = ref.kind == ROLLOUT_NAME
     token_name = layout.special_tokens[0]
     meta = (
@@ -345,8 +345,17 @@ def _queue_layer(
     )
 
 
+def _encode(
+    maps: Tensor, precision: str, head_mean: Tensor | None = None
+) -> tuple[EncodedMaps | DeviceEncodedMaps, dict]:
+    """Scales and codes of captured maps: with numpy on the CPU, where the maps are on a GPU."""
+    if maps.device.type != "cpu":
+        return encode_layer_on_device(maps, precision, head_mean)
+    return encode_layer(maps.numpy(), precision, None if head_mean is None else head_mean.numpy())
+
+
 def _float16(tensor: Tensor) -> np.ndarray:
-    return tensor.numpy().astype(np.float16, order="C")
+    return tensor.cpu().numpy().astype(np.float16, order="C")
 
 
 def _forward_with_capture(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -53,14 +54,24 @@ def percentile99(values: np.ndarray) -> float:
         The percentile; ``1.0`` for an empty array, so that it can always serve as a scale.
     """
     flat = np.asarray(values).reshape(-1)
-    count = flat.size
-    if count == 0:
+    if flat.size == 0:
         return 1.0
+    lower_rank, upper_rank = percentile_ranks(flat.size)
+    return interpolate_percentile(flat.size, *_order_statistics(flat, lower_rank, upper_rank))
+
+
+def percentile_ranks(count: int) -> tuple[int, int]:
+    """0-based ranks (in ascending order) of the two order statistics that the 99th percentile of
+    ``count > 0`` values interpolates between."""
+    lower_rank = math.floor(PERCENTILE / 100.0 * (count - 1))
+    return lower_rank, min(lower_rank + 1, count - 1)
+
+
+def interpolate_percentile(count: int, lower: float, upper: float) -> float:
+    """The 99th percentile of ``count`` values from its two order statistics (see
+    :func:`percentile_ranks`), interpolated linearly as ``np.percentile`` does."""
     position = PERCENTILE / 100.0 * (count - 1)
-    lower_rank = math.floor(position)
-    upper_rank = min(lower_rank + 1, count - 1)
-    lower, upper = _order_statistics(flat, lower_rank, upper_rank)
-    return float(lower + (position - lower_rank) * (upper - lower))
+    return float(lower + (position - math.floor(position)) * (upper - lower))
 
 
 def _order_statistics(flat: np.ndarray, lower_rank: int, upper_rank: int) -> tuple[float, float]:
@@ -126,7 +137,7 @@ class EncodedMaps:
             vmax = np.asarray(vmax99, dtype=np.float32)
             if vmax.ndim > max(self.values.ndim - 1, 0):
                 raise ValueError(f"a scale of shape {vmax.shape} does not fit maps of shape {self.shape}")
-            self._codes_per_unit = np.float32(UINT8_MAX) / np.where(vmax > 0, vmax, np.float32(1.0))
+            self._codes_per_unit = codes_per_unit(vmax)
         self._rows_per_step = min(max(1, _CHUNK_VALUES // max(1, math.prod(self.shape[1:]))), self.shape[0])
         self._scratch = threading.local()  # fill may run in several threads at once
 
@@ -189,6 +200,13 @@ def quantize_uint8(values: np.ndarray, vmax99: float | np.ndarray) -> np.ndarray
     return np.asarray(encoded).reshape(values.shape)
 
 
+def codes_per_unit(vmax99: np.ndarray) -> np.ndarray:
+    """``255 / vmax99`` in float32, the factor every code is computed with (a non-positive scale
+    counts as 1)."""
+    vmax = np.asarray(vmax99, dtype=np.float32)
+    return np.float32(UINT8_MAX) / np.where(vmax > 0, vmax, np.float32(1.0))
+
+
 def _quantize_block(values: np.ndarray, codes_per_unit: np.ndarray, work: np.ndarray) -> np.ndarray:
     # Three passes over a cache-sized block: x * (255 / vmax99), clip to [0, 255], round.
     np.multiply(values, codes_per_unit, out=work, dtype=np.float32)
@@ -209,11 +227,15 @@ def dequantize_uint8(codes: np.ndarray, vmax99: float | np.ndarray) -> np.ndarra
 def vmax99(values: np.ndarray) -> float:
     """The scale of a map: its 99th percentile, or its maximum when that is 0 (maps that are mostly
     zeros, as a rollout with discarding can be), or 1 for an all-zero map."""
-    scale = percentile99(values)
-    if scale > 0:
-        return scale
-    peak = float(np.max(values, initial=0.0))
-    return peak if peak > 0 else 1.0
+    return scale_or_fallback(percentile99(values), lambda: float(np.max(values, initial=0.0)))
+
+
+def scale_or_fallback(percentile: float, peak: Callable[[], float]) -> float:
+    """The rule of :func:`vmax99` given the percentile and a way to find the maximum."""
+    if percentile > 0:
+        return percentile
+    highest = peak()
+    return highest if highest > 0 else 1.0
 
 
 def encode_layer(
@@ -248,23 +270,32 @@ def encode_layer(
     if head_mean is None:
         head_mean = maps.mean(axis=1, dtype=np.float32) if per_head else maps
     if precision == "float16" or not per_head:
-        fields = {
-            "layer_vmax99": vmax99(head_mean),
-            "per_head_vmax99": None,
-            "vmax_estimator": VMAX_ESTIMATOR,
-        }
+        fields = scale_fields(precision, vmax99(head_mean))
         if precision == "float16":
-            return EncodedMaps(maps, "float16"), fields | {"normalized_by": "none"}
-        return EncodedMaps(maps, "uint8", fields["layer_vmax99"]), fields | {"normalized_by": "layer"}
+            return EncodedMaps(maps, "float16"), fields
+        return EncodedMaps(maps, "uint8", fields["layer_vmax99"]), fields
     # numpy releases the GIL: the scales are found in parallel.
     heads = maps.shape[1]
     with ThreadPoolExecutor(max_workers=min(heads + 1, worker_threads())) as pool:
         scales = list(pool.map(vmax99, [head_mean, *(maps[:, head] for head in range(heads))]))
-    head_vmax = np.asarray(scales[1:], dtype=np.float32).reshape(heads, *(1,) * (maps.ndim - 2))
-    fields = {
-        "layer_vmax99": scales[0],
-        "per_head_vmax99": scales[1:],
+    fields = scale_fields(precision, scales[0], scales[1:])
+    return EncodedMaps(maps, "uint8", head_scales(fields, maps.ndim)), fields
+
+
+def scale_fields(precision: str, layer_vmax99: float, per_head_vmax99: list[float] | None = None) -> dict:
+    """A layer's metadata fields on its scales: ``layer_vmax99``, ``per_head_vmax99`` (per-head uint8
+    only), ``normalized_by`` and ``vmax_estimator``."""
+    normalized_by = "none" if precision == "float16" else "layer" if per_head_vmax99 is None else "head"
+    return {
+        "layer_vmax99": layer_vmax99,
+        "per_head_vmax99": per_head_vmax99,
         "vmax_estimator": VMAX_ESTIMATOR,
-        "normalized_by": "head",
+        "normalized_by": normalized_by,
     }
-    return EncodedMaps(maps, "uint8", head_vmax), fields
+
+
+def head_scales(fields: dict, ndim: int = 5) -> np.ndarray:
+    """The per-head scales of :func:`scale_fields` as float32 ``[heads, 1, 1, 1]``, broadcasting
+    against one query's ``[heads, K, H_ds, W_ds]`` of ``ndim``-axis maps ``[Q, heads, K, H_ds, W_ds]``."""
+    scales = fields["per_head_vmax99"]
+    return np.asarray(scales, dtype=np.float32).reshape(len(scales), *(1,) * (ndim - 2))

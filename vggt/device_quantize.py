@@ -1,0 +1,115 @@
+"""The quantization of :mod:`vggt.quantize`, computed by torch on the device that holds the maps.
+
+On a GPU a per-head layer is hundreds of MB of float32 maps; finding the scales and the codes there
+sends only the codes (a quarter of the bytes) to the host, and keeps the host's cores out of it. The
+results are the same as :func:`vggt.quantize.encode_layer`'s, byte for byte: the same order statistics
+(``torch.topk``), the same interpolation and fallback, the same float32 factor ``255 / vmax99``,
+and rounding half to even as ``np.rint`` does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vggt.quantize import (
+    UINT8_MAX,
+    codes_per_unit,
+    head_scales,
+    interpolate_percentile,
+    percentile_ranks,
+    scale_fields,
+    scale_or_fallback,
+)
+
+
+class DeviceEncodedMaps:
+    """A layer's maps encoded on their device; :meth:`encode_into` copies them to the host.
+
+    Attributes
+    ----------
+    shape : tuple of int
+    dtype : np.dtype
+        ``uint8`` or ``float16``.
+    """
+
+    def __init__(self, encoded: Tensor) -> None:
+        self._encoded = encoded
+        self.shape = tuple(encoded.shape)
+        self.dtype = np.dtype(str(encoded.dtype).removeprefix("torch."))
+
+    def encode_into(self, out: np.ndarray) -> np.ndarray:
+        """Copy the encoded maps into ``out`` (C-contiguous, :attr:`shape` and :attr:`dtype`); returns
+        ``out``."""
+        if out.shape != self.shape or out.dtype != self.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"cannot copy {self.dtype} {self.shape} into {out.dtype} {out.shape}")
+        torch.from_numpy(out).copy_(self._encoded)
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        encoded = self._encoded.cpu().numpy()
+        return encoded if dtype is None else encoded.astype(dtype)
+
+
+def vmax99_rows(values: Tensor) -> list[float]:
+    """:func:`vggt.quantize.vmax99` of each row of ``values`` ``[rows, n]`` (float32, any device)."""
+    rows, count = values.shape
+    if count == 0:
+        return [1.0] * rows
+    lower_rank, upper_rank = percentile_ranks(count)
+    # The values from the lower order statistic up, largest first: about 1% of them. On a GPU this is
+    # some 20 times faster than torch.kthvalue, which gives each row to a single thread block.
+    top = torch.topk(values, count - lower_rank, dim=1, sorted=True).values
+    upper = top[:, -1] if upper_rank == lower_rank else top[:, -2]
+    statistics = torch.stack([top[:, -1], upper], dim=1).tolist()
+    return [
+        scale_or_fallback(interpolate_percentile(count, low, high), lambda row=row: values[row].max().item())
+        for row, (low, high) in enumerate(statistics)
+    ]
+
+
+def quantize_uint8_on_device(values: Tensor, vmax99: np.ndarray | float) -> Tensor:
+    """``round(clip(values * (255 / vmax99), 0, 255))`` as uint8 on the values' device.
+
+    ``vmax99`` broadcasts against ``values[0]`` as in :class:`vggt.quantize.EncodedMaps`.
+    """
+    factor = torch.from_numpy(np.asarray(codes_per_unit(vmax99))).to(values.device)
+    codes = torch.mul(values, factor).clamp_(0.0, UINT8_MAX).round_()
+    return codes.to(torch.uint8)
+
+
+def encode_layer_on_device(
+    maps: Tensor, precision: str = "uint8", head_mean: Tensor | None = None
+) -> tuple[DeviceEncodedMaps, dict]:
+    """:func:`vggt.quantize.encode_layer` for maps held by torch (a GPU's), with the same results.
+
+    Parameters
+    ----------
+    maps : Tensor
+        float32 ``[Q, K, H_ds, W_ds]`` (averaged) or ``[Q, heads, K, H_ds, W_ds]`` (per head).
+    precision : str
+        ``"uint8"`` or ``"float16"``.
+    head_mean : Tensor, optional
+        ``[Q, K, H_ds, W_ds]``, the maps averaged over heads (per head only).
+
+    Returns
+    -------
+    heatmaps : DeviceEncodedMaps
+        uint8 codes or float16 probabilities of the shape of ``maps``, on the device.
+    fields : dict
+        ``layer_vmax99``, ``per_head_vmax99``, ``normalized_by`` and ``vmax_estimator``.
+    """
+    if precision not in ("uint8", "float16"):
+        raise ValueError(f"precision must be 'uint8' or 'float16', got {precision!r}")
+    per_head = maps.dim() == 5
+    if head_mean is None:
+        head_mean = maps.mean(dim=1) if per_head else maps
+    (layer_vmax,) = vmax99_rows(head_mean.reshape(1, -1))
+    if precision == "float16" or not per_head:
+        fields = scale_fields(precision, layer_vmax)
+        encoded = maps.half() if precision == "float16" else quantize_uint8_on_device(maps, layer_vmax)
+        return DeviceEncodedMaps(encoded), fields
+    by_head = maps.transpose(0, 1).reshape(maps.shape[1], -1)  # a view for head-major storage
+    fields = scale_fields(precision, layer_vmax, vmax99_rows(by_head))
+    return DeviceEncodedMaps(quantize_uint8_on_device(maps, head_scales(fields, maps.dim()))), fields
