@@ -369,7 +369,13 @@ class StoredNpzWriter:
         self._file.write(local_header + name + extra + header)
         crc = zlib.crc32(header)
         with self._data_sink(header_start + len(header) if direct and self.direct_io else None) as sink:
-            if source is None:
+            if source is None and direct:
+                # A large member's checksum is computed while the disk writes it (zlib lets go of the GIL).
+                with ThreadPoolExecutor(1, thread_name_prefix="npz-crc") as pool:
+                    checksum = pool.submit(zlib.crc32, array, crc)
+                    sink.write(array.reshape(-1).view(np.uint8))
+                    crc = checksum.result()
+            elif source is None:
                 crc = zlib.crc32(array, crc)
                 if array.size:
                     sink.write(array.reshape(-1).view(np.uint8))
