@@ -8,11 +8,12 @@ The Python API behind ``compute_layerwise_attentions.py``::
                      options=ExportOptions(per_head=True, stride_h=2, stride_w=2))
 
 Each chosen layer (global by default; frame and DINOv2 layers on request) is captured at its hook
-point while the forward pass runs and encoded (uint8 or float16) at once; a background thread writes it
-while the pass goes on (:mod:`vggt.layer_queue`). So one layer's float maps and at most two layers'
-codes are in memory at a time. The attention rollout, when asked for, is formed during the same pass and
-written after it. The export is written to a hidden temporary folder beside the target and renamed into
-place when complete.
+point while the forward pass runs and encoded (uint8 or float16) at once: with numpy on the CPU
+(:mod:`vggt.quantize`), on the GPU where the model runs on one (:mod:`vggt.device_quantize`, the same
+bytes). A background thread writes it while the pass goes on (:mod:`vggt.layer_queue`). So one layer's
+float maps and at most two layers' codes are in memory at a time. The attention rollout, when asked for,
+is formed during the same pass and written after it. The export is written to a hidden temporary folder
+beside the target and renamed into place when complete.
 """
 
 from __future__ import annotations
