@@ -12,6 +12,7 @@ import torch
 from tests.test_device_quantize import assert_same_encoding, attention_like, half_codes
 from tests.test_export import dequantized, expected_pooled
 from tests.test_export_kinds import all_rows, all_token_rows
+from vggt import rollout as rollout_module
 from vggt.attn_format import open_export
 from vggt.export import ExportOptions, export_attention
 
@@ -55,11 +56,24 @@ def test_float32_maps_on_cuda_equal_upstream_attention(cuda_model, tiny_referenc
         assert np.all(error <= scale / 255 * 0.5 + 1e-4), error.max()
 
 
-def test_every_kind_and_rollout_on_cuda_match_the_cpu(tiny_model, tiny_reference, tmp_path):
+@pytest.mark.parametrize("gpu_free", [None, 0], ids=["rollout on the GPU", "rollout in host memory"])
+def test_every_kind_and_rollout_on_cuda_match_the_cpu(tiny_model, tiny_reference, tmp_path, monkeypatch,
+                                                      gpu_free):  # fmt: skip
     on_cpu = export_on(tiny_model, tiny_reference, tmp_path / "cpu", precision="float16", **EVERY_KIND)
+    chosen = []
+
+    def spy_storage(device, needed_bytes):
+        if gpu_free is not None:
+            monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (gpu_free, 80 << 30))
+        chosen.append(real_storage(device, needed_bytes))
+        return chosen[-1]
+
+    real_storage = rollout_module.rollout_storage
+    monkeypatch.setattr(rollout_module, "rollout_storage", spy_storage)
     on_gpu = export_on(tiny_model.to("cuda"), tiny_reference, tmp_path / "gpu", precision="float16",
                        **EVERY_KIND)  # fmt: skip
     assert on_gpu.layer_names == on_cpu.layer_names and "rollout" in on_gpu.layer_names
+    assert [device.type for device in chosen] == ["cuda" if gpu_free is None else "cpu"]
     for name in on_cpu.layer_names:
         np.testing.assert_allclose(all_rows(on_gpu, name), all_rows(on_cpu, name), rtol=2e-3, atol=1e-5)
         np.testing.assert_allclose(all_token_rows(on_gpu, name), all_token_rows(on_cpu, name), rtol=2e-3,

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from vggt.attn_format import open_export
 from vggt.export import ExportError
 from vggt.export_cli import main
+from vggt.rollout import rollout_storage
 
 PATCH, SPECIAL = 14, 5
 EXAMPLE_IMAGES = Path(__file__).parents[1] / "examples" / "synthetic_room" / "images"
@@ -270,3 +272,10 @@ def test_cli_plan_shows_the_kinds_and_the_rollout_memory(tiny_cli, tmp_path, cap
     assert "rollout: 4 frame and global layers, discard ratio 0.9, extra memory" in plan
     reported = float(plan.split("extra memory ")[1].split(" MB")[0])
     assert reported == pytest.approx(matrices / 1e6, rel=0.05)
+
+
+def test_rollout_matrices_stay_on_a_gpu_with_room(monkeypatch):
+    assert rollout_storage(torch.device("cpu"), 1) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 << 30, 80 << 30))
+    assert rollout_storage(torch.device("cuda:1"), 5 << 30) == torch.device("cuda:1")
+    assert rollout_storage(torch.device("cuda:1"), (5 << 30) + 1) == torch.device("cpu")

@@ -49,7 +49,7 @@ from vggt.layer_queue import LayerWriteQueue
 from vggt.models.hooks import StopAfter
 from vggt.preprocess import to_uint8_frames
 from vggt.quantize import EncodedMaps, encode_layer
-from vggt.rollout import DEFAULT_DISCARD_RATIO, RolloutCapture, rollout_memory_bytes
+from vggt.rollout import DEFAULT_DISCARD_RATIO, RolloutCapture
 
 PRECISIONS = ("uint8", "float16")
 ROLLOUT_NAME = "rollout"
@@ -195,13 +195,6 @@ def estimate_export_bytes(
         total += layer_bytes(ROLLOUT_NAME, 1)
     frames = num_frames * image_size[0] * image_size[1] * 3
     return total + frames + 65536
-
-
-def rollout_bytes(aggregator: nn.Module, grid: QueryGrid, num_frames: int) -> int:
-    """Memory the rollout holds while the forward pass runs (:func:`vggt.rollout.rollout_memory_bytes`)."""
-    per_frame = aggregator.patch_start_idx + grid.num_patches
-    rows = grid.num_queries + num_frames
-    return rollout_memory_bytes(num_frames, per_frame, len(aggregator.global_blocks), rows)
 
 
 def export_attention(

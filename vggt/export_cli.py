@@ -32,12 +32,11 @@ from vggt.export import (
     layer_name,
     parse_blocks,
     parse_layers,
-    rollout_bytes,
 )
 from vggt.models.config import AggregatorConfig
 from vggt.models.vggt import VGGT
 from vggt.preprocess import ImageLoadError, list_images, load_and_preprocess_images
-from vggt.rollout import DEFAULT_DISCARD_RATIO
+from vggt.rollout import DEFAULT_DISCARD_RATIO, rollout_bytes
 from vggt.weights import DEFAULT_MODEL_ID, WeightsError, assign_weights
 
 EXIT_USAGE = 2
