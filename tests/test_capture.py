@@ -73,3 +73,15 @@ def test_parallel_tiles_equal_plain_softmax(monkeypatch, per_head):
     np.testing.assert_allclose(layer.special_mass.numpy(), expected[1][:queries], atol=1e-6)
     np.testing.assert_allclose(layer.token_maps.numpy(), expected[0][queries:], atol=1e-6)
     np.testing.assert_allclose(layer.token_special_mass.numpy(), expected[1][queries:], atol=1e-6)
+
+
+def test_workspace_keeps_gpu_buffers_only_while_they_fit(monkeypatch):
+    free = {"bytes": 10 << 30}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 << 30))
+    workspace, gpu = Workspace(), torch.device("cuda:0")
+    assert workspace.place(torch.device("cpu"), 1 << 40) == torch.device("cpu")
+    assert workspace.place(gpu, 5 << 30) == gpu  # half of the free memory
+    free["bytes"] = 1 << 30
+    assert workspace.place(gpu, 5 << 30) == torch.device("cpu")
+    free["bytes"] = 10 << 30
+    assert workspace.place(gpu, 1) == torch.device("cpu")  # once in host memory, it stays there

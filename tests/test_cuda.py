@@ -12,6 +12,7 @@ import torch
 from tests.test_device_quantize import assert_same_encoding, attention_like, half_codes
 from tests.test_export import dequantized, expected_pooled
 from tests.test_export_kinds import all_rows, all_token_rows
+from vggt import export as export_module
 from vggt import rollout as rollout_module
 from vggt.attn_format import open_export
 from vggt.export import ExportOptions, export_attention
@@ -56,7 +57,7 @@ def test_float32_maps_on_cuda_equal_upstream_attention(cuda_model, tiny_referenc
         assert np.all(error <= scale / 255 * 0.5 + 1e-4), error.max()
 
 
-@pytest.mark.parametrize("gpu_free", [None, 0], ids=["rollout on the GPU", "rollout in host memory"])
+@pytest.mark.parametrize("gpu_free", [None, 0], ids=["kept on the GPU", "GPU full: host memory"])
 def test_every_kind_and_rollout_on_cuda_match_the_cpu(tiny_model, tiny_reference, tmp_path, monkeypatch,
                                                       gpu_free):  # fmt: skip
     on_cpu = export_on(tiny_model, tiny_reference, tmp_path / "cpu", precision="float16", **EVERY_KIND)
@@ -70,10 +71,20 @@ def test_every_kind_and_rollout_on_cuda_match_the_cpu(tiny_model, tiny_reference
 
     real_storage = rollout_module.rollout_storage
     monkeypatch.setattr(rollout_module, "rollout_storage", spy_storage)
+    encoded_on_gpu = []
+
+    def spy_encode(maps, *args):
+        encoded_on_gpu.append(maps.device.type)
+        return real_encode(maps, *args)
+
+    real_encode = export_module.encode_layer_on_device
+    monkeypatch.setattr(export_module, "encode_layer_on_device", spy_encode)
     on_gpu = export_on(tiny_model.to("cuda"), tiny_reference, tmp_path / "gpu", precision="float16",
                        **EVERY_KIND)  # fmt: skip
     assert on_gpu.layer_names == on_cpu.layer_names and "rollout" in on_gpu.layer_names
     assert [device.type for device in chosen] == ["cuda" if gpu_free is None else "cpu"]
+    # Every layer, rollout included (patch and token queries), quantized on the GPU, or none when it is full.
+    assert encoded_on_gpu == (["cuda"] * 2 * len(on_gpu.layer_names) if gpu_free is None else [])
     for name in on_cpu.layer_names:
         np.testing.assert_allclose(all_rows(on_gpu, name), all_rows(on_cpu, name), rtol=2e-3, atol=1e-5)
         np.testing.assert_allclose(all_token_rows(on_gpu, name), all_token_rows(on_cpu, name), rtol=2e-3,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from vggt import device_quantize
 from vggt.device_quantize import encode_layer_on_device
 from vggt.quantize import codes_per_unit, encode_layer, vmax99
 
@@ -55,7 +56,9 @@ def test_averaged_layer_matches_numpy(precision):
 
 
 @pytest.mark.parametrize("precision", ["uint8", "float16"])
-def test_per_head_layer_matches_numpy(precision):
+@pytest.mark.parametrize("block_values", [1 << 24, 1000], ids=["one block", "blocks of rows"])
+def test_per_head_layer_matches_numpy(precision, block_values, monkeypatch):
+    monkeypatch.setattr(device_quantize, "_BLOCK_VALUES", block_values)
     maps = attention_like((4, 60, 3, 8, 8), seed=1)  # head-major storage, as the capture keeps it
     maps[2] = half_codes(maps[2])
     per_head = maps.transpose(1, 0, 2, 3, 4)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vggt.attn_format import special_token_names
+from vggt.device import gpu_has_room
 from vggt.models.hooks import HookSession
 
 KINDS = ("global", "frame", "dino")
@@ -179,11 +180,25 @@ class Workspace:
     """Buffers reused from layer to layer.
 
     A layer's pooled maps are hundreds of MB per head at stride 1; touching freshly allocated memory
-    for every layer costs more in page faults than the arithmetic done in it.
+    for every layer costs more in page faults than the arithmetic done in it. For layers computed on a
+    GPU the buffers stay on it while they fit beside the forward pass (:func:`vggt.device.gpu_has_room`),
+    so that the maps are reduced to codes before they cross to the host; else, from then on, they are
+    in host memory.
     """
 
     def __init__(self) -> None:
         self._buffers: dict[str, Tensor] = {}
+        self._host_only = False
+
+    def place(self, device: torch.device, needed_bytes: int) -> torch.device:
+        """Where buffers of ``needed_bytes`` in all for a layer computed on ``device`` go."""
+        if device.type == "cpu" or self._host_only:
+            return torch.device("cpu")
+        held = sum(b.numel() * b.element_size() for b in self._buffers.values() if b.device == device)
+        if gpu_has_room(device, needed_bytes, already_held=held):
+            return device
+        self._host_only = True
+        return torch.device("cpu")
 
     def take(
         self,
@@ -344,8 +359,9 @@ def capture_layer(
     rows = layout.query_rows(grid)
     num_rows, cells, start_patch = rows.numel(), grid.num_queries, layout.patch_start
     lead = (heads, num_rows) if per_head else (num_rows,)
-    # On a GPU the maps stay there, so that they are reduced to codes before they cross to the host.
-    device = q.device
+    mean_rows = num_rows if per_head else 0
+    needed = 4 * (math.prod(lead) * key_frames * (cells + start_patch) + mean_rows * key_frames * cells)
+    device = workspace.place(q.device, needed)
     maps = workspace.take("maps", (*lead, key_frames, cells), device=device)
     special = workspace.take("special", (*lead, key_frames, start_patch), device=device)
     head_mean = None

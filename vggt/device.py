@@ -102,3 +102,13 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None) -> Abstrac
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def gpu_has_room(device: torch.device, needed_bytes: int, already_held: int = 0) -> bool:
+    """Whether ``needed_bytes`` may be kept on GPU ``device`` beside the forward pass: at most
+    ``already_held`` (what the caller holds there now and would give up) plus half its free memory.
+    Always ``False`` for the CPU."""
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return needed_bytes <= already_held + free // 2

@@ -23,6 +23,8 @@ from vggt.quantize import (
     scale_or_fallback,
 )
 
+_BLOCK_VALUES = 1 << 24  # values quantized at a time: 64 MB of float32 scratch
+
 
 class DeviceEncodedMaps:
     """A layer's maps encoded on their device; :meth:`encode_into` copies them to the host.
@@ -72,11 +74,16 @@ def vmax99_rows(values: Tensor) -> list[float]:
 def quantize_uint8_on_device(values: Tensor, vmax99: np.ndarray | float) -> Tensor:
     """``round(clip(values * (255 / vmax99), 0, 255))`` as uint8 on the values' device.
 
-    ``vmax99`` broadcasts against ``values[0]`` as in :class:`vggt.quantize.EncodedMaps`.
+    ``vmax99`` broadcasts against ``values[0]`` as in :class:`vggt.quantize.EncodedMaps`. Rows are
+    done in blocks, so the float32 scratch stays small beside the forward pass.
     """
     factor = torch.from_numpy(np.asarray(codes_per_unit(vmax99))).to(values.device)
-    codes = torch.mul(values, factor).clamp_(0.0, UINT8_MAX).round_()
-    return codes.to(torch.uint8)
+    codes = torch.empty(values.shape, dtype=torch.uint8, device=values.device)
+    step = max(1, _BLOCK_VALUES // max(1, values[0].numel()))
+    for first in range(0, values.shape[0], step):
+        block = torch.mul(values[first : first + step], factor).clamp_(0.0, UINT8_MAX).round_()
+        codes[first : first + step] = block
+    return codes
 
 
 def encode_layer_on_device(
@@ -110,6 +117,7 @@ def encode_layer_on_device(
         fields = scale_fields(precision, layer_vmax)
         encoded = maps.half() if precision == "float16" else quantize_uint8_on_device(maps, layer_vmax)
         return DeviceEncodedMaps(encoded), fields
-    by_head = maps.transpose(0, 1).reshape(maps.shape[1], -1)  # a view for head-major storage
-    fields = scale_fields(precision, layer_vmax, vmax99_rows(by_head))
+    # One head at a time: maps[:, h] of head-major storage flattens without a copy.
+    head_vmax = [vmax99_rows(maps[:, head].reshape(1, -1))[0] for head in range(maps.shape[1])]
+    fields = scale_fields(precision, layer_vmax, head_vmax)
     return DeviceEncodedMaps(quantize_uint8_on_device(maps, head_scales(fields, maps.dim()))), fields

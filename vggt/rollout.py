@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from vggt.capture import CapturedLayer, LayerRef, QueryGrid, attention_chunks, sequence_layout
+from vggt.device import gpu_has_room
 from vggt.models.hooks import HookSession
 
 DEFAULT_DISCARD_RATIO = 0.9
@@ -51,11 +52,7 @@ def rollout_storage(device: torch.device, needed_bytes: int) -> torch.device:
     On the GPU the matrices are formed and multiplied without crossing to the host: for 3 frames of
     VGGT-1B that is about 5 s less per export on an H100 with 16 CPU cores.
     """
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if needed_bytes <= free // 2:
-            return device
-    return torch.device("cpu")
+    return device if gpu_has_room(device, needed_bytes) else torch.device("cpu")
 
 
 def discard_count(num_tokens: int, discard_ratio: float) -> int:
