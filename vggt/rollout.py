@@ -50,7 +50,7 @@ def rollout_storage(device: torch.device, needed_bytes: int) -> torch.device:
     of its free memory (the rest stays with the forward pass), else in host memory.
 
     On the GPU the matrices are formed and multiplied without crossing to the host: for 3 frames of
-    VGGT-1B that is about 5 s less per export on an H100 with 16 CPU cores.
+    VGGT-1B that is about 4 s less per export on an H100 with 16 CPU cores.
     """
     return device if gpu_has_room(device, needed_bytes) else torch.device("cpu")
 
