@@ -359,14 +359,12 @@ def capture_layer(
     rows = layout.query_rows(grid)
     num_rows, cells, start_patch = rows.numel(), grid.num_queries, layout.patch_start
     lead = (heads, num_rows) if per_head else (num_rows,)
-    mean_rows = num_rows if per_head else 0
-    needed = 4 * (math.prod(lead) * key_frames * (cells + start_patch) + mean_rows * key_frames * cells)
-    device = workspace.place(q.device, needed)
-    maps = workspace.take("maps", (*lead, key_frames, cells), device=device)
-    special = workspace.take("special", (*lead, key_frames, start_patch), device=device)
-    head_mean = None
+    shapes = {"maps": (*lead, key_frames, cells), "special": (*lead, key_frames, start_patch)}
     if per_head:
-        head_mean = workspace.take("head_mean", (num_rows, key_frames, cells), device=device)
+        shapes["head_mean"] = (num_rows, key_frames, cells)
+    device = workspace.place(q.device, 4 * sum(math.prod(shape) for shape in shapes.values()))
+    buffers = {name: workspace.take(name, shape, device=device) for name, shape in shapes.items()}
+    maps, special, head_mean = buffers["maps"], buffers["special"], buffers.get("head_mean")
     mean_maps = head_mean if per_head else maps
     # Probabilities are computed in float32 even inside the forward pass's autocast region.
     with torch.no_grad(), torch.autocast(q.device.type, enabled=False):

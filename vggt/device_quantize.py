@@ -54,21 +54,18 @@ class DeviceEncodedMaps:
         return encoded if dtype is None else encoded.astype(dtype)
 
 
-def vmax99_rows(values: Tensor) -> list[float]:
-    """:func:`vggt.quantize.vmax99` of each row of ``values`` ``[rows, n]`` (float32, any device)."""
-    rows, count = values.shape
+def vmax99_on_device(values: Tensor) -> float:
+    """:func:`vggt.quantize.vmax99` of all of ``values`` (float32, any device; a flat view is best)."""
+    flat = values.reshape(-1)
+    count = flat.numel()
     if count == 0:
-        return [1.0] * rows
+        return 1.0
     lower_rank, upper_rank = percentile_ranks(count)
     # The values from the lower order statistic up, largest first: about 1% of them. On a GPU this is
-    # some 20 times faster than torch.kthvalue, which gives each row to a single thread block.
-    top = torch.topk(values, count - lower_rank, dim=1, sorted=True).values
-    upper = top[:, -1] if upper_rank == lower_rank else top[:, -2]
-    statistics = torch.stack([top[:, -1], upper], dim=1).tolist()
-    return [
-        scale_or_fallback(interpolate_percentile(count, low, high), lambda row=row: values[row].max().item())
-        for row, (low, high) in enumerate(statistics)
-    ]
+    # some 20 times faster than torch.kthvalue, which gives a row to a single thread block.
+    top = torch.topk(flat, count - lower_rank, sorted=True).values
+    lower, upper = top[-1].item(), top[-1 if upper_rank == lower_rank else -2].item()
+    return scale_or_fallback(interpolate_percentile(count, lower, upper), lambda: flat.max().item())
 
 
 def quantize_uint8_on_device(values: Tensor, vmax99: np.ndarray | float) -> Tensor:
@@ -112,12 +109,12 @@ def encode_layer_on_device(
     per_head = maps.dim() == 5
     if head_mean is None:
         head_mean = maps.mean(dim=1) if per_head else maps
-    (layer_vmax,) = vmax99_rows(head_mean.reshape(1, -1))
+    layer_vmax = vmax99_on_device(head_mean)
     if precision == "float16" or not per_head:
         fields = scale_fields(precision, layer_vmax)
         encoded = maps.half() if precision == "float16" else quantize_uint8_on_device(maps, layer_vmax)
         return DeviceEncodedMaps(encoded), fields
     # One head at a time: maps[:, h] of head-major storage flattens without a copy.
-    head_vmax = [vmax99_rows(maps[:, head].reshape(1, -1))[0] for head in range(maps.shape[1])]
+    head_vmax = [vmax99_on_device(maps[:, head]) for head in range(maps.shape[1])]
     fields = scale_fields(precision, layer_vmax, head_vmax)
     return DeviceEncodedMaps(quantize_uint8_on_device(maps, head_scales(fields, maps.dim()))), fields
