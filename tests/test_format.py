@@ -568,6 +568,35 @@ def test_quantization_round_trip() -> None:
     assert np.all(np.abs(back - np.minimum(values, vmax)) <= vmax / 510 * 1.001)
 
 
+def _gapped(values: np.ndarray, gap: int) -> np.ndarray:
+    """``values`` as a strided view that skips ``gap`` filler entries before each last-axis row, as
+    the capture's maps skip the special tokens' mass."""
+    store = np.full((*values.shape[:-1], gap + values.shape[-1]), 7.0, dtype=values.dtype)
+    store[..., gap:] = values
+    return store[..., gap:]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "gapped", "transposed"])
+@pytest.mark.parametrize("sample", ["fair", "misleading"])
+def test_percentile99_is_exact_for_any_strides(layout: str, sample: str) -> None:
+    """Large enough for the sampled threshold; a misleading sample (the strided positions it reads
+    hold the largest values) lands the threshold too high and must fall back to a full selection."""
+    rng = np.random.default_rng(11)
+    values = (rng.standard_exponential((70, 6, 3, 500), dtype=np.float32) ** 3).round(2)  # ties
+    if sample == "misleading":
+        values.reshape(-1)[:: values.size // 65536] += 1000.0
+    view = {
+        "contiguous": values,
+        "gapped": _gapped(values, 5),
+        "transposed": np.ascontiguousarray(values.swapaxes(0, 1)).swapaxes(0, 1),
+    }[layout]
+    assert np.array_equal(view, values) and view.flags.c_contiguous == (layout == "contiguous")
+    expected = np.percentile(values.astype(np.float64), 99)
+    assert percentile99(view) == pytest.approx(expected, rel=1e-6)
+    head = np.percentile(values[:, 2].astype(np.float64), 99)
+    assert percentile99(view[:, 2]) == pytest.approx(head, rel=1e-6)
+
+
 def test_streamed_npz_members_read_back_with_valid_crcs(tmp_path: Path) -> None:
     """Maps encoded block by block while written (several blocks, the buffer ring wrapping around)
     read back with np.load and zipfile's CRC check, equal to the codes encoded in one go."""
