@@ -1,13 +1,17 @@
-"""The capture of one layer on its own: tiles of rows computed in parallel equal a plain softmax."""
+"""The capture of one layer on its own: tiles of rows computed in parallel equal a plain softmax; and a
+consumer of the captured layers working in another thread sees each layer's own values."""
 
 from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 
 from vggt import capture
-from vggt.capture import LayerRef, QueryGrid, SequenceLayout, Workspace, capture_layer
+from vggt.capture import AttentionCapture, LayerRef, QueryGrid, SequenceLayout, Workspace, capture_layer
 
 GRID = QueryGrid(grid_h=6, grid_w=5, stride_h=2, stride_w=2)
 LAYOUT = SequenceLayout(
@@ -85,3 +89,49 @@ def test_workspace_keeps_gpu_buffers_only_while_they_fit(monkeypatch):
     assert workspace.place(gpu, 5 << 30) == torch.device("cpu")
     free["bytes"] = 10 << 30
     assert workspace.place(gpu, 1) == torch.device("cpu")  # once in host memory, it stays there
+
+
+def capture_global_layers(model, images: torch.Tensor, on_layer) -> None:
+    """One forward pass over ``images`` ``[S, 3, H, W]``, every global layer captured per head."""
+    aggregator = model.aggregator
+    grid = QueryGrid(images.shape[-2] // aggregator.patch_size, images.shape[-1] // aggregator.patch_size)
+    layers = [LayerRef("global", index) for index in range(len(aggregator.global_blocks))]
+    with AttentionCapture(aggregator, grid, layers, images.shape[0], True, on_layer), torch.inference_mode():
+        aggregator(images[None], keep_outputs=False)
+
+
+def test_consumer_in_another_thread_sees_each_layers_own_maps(tiny_model, tiny_reference):
+    """The capture reuses its arrays from layer to layer: it waits for a consumer's future before it
+    captures the next layer, and before it exits."""
+    images = tiny_reference["input.images"][0]
+    at_once = []
+    capture_global_layers(tiny_model, images, lambda layer: at_once.append(layer.maps.clone()))
+    assert len(at_once) > 1 and not torch.equal(at_once[0], at_once[1])
+
+    def read_late(layer) -> None:
+        time.sleep(0.05)  # long enough for the next layers to overwrite the arrays, were they not waited for
+        later.append(layer.maps.clone())
+
+    later = []
+    with ThreadPoolExecutor(1) as pool:
+        capture_global_layers(tiny_model, images, lambda layer: pool.submit(read_late, layer))
+        assert len(later) == len(at_once)  # the last one too, before the capture returned
+    for expected, seen in zip(at_once, later, strict=True):
+        assert torch.equal(expected, seen)
+
+
+@pytest.mark.parametrize("failing", [1, -1], ids=["raised at the next layer", "raised on exit"])
+def test_consumer_error_ends_the_capture(tiny_model, tiny_reference, failing):
+    images = tiny_reference["input.images"][0]
+    num_layers = len(tiny_model.aggregator.global_blocks)
+    calls = []
+
+    def consume(layer) -> None:
+        calls.append(1)
+        if len(calls) == failing % num_layers + 1:
+            raise RuntimeError("consumer failed")
+
+    with ThreadPoolExecutor(1) as pool, pytest.raises(RuntimeError, match="consumer failed"):
+        capture_global_layers(tiny_model, images, lambda layer: pool.submit(consume, layer))
+    assert len(calls) == failing % num_layers + 1  # nothing captured after the failure was seen
+    assert all(not module._forward_hooks for module in tiny_model.modules())

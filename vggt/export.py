@@ -8,10 +8,11 @@ The Python API behind ``compute_layerwise_attentions.py``::
                      options=ExportOptions(per_head=True, stride_h=2, stride_w=2))
 
 Each chosen layer (global by default; frame and DINOv2 layers on request) is captured at its hook
-point while the forward pass runs and encoded (uint8 or float16) at once: with numpy on the CPU
-(:mod:`vggt.quantize`), on the GPU where the model runs on one (:mod:`vggt.device_quantize`, the same
-bytes). A background thread writes it while the pass goes on (:mod:`vggt.layer_queue`). So one layer's
-float maps and at most two layers' codes are in memory at a time. The attention rollout, when asked for,
+point while the forward pass runs, then encoded (uint8 or float16): with numpy in a thread of its own
+while the pass goes on, where the maps are in host memory (:mod:`vggt.quantize`); on the GPU, at once,
+where they are on one (:mod:`vggt.device_quantize`, the same bytes). Another background thread writes
+it (:mod:`vggt.layer_queue`). So one layer's float maps and at most two layers' codes are in memory at
+a time. The attention rollout, when asked for,
 is formed during the same pass and written after it. The export is written to a hidden temporary folder
 beside the target and renamed into place when complete.
 """
@@ -22,6 +23,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,15 +280,28 @@ def export_attention(
         writer.write_frames(to_uint8_frames(images), sources)
         total = len(layers) + int(options.rollout)
         bar = tqdm(total=total, desc="writing layers", unit="layer", disable=not progress)
-        with bar, LayerWriteQueue(writer.write_layer, on_written=lambda: bar.update(1)) as queue:
+        with (
+            bar,
+            LayerWriteQueue(writer.write_layer, on_written=lambda: bar.update(1)) as queue,
+            ThreadPoolExecutor(1, thread_name_prefix="layer-encoder") as encoder,
+        ):
 
             def write(captured: CapturedLayer, extra: dict | None = None) -> None:
                 name = layer_name(captured.ref, blocks)
                 meta = base_meta | {"num_heads": heads[captured.ref.kind]} | (extra or {})
                 _queue_layer(queue, name, captured, meta, options.precision)
 
+            def on_layer(captured: CapturedLayer) -> Future | None:
+                # Host-memory maps are encoded beside the forward pass: the percentile and encoding
+                # passes are bound by memory bandwidth here, the forward by arithmetic, so they share
+                # the cores well. The capture waits for the encoder before it reuses the maps.
+                if captured.maps.device.type == "cpu":
+                    return encoder.submit(write, captured)
+                write(captured)
+                return None
+
             rollout = _forward_with_capture(
-                model, images, grid, layers, options, write, autocast_dtype, progress
+                model, images, grid, layers, options, on_layer, autocast_dtype, progress
             )
             if rollout is not None:
                 rollout_meta = {
@@ -358,7 +373,7 @@ def _forward_with_capture(
     grid: QueryGrid,
     layers: list[LayerRef],
     options: ExportOptions,
-    on_layer: Callable[[CapturedLayer], None],
+    on_layer: Callable[[CapturedLayer], Future | None],
     autocast_dtype: torch.dtype | None,
     progress: bool,
 ) -> RolloutCapture | None:

@@ -1,8 +1,8 @@
 """Layers written in a thread of their own while the forward pass computes the next ones.
 
-On the CPU the forward pass keeps every core busy, and writing a layer is mostly waiting for the disk
-(stored NPZ members go out with direct I/O, past the page cache). So the exporter encodes each layer
-into a reusable buffer while its maps are at hand and leaves the writing to :class:`LayerWriteQueue`.
+Writing a layer is mostly waiting for the disk (stored NPZ members go out with direct I/O, past the
+page cache). So the exporter encodes each layer into a reusable buffer while its maps are at hand and
+leaves the writing to :class:`LayerWriteQueue`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class LayerWriteQueue:
     layer it last held has finished. A failed write raises from the next :meth:`buffer`,
     :meth:`submit` or :meth:`finish`. Use as a context manager: leaving it waits for the write under
     way (and, on a clean exit, the queued ones), so that nothing writes into a folder that an error
-    handler is about to remove.
+    handler is about to remove. Its methods may be called from any thread, one at a time.
 
     Parameters
     ----------
