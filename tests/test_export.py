@@ -16,6 +16,7 @@ from PIL import Image
 from vggt import export as export_module
 from vggt.attn_format import ExportWriter, open_export
 from vggt.export import ExportError, ExportOptions, export_attention, parse_layers
+from vggt.export_cli import main
 from vggt.preprocess import load_and_preprocess_images, to_uint8_frames
 
 EXAMPLE_IMAGES = Path(__file__).parents[1] / "examples" / "synthetic_room" / "images"
@@ -363,6 +364,22 @@ def test_cli_bad_input_exit_2_one_line_nothing_written(tiny_cli, tmp_path, capsy
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_cli_names_a_bad_input_before_the_output_or_the_plan(tiny_cli, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert tiny_cli("--num_images", "2", "--output_dir", str(out)) == 0
+    capsys.readouterr()
+    # A mistyped image folder is named as such, also where the output folder exists already.
+    assert tiny_cli("--image_dir", str(tmp_path / "nowhere"), "--output_dir", str(out)) == 2
+    assert "image folder not found" in capsys.readouterr().err
+    # Without --quiet: a missing checkpoint file is the only thing printed, before any plan.
+    missing = tmp_path / "missing.safetensors"
+    args = ["--checkpoint", str(missing), "--model_config", str(tiny_cli.config),
+            "--image_dir", str(tiny_cli.images), "--output_dir", str(tmp_path / "other")]  # fmt: skip
+    assert main(args) == 2
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err.strip() == f"error: checkpoint not found: {missing}"
 
 
 def test_cli_existing_output_refused_then_overwritten(tiny_cli, tmp_path, capsys):

@@ -280,7 +280,7 @@ class AttentionCapture(HookSession):
         layers: Sequence[LayerRef],
         num_frames: int,
         per_head: bool,
-        on_layer: Callable[[CapturedLayer], None],
+        on_layer: Callable[[CapturedLayer], Future | None],
     ) -> None:
         self.aggregator = aggregator
         self.grid = grid

@@ -37,7 +37,7 @@ from vggt.models.config import AggregatorConfig
 from vggt.models.vggt import VGGT
 from vggt.preprocess import ImageLoadError, list_images, load_and_preprocess_images
 from vggt.rollout import DEFAULT_DISCARD_RATIO, rollout_bytes
-from vggt.weights import DEFAULT_MODEL_ID, WeightsError, assign_weights
+from vggt.weights import DEFAULT_MODEL_ID, WeightsError, assign_weights, resolve_checkpoint
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -268,11 +268,14 @@ def make_plan(args: argparse.Namespace, model: VGGT, device: torch.device) -> Pl
     out_dir = (
         Path(args.output_dir) if args.output_dir else Path(f"{args.output_dir_prefix}{args.image_set_name}")
     )
-    if out_dir.exists() and not args.overwrite:
-        raise UsageError(f"output folder {out_dir} already exists (use --overwrite to replace it)")
     if args.checkpoint and args.random_weights:
         raise UsageError("--checkpoint and --random_weights exclude each other")
+    if args.checkpoint:
+        resolve_checkpoint(checkpoint=args.checkpoint)  # a missing local file is named before the plan
+    # The inputs are checked before the output, so that a mistyped folder is named as such.
     choice = choose_images(image_dir, args.image_extension, args.num_images, args.first_image_idx)
+    if out_dir.exists() and not args.overwrite:
+        raise UsageError(f"output folder {out_dir} already exists (use --overwrite to replace it)")
     images = load_and_preprocess_images(choice.paths, mode=args.preprocess)
     grid = QueryGrid(images.shape[-2] // config.patch_size, images.shape[-1] // config.patch_size,
                      stride_h, stride_w)  # fmt: skip
