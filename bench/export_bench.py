@@ -19,6 +19,10 @@ measurement. Peak memory is the process's peak resident set size during a phase 
 returned with malloc_trim and the peak reset through /proc/self/clear_refs first), compared with the
 plain forward's. On a GPU the times wait for the device to finish, and peak memory is the GPU's peak
 allocation.
+``--phases`` also prints, for every run, the time spent in the DINOv2 patch embedding, the frame blocks
+and the global blocks (where the capture's hooks run): the first two take the same time in a plain
+forward and an export unless the machine's speed drifts, or threads beside the pass slow it down (an
+export's global phase leaves out the block its pass stops in).
 Targets (CPU): export time <= 1.20x the plain forward per head and <= 1.10x averaged; peak <= plain + 1.5 GB.
 """
 
@@ -86,7 +90,39 @@ def steal_seconds() -> float:
     return int(fields[8]) / 100.0  # clock ticks: USER_HZ is 100 on Linux
 
 
-def measure(label: str, run, device: torch.device) -> tuple[float, int]:
+class PhaseTimer:
+    """Seconds spent in each phase of the aggregator's forward pass, through forward hooks on its parts.
+
+    On a GPU the phases are not synchronized, so they only mean something on the CPU.
+    """
+
+    def __init__(self, aggregator: torch.nn.Module) -> None:
+        self.seconds: dict[str, float] = {}
+        parts = {"dino": [aggregator.patch_embed], "frame": aggregator.frame_blocks,
+                 "global": aggregator.global_blocks}  # fmt: skip
+        for phase, modules in parts.items():
+            for module in modules:
+                module.register_forward_pre_hook(self._enter)
+                module.register_forward_hook(self._leave(phase))
+        self._started = 0.0
+
+    def _enter(self, module, args) -> None:
+        self._started = time.perf_counter()
+
+    def _leave(self, phase: str):
+        def hook(module, args, output) -> None:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - self._started
+
+        return hook
+
+    def report(self) -> str:
+        """The phases since the last report, e.g. ``dino 12.6 s, frame 14.1 s, global 26.4 s``."""
+        text = ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in self.seconds.items())
+        self.seconds = {}
+        return text
+
+
+def measure(label: str, run, device: torch.device, phases: PhaseTimer | None = None) -> tuple[float, int]:
     release_and_reset_peak(device)
     steal = steal_seconds()
     started = time.perf_counter()
@@ -97,7 +133,10 @@ def measure(label: str, run, device: torch.device) -> tuple[float, int]:
     peak = peak_bytes(device)
     stolen = steal_seconds() - steal
     memory = "peak GPU" if device.type == "cuda" else "peak RSS"
-    print(f"{label:<24} {seconds:7.2f} s   {memory} {peak / 1e9:5.2f} GB   steal {stolen:4.1f} s", flush=True)
+    line = f"{label:<24} {seconds:7.2f} s   {memory} {peak / 1e9:5.2f} GB   steal {stolen:4.1f} s"
+    if phases is not None:
+        line += f"   ({phases.report()})"
+    print(line, flush=True)
     return seconds, peak
 
 
@@ -114,6 +153,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", help="autocast dtype (auto: bf16/fp16 on CUDA)")
     parser.add_argument("--workdir", help="where the exports are written (default: a temporary folder)")
+    parser.add_argument("--phases", action="store_true", help="print the time of each forward-pass phase")
     args = parser.parse_args()
     modes = [mode.strip() for mode in args.modes.split(",")]
     unknown = [mode for mode in modes if mode not in MODES]
@@ -145,14 +185,15 @@ def main() -> None:
         with torch.inference_mode(), autocast_context(device, autocast_dtype):
             model.aggregator(images[None], keep_outputs=False)
 
-    measure("warm-up forward", plain, device)
+    phases = PhaseTimer(model.aggregator) if args.phases else None
+    measure("warm-up forward", plain, device, phases)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="export_bench_"))
     ratios: dict[str, list[float]] = {mode: [] for mode in modes}
     extra_memory: dict[str, list[int]] = {mode: [] for mode in modes}
     export_seconds: dict[str, list[float]] = {mode: [] for mode in modes}
     plain_seconds: list[float] = []
     try:
-        before = measure("plain forward", plain, device)
+        before = measure("plain forward", plain, device, phases)
         for _ in range(args.repeats):
             for mode in modes:
                 options = ExportOptions(stride_h=args.stride, stride_w=args.stride, **MODES[mode])
@@ -162,11 +203,11 @@ def main() -> None:
                     export_attention(model, images, out, options=options, autocast_dtype=autocast_dtype,
                                      progress=False)  # fmt: skip
 
-                taken, peak = measure(f"export ({mode})", export, device)
+                taken, peak = measure(f"export ({mode})", export, device, phases)
                 export_seconds[mode].append(taken)
                 size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
                 shutil.rmtree(out)
-                after = measure("plain forward", plain, device)
+                after = measure("plain forward", plain, device, phases)
                 reference = (before[0] + after[0]) / 2
                 ratios[mode].append(taken / reference)
                 extra_memory[mode].append(peak - max(before[1], after[1]))
