@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vggt.attn_format import special_token_names
+from vggt.attn_format import query_grid_shape, special_token_names
+from vggt.attn_format.grid import query_patches
 from vggt.device import gpu_has_room
 from vggt.models.hooks import HookSession
 
@@ -60,11 +61,11 @@ class QueryGrid:
 
     @property
     def H_ds(self) -> int:  # noqa: N802 - the format's name
-        return math.ceil(self.grid_h / self.stride_h)
+        return query_grid_shape(self.grid_h, self.grid_w, self.stride_h, self.stride_w)[0]
 
     @property
     def W_ds(self) -> int:  # noqa: N802 - the format's name
-        return math.ceil(self.grid_w / self.stride_w)
+        return query_grid_shape(self.grid_h, self.grid_w, self.stride_h, self.stride_w)[1]
 
     @property
     def num_queries(self) -> int:
@@ -76,9 +77,8 @@ class QueryGrid:
 
     def query_patch_indices(self) -> Tensor:
         """Row-major patch index (within a frame) of every query: ``[Q]`` int64."""
-        rows = torch.arange(0, self.grid_h, self.stride_h)
-        cols = torch.arange(0, self.grid_w, self.stride_w)
-        return (rows[:, None] * self.grid_w + cols[None, :]).reshape(-1)
+        rows, cols = query_patches(self.grid_h, self.grid_w, self.stride_h, self.stride_w)
+        return torch.from_numpy(rows * self.grid_w + cols)
 
     def pool(self, patch_probs: Tensor) -> Tensor:
         """Sum ``[..., grid_h * grid_w]`` over each cell's patch block -> ``[..., H_ds * W_ds]``."""

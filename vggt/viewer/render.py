@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from vggt.attn_format.grid import cell_box, cell_index
+
 TITLE_HEIGHT = 36
 GRID_COLOR = (0, 255, 0)
 HIGHLIGHT_COLOR = (255, 230, 0)
@@ -87,8 +89,9 @@ class Geometry:
     col_cells: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        rows = np.minimum(np.arange(self.display_height) // self.cell_height, self.H_ds - 1)
-        cols = np.minimum(np.arange(self.display_width) // self.cell_width, self.W_ds - 1)
+        pixel = self.patch_size * self.scale  # a patch in display pixels
+        rows = cell_index(np.arange(self.display_height), self.stride_h, pixel, self.H_ds)
+        cols = cell_index(np.arange(self.display_width), self.stride_w, pixel, self.W_ds)
         object.__setattr__(self, "row_cells", rows.astype(np.intp))
         object.__setattr__(self, "col_cells", cols.astype(np.intp))
 
@@ -111,19 +114,17 @@ class Geometry:
 
     def cell_at(self, x: float, y: float) -> tuple[int, int]:
         """Grid cell ``(row, col)`` under display pixel ``(x, y)``, clamped to the grid."""
-        col = int(np.clip(int(x) // self.cell_width, 0, self.W_ds - 1))
-        row = int(np.clip(int(y) // self.cell_height, 0, self.H_ds - 1))
-        return row, col
+        pixel = self.patch_size * self.scale
+        return (
+            int(cell_index(int(y), self.stride_h, pixel, self.H_ds)),
+            int(cell_index(int(x), self.stride_w, pixel, self.W_ds)),
+        )
 
     def cell_box(self, row: int, col: int) -> tuple[int, int, int, int]:
         """Display pixel box ``(y0, y1, x0, x1)`` (end-exclusive) covered by cell ``(row, col)``."""
-        y0, x0 = row * self.cell_height, col * self.cell_width
-        return (
-            y0,
-            min(y0 + self.cell_height, self.display_height),
-            x0,
-            min(x0 + self.cell_width, self.display_width),
-        )
+        pixel = self.patch_size * self.scale
+        H_p, W_p = self.height // self.patch_size, self.width // self.patch_size
+        return cell_box(row, col, H_p, W_p, self.stride_h, self.stride_w, pixel)
 
 
 def display_scale(height: int, width: int, target: int = 448) -> int:

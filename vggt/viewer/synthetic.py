@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from vggt.attn_format import ExportWriter, layer_name, query_grid_shape, special_token_names
+from vggt.attn_format.grid import query_patches
 from vggt.quantize import encode_layer
 
 _QUERY_CHUNK = 256
@@ -185,13 +186,11 @@ def write_synthetic_export(
     token_rng = np.random.default_rng([seed, 1])  # token maps do not change the patch maps' draws
     patch = 14
     height, width = H_p * patch, W_p * patch
-    H_ds, W_ds = query_grid_shape(H_p, W_p, stride_h, stride_w)
     grid = (H_p, W_p, stride_h, stride_w)
     writer = ExportWriter(root, compress=compress)
     sources = [f"view_{index:03d}.png" for index in range(num_frames)]
     writer.write_frames(synthetic_frames(num_frames, height, width, seed), sources)
-    query_rows = np.repeat(np.arange(0, H_p, stride_h), W_ds).astype(np.float32)
-    query_cols = np.tile(np.arange(0, W_p, stride_w), H_ds).astype(np.float32)
+    query_rows, query_cols = (axis.astype(np.float32) for axis in query_patches(*grid))
     base_meta = {"H_p": H_p, "W_p": W_p, "stride_h": stride_h, "stride_w": stride_w, "num_heads": num_heads}
 
     def write(name: str, kind: str, layer: int, meta: dict, heads_kept: bool) -> None:
