@@ -6,8 +6,11 @@ Example: ``python visualize_attn_gradio.py --attn_dir attn_first2all_kitchen``.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from vggt.viewer.app import build_app
+from vggt.viewer.messages import error_text
+from vggt.viewer.state import CACHE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -21,17 +24,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="interface to listen on (default 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)",
     )  # fmt: skip
     parser.add_argument(
-        "--server_port", "--server-port", type=int, default=None, help="port (default: Gradio's)"
+        "--server_port", "--server-port", type=int, default=None, help="port (default: Gradio's, 7860)"
     )
     parser.add_argument("--share", action="store_true", help="also create a public gradio.live link")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.attn_dir:
+        try:  # opened once here, so that a bad path is said in the terminal, not only in the page
+            CACHE.open(args.attn_dir)
+        except Exception as exc:  # noqa: BLE001 - any failure is the same one-line error
+            print(f"error: cannot open --attn_dir: {error_text(exc)}", file=sys.stderr)
+            return 2
     demo = build_app(args.attn_dir)
-    demo.queue().launch(server_name=args.server_name, server_port=args.server_port, share=args.share)
+    demo.queue().launch(
+        server_name=args.server_name,
+        server_port=args.server_port,
+        share=args.share,
+        quiet=True,  # Gradio's own start-up lines (its share=True hint) are replaced by ours
+        prevent_thread_lock=True,
+    )
+    print(f"VGGT attention viewer: open {demo.local_url} in a browser (Ctrl+C stops it)")
+    if demo.share_url:
+        print(f"public link (anyone who has it can use the viewer): {demo.share_url}")
+    else:
+        print("to share it through a public gradio.live link, start it with --share")
+    demo.block_thread()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +21,7 @@ from vggt.quantize import percentile99
 from vggt.viewer import handlers, render
 from vggt.viewer.state import CACHE, Session
 from vggt.viewer.synthetic import write_synthetic_export
-from visualize_attn_gradio import parse_args
+from visualize_attn_gradio import main, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,6 +116,23 @@ def test_attn_dir_cli_defaults() -> None:
     assert (args.attn_dir, args.server_name, args.share) == ("x", "127.0.0.1", False)
     args = parse_args(["--attn-dir", "y", "--server-port", "7999", "--share", "--server_name", "0.0.0.0"])
     assert (args.attn_dir, args.server_port, args.share, args.server_name) == ("y", 7999, True, "0.0.0.0")
+
+
+def test_a_bad_attn_dir_is_a_one_line_error_in_the_terminal(tmp_path: Path, capsys) -> None:
+    assert main(["--attn_dir", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot open --attn_dir: ") and "no such file" in err
+    assert err.count("\n") == 1
+
+
+def test_an_unexpected_failure_is_reported_too(per_head_export: Path, monkeypatch) -> None:
+    loaded = load(per_head_export)
+
+    def broken(*args: object) -> None:
+        raise KeyError("boom")
+
+    monkeypatch.setattr(handlers.views, "gallery_for", broken)
+    reported(select(loaded.session, 5, 5, "layer_01"), r"failed on this request \(KeyError\)")
 
 
 # ---- 3. clicks, highlight, overlays ---------------------------------------------------------------------
@@ -308,10 +327,18 @@ def test_seed_export_in_the_viewer(tmp_path: Path, form: str) -> None:
 # ---- 8. safety and sessions ---------------------------------------------------------------------------
 
 
+def reported(out: tuple, match: str) -> str:
+    """Assert that a handler reported a failure the viewer's way: every output but the message left as
+    it was (``gr.skip()``), and the message one escaped line matching ``match``; returns the message."""
+    *others, message = out
+    assert all(isinstance(value, dict) and value.get("__type__") == "update" for value in others), others
+    assert re.search(match, html.unescape(message)), message
+    assert "\n" not in message and 'class="viewer-message viewer-error"' in message
+    return message
+
+
 def _gr_error(path: Path | str, match: str) -> None:
-    with pytest.raises(gr.Error, match=match) as caught:
-        load(path)
-    assert "\n" not in caught.value.message
+    reported(load(path), match)
 
 
 def test_bad_inputs_give_a_clear_error_and_the_app_keeps_working(
@@ -365,10 +392,10 @@ def test_bad_inputs_give_a_clear_error_and_the_app_keeps_working(
         archive.writestr("../../escape.txt", "x")
     _gr_error(bad_zip, "points outside the archive root")
 
-    with pytest.raises(gr.Error, match="load an export first"):
-        select(Session(), 1, 1, "layer_01")
-    with pytest.raises(gr.Error, match="unknown layer"):
-        handlers.on_settings_change(good_session, "layer_99", "Average", 0.6, False, False)
+    reported(select(Session(), 1, 1, "layer_01"), "load an export first")
+    reported(
+        handlers.on_settings_change(good_session, "layer_99", "Average", 0.6, False, False), "unknown layer"
+    )
 
     # the first session still works, and a good export still loads
     assert (
@@ -379,7 +406,8 @@ def test_bad_inputs_give_a_clear_error_and_the_app_keeps_working(
 
 def test_controls_before_any_load_do_nothing() -> None:
     out = handlers.on_settings_change(Session(), None, "Average", 0.6, False, False)
-    assert all(isinstance(value, dict) and value.get("__type__") == "update" for value in out)
+    assert all(isinstance(value, dict) and value.get("__type__") == "update" for value in out[:-1])
+    assert out.message == ""
 
 
 def test_two_sessions_do_not_share_state(per_head_export: Path, averaged_export: Path) -> None:
@@ -417,10 +445,9 @@ def test_any_corrupt_manifest_field_gives_gr_error_or_loads(per_head_export: Pat
     original = json.loads(manifest_path.read_text())
     for key in original:
         manifest_path.write_text(json.dumps(original | {key: bad_value}))
-        try:
-            loaded = load(per_head_export)
-        except gr.Error as error:
-            assert "\n" not in error.message
+        loaded = load(per_head_export)
+        if loaded.message:
+            reported(loaded, ".")
         else:
             out = select(loaded.session, 5, 5, loaded.layer.value)
             assert len(out.gallery) == 3

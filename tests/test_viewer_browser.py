@@ -266,3 +266,23 @@ def test_attn_dir_at_start_and_two_sessions_keep_their_own_export(tmp_path: Path
     finally:
         demo.close()
         CACHE.clear()
+
+
+def test_a_bad_path_after_a_good_export_keeps_the_page(page, export_path: Path, tmp_path: Path) -> None:
+    expect = sync_api.expect
+    _load(page, export_path)
+    shape = _image_pixels(page, "#query-image").shape
+    _click_image_pixel(page, "#query-image", 5, 5, shape[:2])
+    expect(page.locator("#value-readout")).to_contain_text("Query cell row 0, col 0")
+
+    page.locator("#export-path textarea").fill(str(tmp_path / "no_such_export"))
+    page.locator("#load-button").click()
+    message = page.locator("#export-message")
+    expect(message).to_contain_text("no such file")
+    assert "\n" not in message.inner_text().strip()
+    # no component in an error state, no toast: the old export is still open and clickable
+    assert page.get_by_text("Error", exact=True).count() == 0
+    assert page.locator(".toast-body").count() == 0
+    _click_image_pixel(page, "#query-image", shape[1] - 5, shape[0] - 5, shape[:2])
+    expect(page.locator("#value-readout")).not_to_contain_text("Query cell row 0, col 0")
+    expect(message).to_have_text("")  # a successful action clears the message

@@ -40,6 +40,9 @@ def build_app(initial_path: str | None = None) -> gr.Blocks:
                 elem_id="export-path",
             )
             load_button = gr.Button("Load", variant="primary", scale=1, elem_id="load-button")
+        message = gr.HTML(
+            elem_id="export-message"
+        )  # every failure is reported here (handlers.reports_errors)
         banner = gr.Markdown(elem_id="banner")
         info = gr.Markdown(elem_id="export-info")
         with gr.Row():
@@ -116,29 +119,33 @@ def build_app(initial_path: str | None = None) -> gr.Blocks:
         loaded_outputs = [
             session, layer, head, banner, info, query_image, gallery, readout,
             shares_table, shares_chart, shares_note, reverse_frame, reverse_source, reverse_result,
-            *token_outputs,
+            *token_outputs, message,
         ]  # fmt: skip
         rendered_outputs = [
             session, query_image, gallery, readout, shares_table, shares_chart, shares_note, reverse_result,
+            message,
         ]  # fmt: skip
-        layer_outputs = [session, head, *rendered_outputs[1:], *token_outputs]
-        reverse_outputs = [session, reverse_source, reverse_result]
+        layer_outputs = [session, head, *rendered_outputs[1:-1], *token_outputs, message]
+        token_view_outputs = [*token_outputs, message]
+        reverse_outputs = [session, reverse_source, reverse_result, message]
         view_controls = [layer, head, opacity, all_layers, all_heads]
         token_inputs = [session, layer, head, opacity, token_query]
 
-        load_button.click(handlers.on_load, [path_box, session], loaded_outputs)
-        path_box.submit(handlers.on_load, [path_box, session], loaded_outputs)
+        # "minimal": a small spinner, no overlay over the images while a request runs
+        quiet = {"show_progress": "minimal"}
+        load_button.click(handlers.on_load, [path_box, session], loaded_outputs, **quiet)
+        path_box.submit(handlers.on_load, [path_box, session], loaded_outputs, **quiet)
         if initial_path:
-            demo.load(handlers.on_load, [path_box, session], loaded_outputs)
-        layer.input(handlers.on_layer_change, [session, *view_controls, token_query], layer_outputs)
+            demo.load(handlers.on_load, [path_box, session], loaded_outputs, **quiet)
+        layer.input(handlers.on_layer_change, [session, *view_controls, token_query], layer_outputs, **quiet)
         for control in (head, all_layers, all_heads):
-            control.input(handlers.on_settings_change, [session, *view_controls], rendered_outputs)
-        opacity.release(handlers.on_settings_change, [session, *view_controls], rendered_outputs)
+            control.input(handlers.on_settings_change, [session, *view_controls], rendered_outputs, **quiet)
+        opacity.release(handlers.on_settings_change, [session, *view_controls], rendered_outputs, **quiet)
         # the camera-token view follows the head and opacity too (the layer change renders it itself)
         for event in (head.input, opacity.release, token_query.input):
-            event(handlers.on_token_view, token_inputs, token_outputs)
-        query_image.select(handlers.on_query_select, [session, *view_controls], rendered_outputs)
+            event(handlers.on_token_view, token_inputs, token_view_outputs, show_progress="minimal")
+        query_image.select(handlers.on_query_select, [session, *view_controls], rendered_outputs, **quiet)
         reverse_inputs = [session, reverse_frame, layer, head, opacity]
-        reverse_frame.input(handlers.on_reverse_frame, reverse_inputs, reverse_outputs)
-        reverse_source.select(handlers.on_reverse_select, reverse_inputs, reverse_outputs)
+        reverse_frame.input(handlers.on_reverse_frame, reverse_inputs, reverse_outputs, **quiet)
+        reverse_source.select(handlers.on_reverse_select, reverse_inputs, reverse_outputs, **quiet)
     return demo

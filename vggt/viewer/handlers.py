@@ -1,8 +1,10 @@
 """Gradio event handlers: thin wrappers over :mod:`vggt.viewer.state` that speak Gradio's types.
 
 Each handler takes the session (``gr.State``) and the controls' values and returns a named tuple in the
-order of the outputs the app wires (so tests can call them directly and read fields by name). Bad
-input of any kind becomes a one-line ``gr.Error``; the app keeps working and the session is unchanged.
+order of the outputs the app wires (so tests can call them directly and read fields by name). Every
+tuple ends with ``message``, the message area under the path box: cleared on success; on any failure
+(:func:`reports_errors`) it says what went wrong and every other output is skipped, so the page, the
+session and the export already open stay as they were.
 """
 
 from __future__ import annotations
@@ -15,27 +17,39 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from vggt.attn_format import AttnExport, FormatError
+from vggt.attn_format import AttnExport
 from vggt.viewer import state, views
+from vggt.viewer.messages import error_text, message_html
 from vggt.viewer.state import CACHE, LoadedExport, Session, Settings, ViewerError
 
 CHART_COLUMNS = ["frame", "token", "share"]
+Outputs = TypeVar("Outputs", bound=tuple)
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
-def user_errors(handler: Handler) -> Handler:
-    """Turn the reader's and viewer's errors into a ``gr.Error`` with the same one-line message."""
+def unchanged(outputs: type[Outputs], message: str = "") -> Outputs:
+    """Outputs that leave every component as it is, the message area showing ``message`` (escaped)."""
+    return outputs(**{name: gr.skip() for name in outputs._fields} | {"message": message_html(message)})
 
-    @functools.wraps(handler)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return handler(*args, **kwargs)
-        except (FormatError, ViewerError) as exc:
-            raise gr.Error(str(exc), print_exception=False) from exc
-        except OSError as exc:
-            raise gr.Error(f"cannot read the export: {exc}", print_exception=False) from exc
 
-    return wrapped  # type: ignore[return-value]
+def reports_errors(outputs: type[NamedTuple]) -> Callable[[Handler], Handler]:
+    """Route every failure of a handler returning ``outputs`` to the message area (the one error path).
+
+    The handler's exception, whatever it is, becomes one line (:func:`messages.error_text`) shown beside
+    the path box; every other output is :func:`gr.skip`-ped, so no component shows an error state.
+    """
+
+    def decorate(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return handler(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - every failure is reported, none reaches Gradio
+                return unchanged(outputs, error_text(exc))
+
+        return wrapped  # type: ignore[return-value]
+
+    return decorate
 
 
 class Rendered(NamedTuple):
@@ -49,6 +63,7 @@ class Rendered(NamedTuple):
     shares_chart: pd.DataFrame | None
     shares_note: str
     reverse_result: np.ndarray | None
+    message: str
 
 
 class TokenView(NamedTuple):
@@ -57,6 +72,7 @@ class TokenView(NamedTuple):
     token_query: gr.Dropdown
     token_gallery: list
     token_readout: str
+    message: str
 
 
 class LayerChanged(NamedTuple):
@@ -75,6 +91,7 @@ class LayerChanged(NamedTuple):
     token_query: gr.Dropdown
     token_gallery: list
     token_readout: str
+    message: str
 
 
 class Loaded(NamedTuple):
@@ -97,6 +114,7 @@ class Loaded(NamedTuple):
     token_query: gr.Dropdown
     token_gallery: list
     token_readout: str
+    message: str
 
 
 class Reverse(NamedTuple):
@@ -105,6 +123,7 @@ class Reverse(NamedTuple):
     session: Session
     reverse_source: np.ndarray
     reverse_result: np.ndarray | None
+    message: str
 
 
 def _empty_table() -> pd.DataFrame:
@@ -209,12 +228,12 @@ def _token_view(loaded: LoadedExport, settings: Settings, choice: str | None) ->
         choices=choices, value=None if row is None else choices[row][1], interactive=bool(choices)
     )
     if row is None:
-        return TokenView(dropdown, [], views.no_token_readout(loaded, settings.layer))
+        return TokenView(dropdown, [], views.no_token_readout(loaded, settings.layer), "")
     gallery, readout = views.token_view(loaded, settings, row)
-    return TokenView(dropdown, gallery, readout)
+    return TokenView(dropdown, gallery, readout, "")
 
 
-@user_errors
+@reports_errors(Loaded)
 def on_load(path: str, session: Session | None) -> Loaded:
     """Load button (and ``--attn_dir`` at start): open an export and reset the view for it."""
     loaded = CACHE.open(path or "", reload=True)
@@ -236,7 +255,7 @@ def on_load(path: str, session: Session | None) -> Loaded:
         reverse_frame=gr.Dropdown(choices=_frame_choices(loaded), value=0),
         reverse_source=views.reverse_source_image(loaded, 0, None),
         reverse_result=None,
-        **_token_view(loaded, settings, None)._asdict(),
+        **_token_view(loaded, settings, None)._asdict(),  # with message="": a good Load clears it
     )
 
 
@@ -249,7 +268,15 @@ def _render(loaded: LoadedExport, session: Session, settings: Settings) -> Rende
     if session.query is None:
         readout = views.value_readout(loaded, settings, None, None, ["Click a patch of the query frame."])
         return Rendered(
-            session, views.query_image(loaded, None), [], readout, _empty_table(), _empty_chart(), "", reverse
+            session,
+            views.query_image(loaded, None),
+            [],
+            readout,
+            _empty_table(),
+            _empty_chart(),
+            "",
+            reverse,
+            "",
         )
     gallery, readout = views.gallery_for(loaded, settings, session.query)
     rows, chart, note, columns = views.token_shares(loaded, settings, session.query)
@@ -262,21 +289,22 @@ def _render(loaded: LoadedExport, session: Session, settings: Settings) -> Rende
         shares_chart=pd.DataFrame(chart, columns=CHART_COLUMNS),
         shares_note=note,
         reverse_result=reverse,
+        message="",
     )
 
 
-@user_errors
+@reports_errors(Rendered)
 def on_settings_change(
     session: Session, layer: str, head: str, opacity: float, all_layers: bool, all_heads: bool
 ) -> Rendered:
     """Layer, head, opacity or a composite toggle changed: re-render the current query."""
     if session is None or session.export_key is None:
-        return Rendered(*[gr.skip()] * len(Rendered._fields))  # controls moved before any Load
+        return unchanged(Rendered)  # controls moved before any Load
     loaded = CACHE.get(session.export_key)
     return _render(loaded, session, _settings(loaded, layer, head, opacity, all_layers, all_heads))
 
 
-@user_errors
+@reports_errors(LayerChanged)
 def on_layer_change(
     session: Session,
     layer: str,
@@ -290,29 +318,28 @@ def on_layer_change(
     as the rollout; the chosen head kept where it still exists), then re-render the query view and the
     camera-token view (the same token where the layer has it)."""
     if session is None or session.export_key is None:
-        return LayerChanged(*[gr.skip()] * len(LayerChanged._fields))
+        return unchanged(LayerChanged)
     loaded = CACHE.get(session.export_key)
     layer = state.check_layer(loaded, layer)
     settings = _settings(loaded, layer, _kept_head(loaded, layer, head), opacity, all_layers, all_heads)
     rendered = _render(loaded, session, settings)
+    token_view = _token_view(loaded, settings, token)
     return LayerChanged(
-        head=_head_dropdown(loaded, layer, head),
-        **rendered._asdict(),
-        **_token_view(loaded, settings, token)._asdict(),
+        head=_head_dropdown(loaded, layer, head), **(rendered._asdict() | token_view._asdict())
     )
 
 
-@user_errors
+@reports_errors(TokenView)
 def on_token_view(session: Session, layer: str, head: str, opacity: float, token: str | None) -> TokenView:
     """Camera-token view: a token chosen, or the head or opacity changed; render that token's maps on
     every key frame of the current layer."""
     if session is None or session.export_key is None:
-        return TokenView(*[gr.skip()] * len(TokenView._fields))
+        return unchanged(TokenView)
     loaded = CACHE.get(session.export_key)
     return _token_view(loaded, _settings(loaded, layer, head, opacity, False, False), token)
 
 
-@user_errors
+@reports_errors(Rendered)
 def on_query_select(
     session: Session,
     layer: str,
@@ -329,16 +356,16 @@ def on_query_select(
     return _render(loaded, session.with_changes(query=query), settings)
 
 
-@user_errors
+@reports_errors(Reverse)
 def on_reverse_frame(session: Session, frame: int, layer: str, head: str, opacity: float) -> Reverse:
     """Reverse view: another frame chosen; show it with its grid and clear the clicked cell."""
     loaded = CACHE.get(session.export_key)
     frame = int(frame or 0)
     session = session.with_changes(reverse_frame=frame, reverse_cell=None)
-    return Reverse(session, views.reverse_source_image(loaded, frame, None), None)
+    return Reverse(session, views.reverse_source_image(loaded, frame, None), None, "")
 
 
-@user_errors
+@reports_errors(Reverse)
 def on_reverse_select(
     session: Session, frame: int, layer: str, head: str, opacity: float, evt: gr.SelectData
 ) -> Reverse:
@@ -350,4 +377,4 @@ def on_reverse_select(
     cell = loaded.geometry.cell_at(*_click_xy(evt))
     source = views.reverse_source_image(loaded, frame, cell)
     result = views.reverse_overlay(loaded, settings, frame, cell)
-    return Reverse(session.with_changes(reverse_frame=frame, reverse_cell=cell), source, result)
+    return Reverse(session.with_changes(reverse_frame=frame, reverse_cell=cell), source, result, "")
