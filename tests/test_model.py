@@ -209,3 +209,68 @@ def test_stop_after_ends_the_forward_pass_there(tiny_model, tiny_reference):
             module._forward_hooks.clear()
     with torch.no_grad():
         aggregator(images)  # runs to the end again
+
+
+def test_run_blocks_resumed_from_recorded_tokens_equals_the_full_forward(tiny_model, tiny_reference):
+    images = tiny_reference["input.images"]
+    aggregator = tiny_model.aggregator
+    entering: dict[tuple[str, int], torch.Tensor] = {}
+    handles = [
+        block.register_forward_pre_hook(lambda module, args, key=(kind, i): entering.setdefault(key, args[0]))
+        for kind, blocks in (
+            ("dino", aggregator.patch_embed.blocks),
+            ("frame", aggregator.frame_blocks),
+            ("global", aggregator.global_blocks),
+        )
+        for i, block in enumerate(blocks)
+    ]
+    try:
+        with torch.no_grad():
+            full, _ = aggregator(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    batch, frames = images.shape[:2]
+    with torch.no_grad():
+        tokens, pos = aggregator.embed(images)
+        for i in range(aggregator.depth):
+            frame_in = entering["frame", i].unflatten(0, (batch, frames))
+            assert all(map(torch.equal, aggregator.run_blocks(frame_in, pos, first_block=i), full[i:]))
+            global_in = entering["global", i].unflatten(1, (frames, -1))
+            resumed = aggregator.run_blocks(global_in, pos, first_block=i, from_global=True)
+            assert all(map(torch.equal, resumed, full[i:]))
+        for j in range(len(aggregator.patch_embed.blocks)):
+            resumed_tokens, resumed_pos = aggregator.embed(images, entering["dino", j], dino_first_block=j)
+            assert torch.equal(resumed_tokens, tokens) and torch.equal(resumed_pos, pos)
+
+
+def test_mask_and_head_output_hook_points_edit_the_attention(tiny_model, tiny_reference):
+    images = tiny_reference["input.images"]
+    attention = tiny_model.aggregator.global_blocks[1].attn
+    seen = {}
+
+    def keep_first_key_only(module, args, mask):
+        q, k = args
+        seen["mask_in"] = mask
+        keep = torch.zeros(k.shape[-2], dtype=torch.bool)
+        keep[0] = True
+        return keep.view(1, -1)
+
+    def read_heads(module, args, output):
+        seen["heads"] = output[0]
+
+    handles = [
+        attention.hook_attn_mask.register_forward_hook(keep_first_key_only),
+        attention.hook_head_outputs.register_forward_hook(read_heads),
+    ]
+    try:
+        with torch.no_grad():
+            tiny_model.aggregator(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen["mask_in"] is None
+    # Every query attends to key 0 only, so each head's output is key 0's value in every row.
+    heads = seen["heads"]
+    assert heads.shape == (1, 4, 3 * 25, 16)
+    torch.testing.assert_close(heads, heads[:, :, :1].expand_as(heads))

@@ -67,13 +67,19 @@ class Aggregator(nn.Module):
             "_resnet_std", torch.tensor(IMAGENET_STD, device="cpu").view(1, 1, 3, 1, 1), persistent=False
         )
 
-    def embed(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def embed(
+        self, images: Tensor, dino_tokens: Tensor | None = None, dino_first_block: int = 0
+    ) -> tuple[Tensor, Tensor]:
         """Initial tokens and positions of every frame.
 
         Parameters
         ----------
         images : Tensor
             ``[B, S, 3, H, W]`` in [0, 1]; H and W multiples of the patch size.
+        dino_tokens : Tensor, optional
+            ``[B*S, 1 + R + patches, C]``: the tokens entering DINOv2 block ``dino_first_block``, from
+            an earlier run on the same images; the DINOv2 blocks before it are then not run again.
+        dino_first_block : int
 
         Returns
         -------
@@ -87,10 +93,12 @@ class Aggregator(nn.Module):
             raise ValueError(
                 f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}"
             )
-        images = (images - self._resnet_mean) / self._resnet_std
-        patch_tokens = self.patch_embed(images.view(batch * frames, channels, height, width))[
-            "x_norm_patchtokens"
-        ]
+        if dino_tokens is None:
+            images = (images - self._resnet_mean) / self._resnet_std
+            dino_out = self.patch_embed(images.view(batch * frames, channels, height, width))
+        else:
+            dino_out = self.patch_embed.run_blocks(dino_tokens, dino_first_block)
+        patch_tokens = dino_out["x_norm_patchtokens"]
         camera = expand_frame_tokens(self.camera_token, batch, frames)
         registers = expand_frame_tokens(self.register_token, batch, frames)
         tokens = torch.cat((camera, registers, patch_tokens), dim=1)
@@ -124,15 +132,50 @@ class Aggregator(nn.Module):
         """
         batch, frames = images.shape[:2]
         tokens, pos = self.embed(images)
-        _, tokens_per_frame, dim = tokens.shape
+        outputs = self.run_blocks(tokens.unflatten(0, (batch, frames)), pos, keep_outputs=keep_outputs)
+        return outputs, self.patch_start_idx
+
+    def run_blocks(
+        self,
+        tokens: Tensor,
+        pos: Tensor | None,
+        first_block: int = 0,
+        from_global: bool = False,
+        keep_outputs: bool = True,
+    ) -> list[Tensor]:
+        """Run the block pairs ``first_block..depth-1`` from given tokens.
+
+        Parameters
+        ----------
+        tokens : Tensor
+            ``[B, S, P, C]``: the tokens entering frame block ``first_block``, or with ``from_global``
+            its global block (they are then that pair's frame-block output).
+        pos : Tensor | None
+            ``[B*S, P, 2]`` per-frame RoPE positions, as :meth:`embed` returns them.
+        first_block : int
+        from_global : bool
+        keep_outputs : bool
+            As in :meth:`forward`.
+
+        Returns
+        -------
+        list[Tensor]
+            The outputs of block pairs ``first_block..`` (``[B, S, P, 2C]`` each), or only the last.
+        """
+        batch, frames, tokens_per_frame, dim = tokens.shape
         frame_pos = pos
         global_pos = None if pos is None else pos.reshape(batch, frames * tokens_per_frame, 2)
         outputs: list[Tensor] = []
-        for frame_block, global_block in zip(self.frame_blocks, self.global_blocks, strict=True):
-            tokens = frame_block(tokens.reshape(batch * frames, tokens_per_frame, dim), pos=frame_pos)
-            frame_out = tokens.view(batch, frames, tokens_per_frame, dim)
-            tokens = global_block(tokens.reshape(batch, frames * tokens_per_frame, dim), pos=global_pos)
+        for index in range(first_block, self.depth):
+            if not (from_global and index == first_block):
+                tokens = self.frame_blocks[index](
+                    tokens.reshape(batch * frames, tokens_per_frame, dim), pos=frame_pos
+                )
+            frame_out = tokens.reshape(batch, frames, tokens_per_frame, dim)
+            tokens = self.global_blocks[index](
+                tokens.reshape(batch, frames * tokens_per_frame, dim), pos=global_pos
+            )
             global_out = tokens.view(batch, frames, tokens_per_frame, dim)
-            if keep_outputs or global_block is self.global_blocks[-1]:
+            if keep_outputs or index == self.depth - 1:
                 outputs.append(torch.cat((frame_out, global_out), dim=-1))
-        return outputs, self.patch_start_idx
+        return outputs

@@ -83,8 +83,12 @@ class DinoVisionTransformer(nn.Module):
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         """Run the ViT; returns normalized class, register and patch tokens and the pre-norm tokens."""
-        x = self.prepare_tokens(images)
-        for block in self.blocks:
+        return self.run_blocks(self.prepare_tokens(images))
+
+    def run_blocks(self, x: Tensor, first_block: int = 0) -> dict[str, Tensor]:
+        """Run blocks ``first_block..`` on ``x`` ``[B, 1 + R + patches, dim]``, the tokens entering
+        block ``first_block``; returns what :meth:`forward` returns."""
+        for block in self.blocks[first_block:]:
             x = block(x)
         x_norm = self.norm(x)
         first_patch = 1 + self.num_register_tokens

@@ -30,10 +30,21 @@ class HookPoint(nn.Module):
         return tensors
 
 
-def iter_hook_points(model: nn.Module, suffix: str = "") -> Iterator[tuple[str, HookPoint]]:
+class MaskHookPoint(nn.Module):
+    """Hook point that yields an attention mask: ``None`` (attend everywhere) unless a hook gives one.
+
+    Forward hooks see ``(q, k)`` as ``args`` and the mask so far as ``output``; one that returns a
+    boolean tensor replaces it, and the next hook sees that one, so several hooks can combine masks.
+    """
+
+    def forward(self, q: Tensor, k: Tensor) -> Tensor | None:
+        return None
+
+
+def iter_hook_points(model: nn.Module, suffix: str = "") -> Iterator[tuple[str, HookPoint | MaskHookPoint]]:
     """Yield ``(qualified_name, hook_point)`` for every hook point whose name ends with ``suffix``."""
     for name, module in model.named_modules():
-        if isinstance(module, HookPoint) and name.endswith(suffix):
+        if isinstance(module, (HookPoint, MaskHookPoint)) and name.endswith(suffix):
             yield name, module
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .hooks import HookPoint
+from .hooks import HookPoint, MaskHookPoint
 from .rope import RotaryPositionEmbedding2D
 
 
@@ -51,9 +51,17 @@ class Mlp(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with optional LayerNorm on queries/keys and 2D RoPE.
 
-    Hook point ``hook_qk`` sees ``(q, k)``, each ``[B, heads, N, head_dim]``, after the
-    normalization and the rotary embedding: exactly what enters the softmax (before the
-    ``head_dim ** -0.5`` scale).
+    Hook points, in the order the forward pass reaches them:
+
+    - ``hook_qk`` sees ``(q, k)``, each ``[B, heads, N, head_dim]``, after the normalization and the
+      rotary embedding: exactly what enters the softmax (before the ``head_dim ** -0.5`` scale).
+    - ``hook_attn_mask`` (a :class:`MaskHookPoint`) sees the same ``(q, k)`` and yields the attention
+      mask: ``None`` unless a hook returns a boolean mask broadcastable to ``[B, heads, N, N]``
+      (True: the query attends to the key).
+    - ``hook_head_outputs`` sees ``(x,)``, the heads' outputs ``[B, heads, N, head_dim]`` before they
+      are merged and projected; a hook may return a replacement ``(x,)``.
+
+    With no hook attached the forward pass is one fused ``scaled_dot_product_attention`` call.
     """
 
     def __init__(
@@ -75,6 +83,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.rope = rope
         self.hook_qk = HookPoint()
+        self.hook_attn_mask = MaskHookPoint()
+        self.hook_head_outputs = HookPoint()
 
     def forward(self, x: Tensor, pos: Tensor | None = None) -> Tensor:
         batch, tokens, dim = x.shape
@@ -85,7 +95,9 @@ class Attention(nn.Module):
             q = self.rope(q, pos)
             k = self.rope(k, pos)
         q, k = self.hook_qk(q, k)
-        x = F.scaled_dot_product_attention(q, k, v)
+        mask = self.hook_attn_mask(q, k)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        (x,) = self.hook_head_outputs(x)
         return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))
 
 
