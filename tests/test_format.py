@@ -326,6 +326,69 @@ def test_seed_exports_open(tmp_path: Path, form: str) -> None:
     assert any("resized" in warning for warning in export.warnings)
 
 
+def _fork_discover_layers(attn_dir: Path) -> list[tuple[int, Path]]:
+    """The seed fork's analyze_attention.py layer discovery, minimally: ``int(entry["index"])`` of each
+    manifest entry with its metadata file (relative to the manifest, else its base name), sorted."""
+    manifest = json.loads((attn_dir / "layers_manifest.json").read_text())
+    found = []
+    for entry in manifest["layers"]:
+        path = attn_dir / entry["metadata_path"]
+        found.append((int(entry["index"]), path if path.exists() else attn_dir / Path(path).name))
+    return sorted(found)
+
+
+def _fork_load_layer(metadata_path: Path) -> np.ndarray:
+    """The fork's layer loading: ``heatmaps`` as float32 beside the metadata, heads averaged."""
+    meta = json.loads(metadata_path.read_text())
+    stored = np.load(metadata_path.parent / meta["npz_path"], mmap_mode="r")["heatmaps"]
+    maps = stored.astype(np.float32)
+    return maps.mean(axis=1) if meta.get("per_head_data") and maps.ndim == 5 else maps
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_seed_fork_reads_layers_under_their_0_based_index(tmp_path: Path, per_head: bool) -> None:
+    root = write_synthetic_export(tmp_path / "export", num_layers=3, per_head=per_head)
+    export = open_export(root)
+    layers = _fork_discover_layers(root / "attn_maps")
+    # The fork's layer i (its --start_layer i) is global block i, named layer_{i+1:02d}.
+    assert [index for index, _ in layers] == [0, 1, 2]
+    for index, path in layers:
+        (name,) = [n for n in export.layer_names if export.layer_meta(n)["block_index"] == index]
+        assert name == f"layer_{index + 1:02d}" and path.name == f"{name}_metadata.json"
+        stored = np.asarray(export.heatmaps(name), dtype=np.float32)
+        expected = stored.mean(axis=1) if per_head else stored
+        np.testing.assert_array_equal(_fork_load_layer(path), expected)
+    assert [entry["index"] for entry in export.manifest["layers"]] == [0, 1, 2]
+
+
+def test_reader_gives_manifest_entries_the_0_based_index(tmp_path: Path) -> None:
+    root = write_synthetic_export(tmp_path / "export", num_layers=2, kinds=("global", "frame"), rollout=True)
+    manifest_path = root / "attn_maps" / "layers_manifest.json"
+    written = json.loads(manifest_path.read_text())
+    expected = [("global", 0), ("global", 1), ("frame", 0), ("frame", 1), ("rollout", None)]
+    assert [(entry["kind"], entry["index"]) for entry in written["layers"]] == expected
+    # An export written while the index was 1-based reads with the 0-based one.
+    for entry in written["layers"]:
+        if entry["index"] is not None:
+            entry["index"] += 1
+    manifest_path.write_text(json.dumps(written))
+    layers = open_export(root).manifest["layers"]
+    assert [(entry["kind"], entry["index"], entry["block_index"]) for entry in layers] == [
+        (kind, index, index) for kind, index in expected
+    ]
+
+
+def test_seed_layers_are_numbered_from_their_names(tmp_path: Path) -> None:
+    export_dir, _, _ = _write_seed_export(tmp_path, "layer")
+    export = open_export(export_dir / "attn_maps")
+    meta = export.layer_meta("layer_01")
+    assert (meta["layer_index"], meta["block_index"]) == (1, 0)
+    assert export.manifest["layers"][0]["index"] == 0
+    # A lone layer file, without the manifest, is numbered the same way.
+    lone = open_export(export_dir / "attn_maps" / "layer_01_metadata.json")
+    assert lone.manifest["layers"][0]["index"] == 0
+
+
 def test_seed_export_without_images_folder_shows_placeholders(tmp_path: Path) -> None:
     export_dir, _, _ = _write_seed_export(tmp_path, "layer", copy_images=False)
     export = open_export(export_dir)

@@ -132,6 +132,19 @@ class AttnExport:
         manifest.setdefault("num_heads", first["num_heads"])
         manifest.setdefault("precision", first["dtype"])
         manifest.setdefault("model", {})
+        # Each layer entry in the current meanings, whatever wrote it: ``index`` is 0-based as in the
+        # seed fork (earlier exports of this project wrote it 1-based), ``kind`` and ``block_index`` as
+        # the layer's metadata says.
+        layers = []
+        for name, entry in zip(self.layer_names, manifest["layers"], strict=True):
+            block_index = self._meta[name]["block_index"]
+            if block_index is None and self.is_seed and type(entry.get("index")) is int:
+                block_index = entry["index"]
+            kind = self._meta[name]["layer_kind"]
+            layers.append(
+                {**entry, "name": name, "kind": kind, "index": block_index, "block_index": block_index}
+            )
+        manifest["layers"] = layers
 
     def layer_meta(self, name: str) -> dict:
         """Metadata of one layer, normalized to the current schema (seed fields mapped)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,11 @@ def normalize_layer_meta(raw: dict, name: str, is_seed: bool) -> dict:
             raise FormatError(f"{where}: metadata lacks {key}")
     meta.setdefault("layer_name", name)
     meta.setdefault("layer_kind", "global")
+    if "block_index" not in meta:
+        # Seed layers carry no numbers; their names are layer_01, layer_02, ... for global block 0, 1, ...
+        number = int(name[len("layer_") :]) if re.fullmatch(r"layer_\d+", name) else None
+        meta.setdefault("layer_index", number)
+        meta["block_index"] = None if not number else number - 1
     meta["per_head_data"] = bool(meta.get("per_head_data", False))
     for key in ("num_heads", "per_head_vmax99", "layer_vmax99", "token_vmax99", "token_per_head_vmax99"):
         meta.setdefault(key, None)

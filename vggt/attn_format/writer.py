@@ -177,7 +177,7 @@ class ExportWriter:
         self._layers[name] = {
             "name": name,
             "kind": full["layer_kind"],
-            "index": full["layer_index"],
+            "index": full["block_index"],  # 0-based: the seed fork's meaning of its field
             "block_index": full["block_index"],
             "metadata_path": metadata_name,
         }
