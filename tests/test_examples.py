@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vggt.scene_geometry import load_scene, project, project_pixel, unproject
+from vggt.geometry.scene import load_scene, project, project_pixel, unproject
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENE = ROOT / "examples" / "synthetic_room"

@@ -2,7 +2,9 @@
 
 The output of :func:`load_and_preprocess_images` is meant to be bit-identical to
 ``vggt.utils.load_fn.load_and_preprocess_images`` of the upstream release, so that the
-attention exported here is the attention of the real model on the real inputs.
+attention exported here is the attention of the real model on the real inputs. The sizes and offsets
+of the resize, crop and padding come from :mod:`vggt.geometry.placement`, which maps points of the
+original images into the frames by the same rule.
 """
 
 from __future__ import annotations
@@ -16,10 +18,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-TARGET_SIZE = 518
-PATCH_SIZE = 14
+from vggt.geometry.placement import MODES, FramePlacement, place_frames
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-MODES = ("crop", "pad")
 
 # Modes with more than 8 bits per sample; PIL's own convert("RGB") clips these at 255,
 # which turns most of a 16-bit image white, so they are rescaled first.
@@ -83,32 +84,19 @@ def _open_rgb(path: str | Path) -> Image.Image:
         raise _fail(p, _describe(p, exc)) from exc
 
 
-def _resized_size(width: int, height: int, mode: str) -> tuple[int, int]:
-    """Target (width, height) before crop/pad: one side 518, the other a multiple of 14."""
-    # Python's round() is round-half-to-even, which is what upstream relies on.
-    if mode == "pad" and height > width:
-        new_height = TARGET_SIZE
-        new_width = round(width * (new_height / height) / PATCH_SIZE) * PATCH_SIZE
-    else:
-        new_width = TARGET_SIZE
-        new_height = round(height * (new_width / width) / PATCH_SIZE) * PATCH_SIZE
-    return new_width, new_height
-
-
 def _to_tensor(img: Image.Image) -> torch.Tensor:
     """8-bit RGB PIL image -> float32 ``[3, H, W]`` holding k/255 for byte value k."""
     arr = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).to(torch.float32).div(255)
 
 
-def _pad_centered(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Pad ``[C, h, w]`` with 1.0 to ``[C, height, width]``; the odd pixel goes bottom/right."""
-    dh = height - img.shape[1]
-    dw = width - img.shape[2]
-    if dh <= 0 and dw <= 0:
+def _paste(img: torch.Tensor, placement: FramePlacement) -> torch.Tensor:
+    """Pad the kept pixels ``[C, h, w]`` with 1.0 (white) to the frame, at the placement's offsets."""
+    right = placement.frame_width - placement.left - img.shape[2]
+    bottom = placement.frame_height - placement.top - img.shape[1]
+    if placement.left == placement.top == right == bottom == 0:
         return img
-    top, left = dh // 2, dw // 2
-    return F.pad(img, (left, dw - left, top, dh - top), mode="constant", value=1.0)
+    return F.pad(img, (placement.left, right, placement.top, bottom), mode="constant", value=1.0)
 
 
 def load_and_preprocess_images(image_paths: Sequence[str | Path], mode: str = "crop") -> torch.Tensor:
@@ -142,24 +130,18 @@ def load_and_preprocess_images(image_paths: Sequence[str | Path], mode: str = "c
     if len(image_paths) == 0:
         raise ImageLoadError("no images given: at least one image is required")
 
-    images = []
+    kept, sizes = [], []
     for path in image_paths:
         img = _open_rgb(path)
-        new_width, new_height = _resized_size(img.width, img.height, mode)
-        if new_width <= 0 or new_height <= 0:
-            raise _fail(path, f"aspect ratio {img.width}x{img.height} too extreme to resize")
-        img = img.resize((new_width, new_height), Image.Resampling.BICUBIC)
-        tensor = _to_tensor(img)
-        if mode == "crop" and new_height > TARGET_SIZE:
-            start = (new_height - TARGET_SIZE) // 2
-            tensor = tensor[:, start : start + TARGET_SIZE, :]
-        if mode == "pad":
-            tensor = _pad_centered(tensor, TARGET_SIZE, TARGET_SIZE)
-        images.append(tensor)
-
-    max_h = max(t.shape[1] for t in images)
-    max_w = max(t.shape[2] for t in images)
-    return torch.stack([_pad_centered(t, max_h, max_w) for t in images]).contiguous()
+        try:
+            alone = place_frames([img.size], mode)[0]
+        except ValueError as exc:
+            raise _fail(path, str(exc)) from None
+        sizes.append(img.size)
+        img = img.resize((alone.resized_width, alone.resized_height), Image.Resampling.BICUBIC)
+        kept.append(_to_tensor(img)[:, alone.crop_top : alone.crop_top + alone.kept_height, :])
+    placements = place_frames(sizes, mode)
+    return torch.stack([_paste(t, p) for t, p in zip(kept, placements, strict=True)]).contiguous()
 
 
 def to_uint8_frames(images: torch.Tensor) -> np.ndarray:

@@ -13,7 +13,8 @@ mass, absolute or cwd-relative paths, possibly no ``images/`` folder).
 
 The package depends on numpy and Pillow only: it never imports torch, so that a shared export opens fast
 on a machine without it. Modules: :mod:`.schema` (names, fields, checks), :mod:`.npz` (NPZ members,
-memory-mapped), :mod:`.paths` (zips and paths inside an export), :mod:`.writer`, :mod:`.reader`.
+memory-mapped), :mod:`.paths` (zips and paths inside an export), :mod:`.grid` (the query grid in
+pixels), :mod:`.writer`, :mod:`.reader`.
 """
 
 from vggt.attn_format.paths import resolve_in_export

@@ -5,7 +5,7 @@ geometry (which says where each query's point lies in every frame) and the analy
 attention peaks with those points).
 
 Pixel coordinates are ``(x, y)`` = (column, row) with the centre of the top-left pixel at ``(0, 0)``
-(as :mod:`vggt.scene_geometry`), so pixel ``(i, j)`` (row ``i``, column ``j``) covers
+(as :mod:`vggt.geometry.scene`), so pixel ``(i, j)`` (row ``i``, column ``j``) covers
 ``[j - 0.5, j + 0.5) x [i - 0.5, i + 0.5)``.
 
 The grid (see ``attn_maps_schema.md``): query ``qi = qr * W_ds + qc`` is the patch at row

@@ -107,7 +107,8 @@ def project_pixel(
     cameras: Sequence[Camera] | Mapping,
     depth: np.ndarray | Sequence[np.ndarray],
     rel_tol: float = 0.02,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return_depth: bool = False,
+) -> tuple[np.ndarray, ...]:
     """Map pixels of one view to where the same scene points appear in another view.
 
     Parameters
@@ -122,13 +123,16 @@ def project_pixel(
         Depth maps ``[V, H, W]`` (or a list of ``[H, W]``), camera z.
     rel_tol
         Relative depth tolerance of the occlusion test.
+    return_depth
+        Also return the points' depth ``z2`` in the destination camera (negative behind it).
 
     Returns
     -------
-    tuple[np.ndarray, np.ndarray, np.ndarray]
+    tuple[np.ndarray, ...]
         ``u2``, ``v2`` (float, [...]) in ``dst_view`` and ``visible`` (bool, [...]): the point
         has valid source depth, lies in front of the destination camera, inside its image,
-        and is not hidden behind a nearer surface there.
+        and is not hidden behind a nearer surface there; with ``return_depth``, ``z2`` (float,
+        [...]) after ``u2`` and ``v2``.
     """
     cams = cameras_from_meta(cameras) if isinstance(cameras, Mapping) else list(cameras)
     src, dst = cams[src_view], cams[dst_view]
@@ -137,4 +141,6 @@ def project_pixel(
     seen = sample_depth(np.asarray(depth[dst_view]), u2, v2, rel_tol)
     with np.errstate(invalid="ignore"):
         visible = (z > 0) & (z2 > 0) & (np.abs(z2 - seen) <= rel_tol * seen)
+    if return_depth:
+        return u2, v2, z2, np.asarray(visible)
     return u2, v2, np.asarray(visible)
