@@ -102,14 +102,20 @@ class Aggregator(nn.Module):
         camera = expand_frame_tokens(self.camera_token, batch, frames)
         registers = expand_frame_tokens(self.register_token, batch, frames)
         tokens = torch.cat((camera, registers, patch_tokens), dim=1)
+        return tokens, self.token_positions(images)
+
+    def token_positions(self, images: Tensor) -> Tensor | None:
+        """RoPE positions of every frame's tokens, ``[B*S, P, 2]`` (``None`` without RoPE): 0 for the
+        special tokens, ``1 + (row, col)`` for the patches."""
         if self.rope is None:
-            return tokens, None
+            return None
+        batch, frames, _, height, width = images.shape
         pos = patch_positions(
             batch * frames, height // self.patch_size, width // self.patch_size, images.device
         )
         pos = pos + 1
         special = torch.zeros(batch * frames, self.patch_start_idx, 2, dtype=pos.dtype, device=pos.device)
-        return tokens, torch.cat((special, pos), dim=1)
+        return torch.cat((special, pos), dim=1)
 
     def forward(self, images: Tensor, keep_outputs: bool = True) -> tuple[list[Tensor], int]:
         """Run all blocks.

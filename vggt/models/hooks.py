@@ -59,9 +59,16 @@ class HookSession:
         """``(module, hook)`` pairs to attach with ``module.register_forward_hook(hook)``."""
         raise NotImplementedError
 
+    def pre_hooks(self) -> Iterable[tuple[nn.Module, Callable]]:
+        """``(module, hook)`` pairs to attach with ``module.register_forward_pre_hook(hook)``: hooks that
+        see a module's inputs before it runs. None by default."""
+        return ()
+
     def __enter__(self):
         self._handles: list[RemovableHandle] = []
         try:
+            for module, hook in self.pre_hooks():
+                self._handles.append(module.register_forward_pre_hook(hook))
             for module, hook in self.hooks():
                 self._handles.append(module.register_forward_hook(hook))
         except BaseException:
