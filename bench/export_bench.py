@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vggt.device import autocast_context, select_device_and_dtype  # noqa: E402
 from vggt.export import ExportOptions, export_attention  # noqa: E402
+from vggt.models.config import VGGTConfig  # noqa: E402
 from vggt.models.vggt import VGGT  # noqa: E402
 from vggt.weights import init_random_weights  # noqa: E402
 
@@ -169,7 +170,7 @@ def main() -> None:
 
     started = time.perf_counter()
     with torch.device("meta"):
-        model = VGGT()
+        model = VGGT.from_config(VGGTConfig(), heads=False)
     init_random_weights(model, seed=0)
     model.eval().requires_grad_(False).to(device)
     dtype_name = "float32" if autocast_dtype is None else str(autocast_dtype).removeprefix("torch.")

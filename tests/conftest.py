@@ -35,7 +35,7 @@ def tiny_config() -> AggregatorConfig:
 @pytest.fixture()
 def tiny_model(tiny_config, tiny_reference) -> VGGT:
     """The tiny reference model with upstream's random weights, in eval mode, float32 on CPU."""
-    model = VGGT(tiny_config).eval()
+    model = VGGT.from_config(tiny_config, heads=False).eval()
     weights = {k: v for k, v in tiny_reference.items() if k.startswith("aggregator.")}
     model.load_state_dict(weights, strict=True)
     return model

@@ -53,7 +53,7 @@ def _hub_offline(monkeypatch: pytest.MonkeyPatch) -> None:
 def source_model(tiny_config) -> VGGT:
     """A tiny model whose weights get saved; seeded differently from the models they are loaded into."""
     torch.manual_seed(1)
-    model = VGGT(tiny_config).eval()
+    model = VGGT.from_config(tiny_config, heads=False).eval()
     with torch.no_grad():
         for param in model.parameters():
             param.add_(torch.randn_like(param))
@@ -63,7 +63,7 @@ def source_model(tiny_config) -> VGGT:
 @pytest.fixture()
 def target_model(tiny_config) -> VGGT:
     torch.manual_seed(2)
-    return VGGT(tiny_config).eval()
+    return VGGT.from_config(tiny_config, heads=False).eval()
 
 
 def full_checkpoint(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -117,8 +117,8 @@ def test_safetensors_file_loads_aggregator_and_skips_heads(
     assert_same_weights(target_model, source_model)
     images = tiny_reference["input.images"]
     with torch.no_grad():
-        tokens, _ = target_model(images)
-        expected, _ = source_model(images)
+        tokens, _ = target_model.aggregator(images)
+        expected, _ = source_model.aggregator(images)
     for got, want in zip(tokens, expected, strict=True):
         assert torch.equal(got, want)
 
@@ -410,7 +410,7 @@ _USER_SCRIPT = textwrap.dedent(
         print(json.dumps({"error": str(err)}))
         raise SystemExit(0)
     config = AggregatorConfig.from_reference_json(json.load(open(sys.argv[2])))
-    report = load_weights(VGGT(config), resolved.path)
+    report = load_weights(VGGT.from_config(config, heads=False), resolved.path)
     print(json.dumps({
         "path": str(resolved.path), "revision": resolved.revision, "source": resolved.source,
         "loaded": report.loaded, "skipped": report.skipped_heads,

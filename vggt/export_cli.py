@@ -33,7 +33,7 @@ from vggt.export import (
     parse_blocks,
     parse_layers,
 )
-from vggt.models.config import AggregatorConfig
+from vggt.models.config import VGGTConfig
 from vggt.models.vggt import VGGT
 from vggt.preprocess import ImageLoadError, list_images, load_and_preprocess_images
 from vggt.rollout import DEFAULT_DISCARD_RATIO, rollout_bytes
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("seed", type=int, default=0, help="seed of --random_weights (default %(default)s)")
     add(
         "model_config",
-        help="JSON architecture (AggregatorConfig fields) for a model other than VGGT-1B",
+        help="JSON architecture (VGGTConfig, or AggregatorConfig fields) for a model other than VGGT-1B",
     )
     add("device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     add("dtype", default="auto", help="autocast dtype: auto, float32, bfloat16 or float16")
@@ -213,7 +213,7 @@ class Plan:
     rollout_bytes: int
     weights_bytes: int
 
-    def describe(self, args: argparse.Namespace, config: AggregatorConfig) -> str:
+    def describe(self, args: argparse.Namespace, config: VGGTConfig) -> str:
         grid, options = self.grid, self.options
         lines = [f"Export of '{args.image_set_name}' -> {self.out_dir}"]
         lines.append(
@@ -228,11 +228,12 @@ class Plan:
         )
         names = [layer_name(ref, options.blocks) for ref in self.layers]
         shown = f"{names[0]} .. {names[-1]}" if len(names) > 3 else ", ".join(names)
-        heads = f"{config.num_heads} heads each" if options.per_head else f"mean of {config.num_heads} heads"
+        num_heads = config.aggregator.num_heads
+        heads = f"{num_heads} heads each" if options.per_head else f"mean of {num_heads} heads"
         lines.append(f"  layers: {len(names)} ({shown}), {heads}, {options.precision}")
         if options.rollout:
             lines.append(
-                f"  rollout: {2 * config.depth} frame and global layers, "
+                f"  rollout: {2 * config.aggregator.depth} frame and global layers, "
                 f"discard ratio {options.rollout_discard}, "
                 f"extra memory {_format_bytes(self.rollout_bytes)}"
             )
@@ -292,7 +293,7 @@ def run(args: argparse.Namespace) -> Path:
     progress = not args.quiet
     config = _model_config(args.model_config)
     with torch.device("meta"):
-        model = VGGT(config)
+        model = VGGT.from_config(config, heads=False)  # attention needs the aggregator alone
     try:
         device, autocast_dtype = select_device_and_dtype(args.device, args.dtype)
     except ValueError as err:
@@ -344,11 +345,11 @@ def run(args: argparse.Namespace) -> Path:
     return out_dir
 
 
-def _model_config(path: str | None) -> AggregatorConfig:
+def _model_config(path: str | None) -> VGGTConfig:
     if path is None:
-        return AggregatorConfig.vggt_1b()
+        return VGGTConfig.vggt_1b()
     try:
-        return AggregatorConfig.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        return VGGTConfig.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError) as err:
         raise UsageError(f"cannot read --model_config {path}: {err}") from None
 
@@ -362,7 +363,7 @@ def _load_model(args, model: VGGT, device: torch.device, progress: bool) -> dict
             device,
         )  # fmt: skip
         bar.update(1)
-    architecture = "VGGT-1B" if args.model_config is None else model.config.to_dict()
+    architecture = "VGGT-1B" if args.model_config is None else model.config.aggregator.to_dict()
     return fields | {"architecture": architecture}
 
 

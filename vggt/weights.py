@@ -1,7 +1,8 @@
-"""Finding VGGT checkpoints (Hugging Face Hub or local files) and loading the aggregator weights.
+"""Finding VGGT checkpoints (Hugging Face Hub or local files) and loading their weights.
 
-Only the ``aggregator.*`` tensors are read: the camera, depth, point and track heads of the full
-VGGT checkpoint are never materialized.
+Only the tensors of the parts a model has are read: a model built without heads (what the attention
+exporter uses) reads ``aggregator.*`` alone and never materializes the camera, depth, point and track
+heads of a full checkpoint; a full model reads all of them, strictly.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 
 DEFAULT_MODEL_ID = "facebook/VGGT-1B"
 
-AGGREGATOR_PREFIX = "aggregator."
+AGGREGATOR = "aggregator"
 SAFETENSORS_NAME = "model.safetensors"
 PICKLE_NAME = "model.pt"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -67,9 +68,9 @@ class LoadReport:
     Attributes
     ----------
     loaded
-        Number of aggregator tensors loaded into the model.
+        Number of tensors loaded into the model.
     skipped_heads
-        Number of non-aggregator tensors of the checkpoint that were not read.
+        Number of tensors of the checkpoint that were not read (parts the model was built without).
     path
         The checkpoint file.
     """
@@ -88,6 +89,7 @@ def resolve_checkpoint(
     revision: str | None = None,
     checkpoint: str | Path | None = None,
     cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
 ) -> ResolvedCheckpoint:
     """Find the checkpoint file, downloading it from the Hugging Face Hub if needed.
 
@@ -102,6 +104,8 @@ def resolve_checkpoint(
         ``model.safetensors`` or ``model.pt``. Takes precedence over the hub.
     cache_dir
         Hub cache folder; ``huggingface_hub``'s default (``HF_HUB_CACHE`` / ``HF_HOME``) when ``None``.
+    local_files_only
+        Look in the hub cache only, never on the network (as ``HF_HUB_OFFLINE=1`` does).
 
     Returns
     -------
@@ -115,10 +119,22 @@ def resolve_checkpoint(
     """
     if checkpoint is not None:
         return ResolvedCheckpoint(_local_checkpoint_file(checkpoint), None, None, "file")
-    path = _download_from_hub(model_id, revision, cache_dir)
+    path = _download_from_hub(model_id, revision, cache_dir, local_files_only)
     # hf_hub_download returns <cache>/models--org--name/snapshots/<commit>/<file>.
     commit = path.parent.name
     return ResolvedCheckpoint(path, model_id, commit if _COMMIT_RE.fullmatch(commit) else revision, "hub")
+
+
+def is_local_checkpoint(name_or_path: str | Path) -> bool:
+    """Whether ``name_or_path`` names a local checkpoint rather than a hub repository id: it exists, or
+    it is written as a path (absolute, ``./``, ``~``, or a checkpoint file suffix)."""
+    text = str(name_or_path)
+    return (
+        isinstance(name_or_path, Path)
+        or Path(text).expanduser().exists()
+        or text.startswith((".", "/", "~"))
+        or text.endswith((".safetensors", *TORCH_SUFFIXES))
+    )
 
 
 def _local_checkpoint_file(checkpoint: str | Path) -> Path:
@@ -136,7 +152,9 @@ def _local_checkpoint_file(checkpoint: str | Path) -> Path:
     return path
 
 
-def _download_from_hub(model_id: str, revision: str | None, cache_dir: str | Path | None) -> Path:
+def _download_from_hub(
+    model_id: str, revision: str | None, cache_dir: str | Path | None, local_files_only: bool = False
+) -> Path:
     # Imported here so that loading local files works even where huggingface_hub is broken.
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.utils import (
@@ -150,7 +168,7 @@ def _download_from_hub(model_id: str, revision: str | None, cache_dir: str | Pat
     )
 
     at_revision = f" at revision {revision!r}" if revision else ""
-    unreachable = False
+    unreachable = local_files_only
     for filename in (SAFETENSORS_NAME, PICKLE_NAME):
         try:
             # Once the hub proved unreachable, only look in the cache (no second round of retries).
@@ -194,11 +212,12 @@ def _download_from_hub(model_id: str, revision: str | None, cache_dir: str | Pat
             f"{PICKLE_NAME}; pass a checkpoint file with --checkpoint PATH"
         )
     hub_cache = Path(cache_dir).expanduser() if cache_dir is not None else Path(constants.HF_HUB_CACHE)
-    why = (
-        "offline mode is on (HF_HUB_OFFLINE=1)"
-        if constants.HF_HUB_OFFLINE
-        else "the Hugging Face Hub could not be reached"
-    )
+    if constants.HF_HUB_OFFLINE:
+        why = "offline mode is on (HF_HUB_OFFLINE=1)"
+    elif local_files_only:
+        why = "only local files were asked for (local_files_only)"
+    else:
+        why = "the Hugging Face Hub could not be reached"
     options = ""
     if revision:
         options += f" --revision {revision}"
@@ -248,7 +267,7 @@ def sha256_file(path: str | Path) -> str:
 
 
 def load_aggregator_state_dict(path: Path, dtype: torch.dtype | None = None) -> tuple[dict[str, Tensor], int]:
-    """Read the ``aggregator.*`` tensors of a checkpoint.
+    """Read the ``aggregator.*`` tensors of a checkpoint (see :func:`load_state_dict`).
 
     Parameters
     ----------
@@ -270,17 +289,50 @@ def load_aggregator_state_dict(path: Path, dtype: torch.dtype | None = None) -> 
     WeightsError
         If the file is missing, is neither format, or holds pickled objects other than tensors.
     """
-    state_dict, skipped = _read_aggregator(Path(path), dtype)
+    return load_state_dict(path, (AGGREGATOR,), dtype)
+
+
+def load_state_dict(
+    path: Path, parts: tuple[str, ...], dtype: torch.dtype | None = None
+) -> tuple[dict[str, Tensor], int]:
+    """Read the tensors of some parts of a checkpoint.
+
+    Parameters
+    ----------
+    path
+        A ``.safetensors`` file or a ``torch.save`` file (plain state dict, or wrapped in
+        ``{"model": ...}`` / ``{"state_dict": ...}``, keys optionally prefixed with ``module.``).
+    parts
+        Top-level module names whose tensors are read, e.g. ``("aggregator", "camera_head")``.
+    dtype
+        If given, floating-point tensors are cast to it one by one as they are read.
+
+    Returns
+    -------
+    state_dict
+        The tensors on CPU under their full names (``aggregator.patch_embed...``).
+    skipped
+        Number of other tensors in the checkpoint, which were not read.
+
+    Raises
+    ------
+    WeightsError
+        If the file is missing, is neither format, or holds pickled objects other than tensors.
+    """
+    state_dict, skipped = _read_parts(Path(path), parts, dtype)
     return state_dict, len(skipped)
 
 
-def _read_aggregator(path: Path, dtype: torch.dtype | None) -> tuple[dict[str, Tensor], list[str]]:
-    """Like :func:`load_aggregator_state_dict`, but returns the skipped key names."""
+def _read_parts(
+    path: Path, parts: tuple[str, ...], dtype: torch.dtype | None
+) -> tuple[dict[str, Tensor], list[str]]:
+    """Like :func:`load_state_dict`, but returns the skipped key names."""
     if not path.is_file():
         raise WeightsError(f"checkpoint not found: {path}")
+    prefixes = tuple(f"{part}." for part in parts)
     if _looks_like_safetensors(path):
-        return _read_safetensors(path, dtype)
-    return _read_torch_pickle(path, dtype)
+        return _read_safetensors(path, prefixes, dtype)
+    return _read_torch_pickle(path, prefixes, dtype)
 
 
 def _looks_like_safetensors(path: Path) -> bool:
@@ -293,7 +345,9 @@ def _looks_like_safetensors(path: Path) -> bool:
     return 0 < header_len <= path.stat().st_size - 8
 
 
-def _read_safetensors(path: Path, dtype: torch.dtype | None) -> tuple[dict[str, Tensor], list[str]]:
+def _read_safetensors(
+    path: Path, prefixes: tuple[str, ...], dtype: torch.dtype | None
+) -> tuple[dict[str, Tensor], list[str]]:
     from safetensors import SafetensorError, safe_open
 
     state_dict: dict[str, Tensor] = {}
@@ -301,7 +355,7 @@ def _read_safetensors(path: Path, dtype: torch.dtype | None) -> tuple[dict[str, 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             for key in handle.keys():
-                if key.startswith(AGGREGATOR_PREFIX):
+                if key.startswith(prefixes):
                     state_dict[key] = _cast(handle.get_tensor(key), dtype)
                 else:
                     skipped.append(key)
@@ -310,7 +364,9 @@ def _read_safetensors(path: Path, dtype: torch.dtype | None) -> tuple[dict[str, 
     return state_dict, skipped
 
 
-def _read_torch_pickle(path: Path, dtype: torch.dtype | None) -> tuple[dict[str, Tensor], list[str]]:
+def _read_torch_pickle(
+    path: Path, prefixes: tuple[str, ...], dtype: torch.dtype | None
+) -> tuple[dict[str, Tensor], list[str]]:
     # mmap keeps the (up to 5 GB) file on disk instead of in RAM; only zip-format files support it.
     mmap = zipfile.is_zipfile(path)
     try:
@@ -333,7 +389,7 @@ def _read_torch_pickle(path: Path, dtype: torch.dtype | None) -> tuple[dict[str,
     skipped: list[str] = []
     for raw_key, value in entries.items():
         key = raw_key.removeprefix("module.")
-        if not key.startswith(AGGREGATOR_PREFIX):
+        if not key.startswith(prefixes):
             skipped.append(key)
             continue
         if not isinstance(value, Tensor):
@@ -374,7 +430,10 @@ def _cast(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
 
 
 def load_weights(model: nn.Module, path: Path, dtype: torch.dtype | None = None) -> LoadReport:
-    """Load the aggregator weights of a checkpoint into ``model`` (strictly).
+    """Load the weights of a checkpoint into ``model``, strictly, reading only the parts it has.
+
+    The parts are the top-level modules of ``model``'s state dict (``aggregator``, and each head it was
+    built with); the checkpoint's other tensors are not read.
 
     If any parameter or buffer of ``model`` is on the ``meta`` device (a model built without
     allocating memory), the checkpoint tensors are assigned to the model as they are
@@ -384,9 +443,9 @@ def load_weights(model: nn.Module, path: Path, dtype: torch.dtype | None = None)
     Parameters
     ----------
     model
-        A model whose ``state_dict()`` keys are upstream's ``aggregator.*`` names.
+        A model whose ``state_dict()`` keys are upstream's names (``aggregator.*``, ``camera_head.*``, ...).
     path
-        Checkpoint file, see :func:`load_aggregator_state_dict`.
+        Checkpoint file, see :func:`load_state_dict`.
     dtype
         If given, floating-point weights are read in this dtype and the model's floating-point
         parameters and buffers end up in it.
@@ -398,16 +457,20 @@ def load_weights(model: nn.Module, path: Path, dtype: torch.dtype | None = None)
     Raises
     ------
     WeightsError
-        If the checkpoint cannot be read, or its aggregator keys or shapes differ from the model's
-        (missing keys, unexpected keys, shape mismatches).
+        If the checkpoint cannot be read, lacks one of the model's parts, or its keys or shapes differ
+        from the model's (missing keys, unexpected keys, shape mismatches).
     """
     path = Path(path)
-    state_dict, skipped = _read_aggregator(path, dtype)
-    if not state_dict:
-        example = f" (it has {', '.join(skipped[:_MAX_LISTED_KEYS])}, ...)" if skipped else ""
-        raise WeightsError(f"checkpoint {path} holds no {AGGREGATOR_PREFIX}* tensors{example}")
-
     expected = model.state_dict()
+    parts = tuple(dict.fromkeys(key.split(".", 1)[0] for key in expected))
+    state_dict, skipped = _read_parts(path, parts, dtype)
+    absent = [part for part in parts if not any(key.startswith(f"{part}.") for key in state_dict)]
+    if absent:
+        example = f" (it has {', '.join(skipped[:_MAX_LISTED_KEYS])}, ...)" if skipped else ""
+        held = " or ".join(f"{part}.*" for part in absent)
+        hint = "" if absent == [AGGREGATOR] else "; build the model without those heads"
+        raise WeightsError(f"checkpoint {path} holds no {held} tensors{example}{hint}")
+
     _check_matches(path, state_dict, expected)
 
     on_meta = any(t.is_meta for t in expected.values())
@@ -423,8 +486,9 @@ def load_weights(model: nn.Module, path: Path, dtype: torch.dtype | None = None)
             )
 
     logger.info(
-        "loaded %s aggregator tensors from %s%s",
+        "loaded %s %s tensors from %s%s",
         f"{len(state_dict):,}",
+        " + ".join(parts),
         path.name,
         _skipped_summary(skipped),
     )
@@ -478,8 +542,9 @@ def _skipped_summary(skipped: list[str]) -> str:
 def init_random_weights(model: nn.Module, seed: int = 0, device: str | torch.device = "cpu") -> None:
     """Give every parameter of ``model`` (typically built on ``meta``) seeded random values, in place.
 
-    Linear and patch-embedding weights, tokens and position embeddings are drawn from N(0, 0.02^2);
-    biases are zero, LayerNorm weights one, LayerScale ``gamma`` keeps the value its config gives.
+    Linear, convolution and patch-embedding weights, tokens and position embeddings are drawn from
+    N(0, 0.02^2); biases are zero, LayerNorm and GroupNorm weights one, LayerScale ``gamma`` keeps the
+    value its config gives.
     The same seed gives the same weights on every machine (drawn on CPU, then moved to ``device``).
 
     Parameters
@@ -500,17 +565,26 @@ def init_random_weights(model: nn.Module, seed: int = 0, device: str | torch.dev
             full_name = f"{module_name}.{name}" if module_name else name
             value = torch.empty(param.shape, dtype=torch.float32)
             if name == "gamma":
-                in_dino = ".patch_embed." in f".{full_name}"
-                init = getattr(getattr(config, "patch_embed", None), "init_values", 1.0) if in_dino else None
-                value.fill_(init if init is not None else getattr(config, "init_values", 1.0))
-            elif isinstance(module, nn.LayerNorm):
+                value.fill_(_layer_scale_init(config, full_name))
+            elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
                 value.fill_(1.0 if name == "weight" else 0.0)
-            elif name == "bias":
+            elif name.endswith("bias"):
                 value.zero_()
             else:
                 value.normal_(0.0, 0.02, generator=generator)
             module._parameters[name] = nn.Parameter(value.to(device), requires_grad=param.requires_grad)
     model.to(device)
+
+
+def _layer_scale_init(config, name: str) -> float:
+    """The initial LayerScale value of parameter ``name`` in a model of ``config``."""
+    aggregator = getattr(config, "aggregator", config)  # a VGGTConfig, or an AggregatorConfig
+    if name.startswith("camera_head."):
+        return config.camera_head.init_values
+    if ".patch_embed." in f".{name}":
+        return getattr(getattr(aggregator, "patch_embed", None), "init_values", 1.0)
+    init = getattr(aggregator, "init_values", None)
+    return 1.0 if init is None else init
 
 
 def checkpoint_sha256(path: str | Path) -> str:
@@ -534,6 +608,7 @@ def assign_weights(
     random_weights: bool = False,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    local_files_only: bool = False,
 ) -> dict:
     """Give a model (typically built on ``meta``) its weights on ``device``, in eval mode.
 
@@ -541,7 +616,7 @@ def assign_weights(
     ----------
     model : nn.Module
         A :class:`vggt.models.vggt.VGGT`.
-    model_id, revision, checkpoint, cache_dir
+    model_id, revision, checkpoint, cache_dir, local_files_only
         Where the weights come from, see :func:`resolve_checkpoint`.
     random_weights : bool
         Seeded random weights instead (see :func:`init_random_weights`): nothing is read.
@@ -560,7 +635,7 @@ def assign_weights(
         init_random_weights(model, seed, device)
         source = {"id": None, "revision": None, "checkpoint_file": None, "checkpoint_sha256": None}
     else:
-        resolved = resolve_checkpoint(model_id, revision, checkpoint, cache_dir)
+        resolved = resolve_checkpoint(model_id, revision, checkpoint, cache_dir, local_files_only)
         load_weights(model, resolved.path)
         model.to(device)
         source = {
@@ -584,20 +659,30 @@ def load_model(
     config=None,
     random_weights: bool = False,
     seed: int = 0,
+    heads: bool = False,
 ) -> nn.Module:
-    """Build VGGT (VGGT-1B unless ``config`` says otherwise) with its weights, ready for export.
+    """Build VGGT (VGGT-1B unless ``config`` says otherwise) with its weights.
 
-    The weights are read straight into place: the model is built on ``meta`` and only the aggregator's
-    tensors of the checkpoint are loaded. See :func:`assign_weights` for the arguments.
+    The weights are read straight into place: the model is built on ``meta`` and only the tensors of
+    the parts it has are loaded. See :func:`assign_weights` for the arguments.
+
+    Parameters
+    ----------
+    config : VGGTConfig or AggregatorConfig, optional
+    heads : bool
+        Build and load the camera, depth, point and track heads too; by default the aggregator alone
+        (all that attention export needs: the heads' tensors are never read).
 
     Returns
     -------
     VGGT
         In eval mode, on ``device``, with ``weights_source`` set.
     """
-    from vggt.models.vggt import VGGT  # here: this module is also used to read checkpoints alone
+    # Here: this module is also used to read checkpoints alone.
+    from vggt.models.config import VGGTConfig
+    from vggt.models.vggt import VGGT
 
     with torch.device("meta"):
-        model = VGGT(config)
+        model = VGGT.from_config(config if config is not None else VGGTConfig(), heads=heads)
     assign_weights(model, model_id, revision, checkpoint, cache_dir, random_weights, seed, device)
     return model

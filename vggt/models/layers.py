@@ -36,13 +36,13 @@ class LayerScale(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Two-layer feed-forward network with GELU."""
+    """Two-layer feed-forward network with GELU: ``dim -> hidden_dim -> out_dim`` (``dim`` by default)."""
 
-    def __init__(self, dim: int, hidden_dim: int) -> None:
+    def __init__(self, dim: int, hidden_dim: int, out_dim: int | None = None) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = nn.Linear(hidden_dim, out_dim or dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))
