@@ -35,7 +35,7 @@ def images(tiny_reference):
 
 def forward(model, images):
     with torch.no_grad():
-        outputs, _ = model(images)
+        outputs, _ = model.aggregator(images)
     return outputs
 
 
@@ -105,7 +105,7 @@ def test_no_intervention_and_keep_everything_are_bit_identical(tiny_model, image
     ):
         calls.clear()
         with torch.no_grad(), Intervene(tiny_model, interventions, FRAMES) as session:
-            outputs, _ = tiny_model(images)
+            outputs, _ = tiny_model.aggregator(images)
         assert_outputs_equal(outputs, plain)
         assert session.kept_share == 1.0
         assert len(calls) == 6 and all(call.get("attn_mask") is None for call in calls)
@@ -127,7 +127,7 @@ def test_head_ablation_equals_editing_the_heads_slice_before_the_projection(tiny
         return heads_out
 
     expected = run_with_dense(tiny_model, images, ref, edit_heads=edit)
-    (got, _), kept = run_with_interventions(tiny_model, images, [HeadAblation(ref, heads, mode)])
+    (got, _), kept = run_with_interventions(tiny_model.aggregator, images, [HeadAblation(ref, heads, mode)])
     assert_outputs_close(got, expected)
     assert_changed(got, forward(tiny_model, images))
     assert kept == pytest.approx(2 / 4)
@@ -149,7 +149,7 @@ def test_global_to_frame_equals_frame_attention_with_the_global_layers_weights(t
         expected = forward(tiny_model, images)
     finally:
         del attn.forward
-    (got, _), kept = run_with_interventions(tiny_model, images, [GlobalToFrame((ref,))])
+    (got, _), kept = run_with_interventions(tiny_model.aggregator, images, [GlobalToFrame((ref,))])
     assert_outputs_close(got, expected)
     assert_changed(got, forward(tiny_model, images))
     assert kept == pytest.approx(1 / FRAMES)
@@ -171,7 +171,7 @@ def test_key_mask_equals_a_dense_softmax_with_masked_keys_at_minus_infinity(tiny
         expected = forward(tiny_model, images)
     finally:
         del attn_global.forward, attn_frame.forward
-    (got, _), kept = run_with_interventions(tiny_model, images, [KeyMask(refs, keep)])
+    (got, _), kept = run_with_interventions(tiny_model.aggregator, images, [KeyMask(refs, keep)])
     assert_outputs_close(got, expected)
     assert_changed(got, forward(tiny_model, images))
     kept_keys = int(keys.sum())
@@ -187,7 +187,7 @@ def test_key_mask_equals_a_dense_softmax_with_masked_keys_at_minus_infinity(tiny
         expected = forward(tiny_model, images)
     finally:
         del attn.forward
-    (got, _), _ = run_with_interventions(tiny_model, images, [KeyMask((dino,), keep)])
+    (got, _), _ = run_with_interventions(tiny_model.aggregator, images, [KeyMask((dino,), keep)])
     assert_outputs_close(got, expected)
 
 
@@ -247,7 +247,7 @@ def test_block_sparsity_equals_a_dense_softmax_with_dropped_blocks_at_minus_infi
     keep = masks[0]
     assert 0 < keep.float().mean() < 1
     (got, _), kept = run_with_interventions(
-        tiny_model, images, [BlockSparsity((ref,), threshold, rule, block)]
+        tiny_model.aggregator, images, [BlockSparsity((ref,), threshold, rule, block)]
     )
     assert_outputs_close(got, expected)
     assert kept == pytest.approx(keep.float().mean().item())
@@ -300,7 +300,7 @@ def test_bad_interventions_are_one_line_errors(tiny_model, images):
     ]
     for intervention, message in cases:
         with pytest.raises(InterventionError, match=message):
-            run_with_interventions(tiny_model, images, [intervention])
+            run_with_interventions(tiny_model.aggregator, images, [intervention])
     for mass in (0.0, -0.1, 1.01):
         with pytest.raises(InterventionError, match=r"kept mass must be in \(0, 1\]"):
             keep_by_mass(torch.rand(1, FRAMES, TOKENS), mass, PATCH_START)
@@ -311,7 +311,7 @@ def test_hooks_are_removed_when_the_forward_pass_fails(tiny_model, images):
     ablation = HeadAblation(LayerRef("global", 0), (0,))
     with pytest.raises(ValueError, match="multiple of the patch size"):
         run_with_interventions(
-            tiny_model, images[..., :60], [ablation, GlobalToFrame((LayerRef("global", 1),))]
+            tiny_model.aggregator, images[..., :60], [ablation, GlobalToFrame((LayerRef("global", 1),))]
         )
     assert all(not point._forward_hooks for _, point in iter_hook_points(tiny_model))
     assert_outputs_equal(forward(tiny_model, images), forward(tiny_model, images))
@@ -333,7 +333,7 @@ def test_prefix_reuse_equals_running_from_scratch(tiny_model, images, interventi
     with torch.no_grad(), PrefixCache(tiny_model, everywhere) as cache:
         plain = forward(tiny_model, images)
     assert set(cache.tokens) == set(everywhere)
-    (scratch, _), _ = run_with_interventions(tiny_model, images, [intervention])
+    (scratch, _), _ = run_with_interventions(tiny_model.aggregator, images, [intervention])
     assert_changed(scratch, plain)
     # From the layer it first edits, and from any recorded layer before that one.
     starts = [ref for ref in everywhere if ref.forward_position <= first.forward_position]
