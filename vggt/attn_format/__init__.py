@@ -12,9 +12,11 @@ export opens as is. The reader also opens exports written by the seed fork's exp
 mass, absolute or cwd-relative paths, possibly no ``images/`` folder).
 
 The package depends on numpy and Pillow only: it never imports torch, so that a shared export opens fast
-on a machine without it. Modules: :mod:`.schema` (names, fields, checks), :mod:`.npz` (NPZ members,
-memory-mapped), :mod:`.paths` (zips and paths inside an export), :mod:`.grid` (the query grid in
-pixels), :mod:`.writer`, :mod:`.reader`.
+on a machine without it. Modules: :mod:`.schema` (names, fields, checks, JSON), :mod:`.limits` (the caps
+on what an export may ask the reader to hold), :mod:`.npz` (NPZ members, memory-mapped), :mod:`.paths`
+(zips and paths inside an export), :mod:`.grid` (the query grid in pixels), :mod:`.writer`,
+:mod:`.reader`. An export is untrusted input: every problem with one is a one-line :class:`FormatError`,
+and nothing else escapes the reader.
 """
 
 from vggt.attn_format.paths import resolve_in_export

@@ -24,7 +24,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from vggt.attn_format.schema import FormatError
+from vggt.attn_format import limits
+from vggt.attn_format.errors import FormatError
 from vggt.quantize import worker_threads
 
 _ZIP_LOCAL_HEADER = struct.Struct("<4s5H3L2H")
@@ -61,6 +62,11 @@ class NpyMember:
     stored: bool
     data_offset: int  # absolute file offset of the array bytes; only meaningful when stored
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the array's data, as its header declares them (exact Python integers)."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
 
 def _read_npy_header(handle: Any, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
     try:
@@ -70,20 +76,42 @@ def _read_npy_header(handle: Any, where: str) -> tuple[tuple[int, ...], bool, np
         if version == (2, 0):
             return np.lib.format.read_array_header_2_0(handle)
     except DAMAGED_DATA_ERRORS as exc:
-        raise FormatError(f"{where}: bad .npy header ({type(exc).__name__}: {exc})"[:300]) from None
+        raise FormatError(f"{where}: bad .npy header ({type(exc).__name__}: {exc})") from None
     raise FormatError(f"{where}: unsupported .npy format version {version}")
 
 
+def _check_member_info(info: zipfile.ZipInfo, path: Path, where: str) -> None:
+    if info.flag_bits & 0x1:
+        raise FormatError(f"{where}: NPZ {path.name} is encrypted (refused)")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise FormatError(
+            f"{where}: NPZ {path.name} uses compression method {info.compress_type} "
+            "(only stored and deflated members are read)"
+        )
+    if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
+        raise FormatError(f"{where}: NPZ {path.name} has a stored member whose sizes disagree")
+
+
 def scan_npz(path: Path, where: str) -> dict[str, NpyMember]:
-    """Read the zip directory and every member's ``.npy`` header, without reading array data."""
+    """Read the zip directory and every member's ``.npy`` header, without reading array data.
+
+    Each member's header must declare exactly the bytes the member holds (stored members: in the file,
+    before the zip directory; deflated members: its decompressed size, at most
+    :data:`~.limits.MAX_INFLATED_MEMBER_BYTES`); objects, encryption and other compressions are refused.
+    Shared by every reader of NPZ files in an export.
+    """
     members: dict[str, NpyMember] = {}
+    limits.check_zip_directory(path, limits.MAX_NPZ_MEMBERS, f"{where}: NPZ {path.name}")
     file_size = path.stat().st_size
     try:
         with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
             for info in archive.infolist():
                 if not info.filename.endswith(".npy"):
                     continue
+                _check_member_info(info, path, where)
                 key = info.filename[: -len(".npy")]
+                if key in members:
+                    raise FormatError(f"{where}: NPZ {path.name} holds {key!r} twice")
                 stored = info.compress_type == zipfile.ZIP_STORED
                 if stored:
                     raw.seek(info.header_offset)
@@ -98,21 +126,34 @@ def scan_npz(path: Path, where: str) -> dict[str, NpyMember]:
                     raw.seek(member_start)
                     shape, fortran_order, dtype = _read_npy_header(raw, where)
                     data_offset = raw.tell()
+                    header_bytes = data_offset - member_start
+                    member_end = member_start + info.file_size
+                    if member_end > min(archive.start_dir, file_size):
+                        raise FormatError(
+                            f"{where}: truncated NPZ {path.name} (member {key!r} runs past its end)"
+                        )
                 else:
                     with archive.open(info) as stream:
                         shape, fortran_order, dtype = _read_npy_header(stream, where)
+                        header_bytes = stream.tell()
                     data_offset = -1
                 if dtype.hasobject:
                     raise FormatError(
                         f"{where}: NPZ member {key!r} holds Python objects (refused, never unpickled)"
                     )
-                if stored:
-                    needed = data_offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-                    if needed > file_size:
-                        raise FormatError(
-                            f"{where}: truncated NPZ {path.name} ({file_size} of {needed} bytes)"
-                        )
-                members[key] = NpyMember(key, dtype, tuple(shape), fortran_order, stored, data_offset)
+                member = NpyMember(key, dtype, tuple(shape), fortran_order, stored, data_offset)
+                if header_bytes + member.nbytes != info.file_size:
+                    raise FormatError(
+                        f"{where}: NPZ {path.name}: member {key!r} declares {member.nbytes} bytes of data "
+                        f"but holds {info.file_size - header_bytes}"
+                    )
+                if not stored:
+                    limits.check_file_size(
+                        member.nbytes,
+                        limits.MAX_INFLATED_MEMBER_BYTES,
+                        f"{where}: deflated NPZ member {key!r} of {path.name}, decompressed,",
+                    )
+                members[key] = member
     except FormatError:
         raise
     except zipfile.BadZipFile as exc:
@@ -120,27 +161,49 @@ def scan_npz(path: Path, where: str) -> dict[str, NpyMember]:
             f"{where}: {path.name} is not a readable NPZ ({exc}); truncated or corrupt?"
         ) from None
     except DAMAGED_DATA_ERRORS as exc:
-        raise FormatError(
-            f"{where}: cannot read NPZ {path.name} ({type(exc).__name__}: {exc})"[:300]
-        ) from None
+        raise FormatError(f"{where}: cannot read NPZ {path.name} ({type(exc).__name__}: {exc})") from None
     return members
 
 
 def load_member(path: Path, member: NpyMember, where: str) -> np.ndarray:
-    """A member's array: a read-only ``np.memmap`` when stored, decompressed into memory when deflated."""
-    if member.stored:
-        order = "F" if member.fortran_order else "C"
-        if int(np.prod(member.shape, dtype=np.int64)) == 0:
-            return np.zeros(member.shape, dtype=member.dtype)
-        return np.memmap(
-            path, dtype=member.dtype, mode="r", offset=member.data_offset, shape=member.shape, order=order
-        )
+    """A member's array: a read-only ``np.memmap`` when stored, decompressed into memory when deflated
+    (read against the header :func:`scan_npz` checked, never re-sized from the stream)."""
+    order = "F" if member.fortran_order else "C"
+    if member.nbytes == 0:
+        return np.zeros(member.shape, dtype=member.dtype, order=order)
     try:
+        if member.stored:
+            return np.memmap(
+                path, dtype=member.dtype, mode="r", offset=member.data_offset, shape=member.shape, order=order
+            )
+        limits.check_file_size(
+            member.nbytes, limits.MAX_INFLATED_MEMBER_BYTES, f"{where}: deflated NPZ member {member.key!r}"
+        )
+        array = np.empty(member.shape, dtype=member.dtype, order=order)
         with zipfile.ZipFile(path) as archive, archive.open(f"{member.key}.npy") as stream:
-            return np.lib.format.read_array(stream, allow_pickle=False)
+            if _read_npy_header(stream, where) != (member.shape, member.fortran_order, member.dtype):
+                raise FormatError(f"{where}: NPZ {path.name} changed while it was read")
+            buffer = array.reshape(-1, order="A").view(np.uint8)
+            filled = 0
+            while filled < len(buffer):
+                count = stream.readinto(memoryview(buffer)[filled : filled + _STREAM_BLOCK_BYTES])
+                if not count:
+                    raise FormatError(f"{where}: NPZ member {member.key!r} of {path.name} is truncated")
+                filled += count
+            if stream.read(1):
+                raise FormatError(f"{where}: NPZ member {member.key!r} of {path.name} holds extra data")
+        array.flags.writeable = False
+        return array
+    except FormatError:
+        raise
+    except MemoryError:
+        raise FormatError(
+            f"{where}: not enough memory to read {member.key} of {path.name} ({limits.mib(member.nbytes)})"
+        ) from None
     except DAMAGED_DATA_ERRORS as exc:
-        message = f"{where}: cannot decompress {member.key} from {path.name} ({type(exc).__name__}: {exc})"
-        raise FormatError(message[:300]) from None
+        raise FormatError(
+            f"{where}: cannot read {member.key} from {path.name} ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 # ---- writing ------------------------------------------------------------------------------------------

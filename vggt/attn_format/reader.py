@@ -1,19 +1,33 @@
 """The one reader of the format: open an export (folder, JSON file or zip), read what is asked, lazily.
 
 numpy and Pillow only: it never imports torch, so that a shared export opens fast on any machine.
+Every export is untrusted input: each file read lies inside the export (:mod:`.paths`), each number is
+checked against the caps of :mod:`.limits` and against the sizes the files really have before anything
+is allocated from it, and every problem is a one-line :class:`FormatError`.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import stat
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from vggt.attn_format import limits
+from vggt.attn_format.errors import printable
 from vggt.attn_format.npz import NpyMember, load_member, scan_npz
-from vggt.attn_format.paths import extract_zip_safely, find_attn_dir_in, is_inside, resolve_in_export
+from vggt.attn_format.paths import (
+    ExportFiles,
+    FolderFiles,
+    ZipFiles,
+    check_path_text,
+    resolve_in_export,
+)
 from vggt.attn_format.schema import (
     ARRAY_KEYS,
     ATTN_DIR_NAME,
@@ -27,12 +41,18 @@ from vggt.attn_format.schema import (
     TOKEN_HEATMAPS_KEY,
     TOKEN_SPECIAL_MASS_KEY,
     FormatError,
+    JsonBudget,
     check_dtype_shape,
     check_layer_meta,
+    check_manifest_fields,
     normalize_layer_meta,
     read_json,
 )
 from vggt.quantize import UINT8_MAX
+
+# Image formats a frame may be stored in (the exporter writes PNG; the seed copied its inputs).
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
+_GRAY = 128
 
 
 class AttnExport:
@@ -41,15 +61,19 @@ class AttnExport:
     Attributes
     ----------
     root : Path
-        The export folder; nothing outside it is ever read.
+        The export folder; nothing outside it is ever read. For a zip, a folder of its private
+        extraction, where a file exists once it has been read (use :meth:`file` or :meth:`resolve`).
     attn_dir : Path
         The folder holding the manifest and layer metadata.
+    files : ExportFiles
+        The export's files and the rule that keeps every read inside it.
     manifest : dict
         The manifest, synthesized for a lone layer metadata file or a seed export.
     layer_names : list of str
         Layers in manifest order.
     frame_paths : list of Path or None
-        Resolved frame image files, model order; ``None`` where a seed export's image lies outside it.
+        Locations of the frame image files, model order; ``None`` where a seed export's image lies
+        outside it.
     frame_sources : list of str
         Original file name of each frame.
     is_seed : bool
@@ -59,8 +83,16 @@ class AttnExport:
     """
 
     def __init__(
-        self, root: Path, attn_dir: Path, manifest: dict, layer_files: dict[str, Path], is_seed: bool
+        self,
+        files: ExportFiles,
+        root: Path,
+        attn_dir: Path,
+        manifest: dict,
+        layer_files: dict[str, Path],
+        is_seed: bool,
+        budget: JsonBudget,
     ):
+        self.files = files
         self.root = root
         self.attn_dir = attn_dir
         self.manifest = manifest
@@ -68,30 +100,60 @@ class AttnExport:
         self.layer_names = list(layer_files)
         self.warnings: list[str] = []
         self._layer_files = layer_files
+        self._budget = budget
         self._meta: dict[str, dict] = {}
         self._npz_path: dict[str, Path] = {}
         self._members: dict[str, dict[str, NpyMember]] = {}
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
-        self._frames: list[np.ndarray] | None = None
-        self._lock = threading.Lock()
+        self._inflated: OrderedDict[tuple[str, str], int] = OrderedDict()  # decompressed arrays, bytes
+        self._frames: dict[int, np.ndarray] = {}
+        self._lock = threading.RLock()
         for name in self.layer_names:
             self._meta[name] = self._load_layer_meta(name)
         first = self._meta[self.layer_names[0]]
-        self.frame_sources: list[str] = list(first["source_images"])
+        self.frame_sources: list[str] = first["source_images"]
         self.frame_paths: list[Path | None] = [
             self._resolve_image(p, i) for i, p in enumerate(first["image_paths"])
         ]
+        self._share_frames()
+        if not self.is_seed:
+            self._check_distinct_frames()
         self._fill_synthesized_manifest()
+
+    def close(self) -> None:
+        """Let go of the export's files (a zip's extraction is removed when no reader holds it)."""
+        self.files.close()
+
+    def __enter__(self) -> AttnExport:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     # ---- paths ---------------------------------------------------------------------------------------
 
+    def _locate(self, raw: str, base: Path, what: str) -> Path:
+        return resolve_in_export(raw, base, self.root, self.files, self.is_seed, what)
+
     def resolve(self, raw: str, base: Path, what: str) -> Path:
-        """Resolve a path written in the export to a file inside it; see :func:`resolve_in_export`."""
-        return resolve_in_export(raw, base, self.root, self.is_seed, what)
+        """A path written in the export (relative to ``base``, usually :attr:`attn_dir`), resolved to a
+        file inside it and ready to be opened (extracted first from a zip); see
+        :func:`~vggt.attn_format.paths.resolve_in_export`. Raises :class:`FormatError`."""
+        return self.files.local(self._locate(raw, base, what), what)
+
+    def file(self, relative: str, what: str) -> Path:
+        """The file at ``relative`` (``/``-separated, relative to :attr:`root`, e.g.
+        ``"geometry/cameras.json"``), checked to lie inside the export and ready to be opened."""
+        return self.resolve(relative, self.root, what)
+
+    def has_file(self, relative: str) -> bool:
+        """Whether the export holds a file at ``relative`` (relative to :attr:`root`) inside it."""
+        location = self.files.inside(self.root / check_path_text(relative, "file"))
+        return location is not None and self.files.is_file(location)
 
     def _resolve_image(self, raw: str, index: int) -> Path | None:
         try:
-            return self.resolve(raw, self.attn_dir, f"frame {index} image")
+            return self._locate(raw, self.attn_dir, f"frame {index} image")
         except FormatError:
             if not self.is_seed:
                 raise
@@ -100,18 +162,41 @@ class AttnExport:
             )
             return None
 
+    def _check_distinct_frames(self) -> None:
+        seen: dict[Path, int] = {}
+        for index, location in enumerate(self.frame_paths):
+            if location in seen:
+                raise FormatError(
+                    f"frames {seen[location]} and {index} name the same image "
+                    f"{self.files.describe(location)}; each frame has its own file"
+                )
+            seen[location] = index
+
     # ---- metadata ------------------------------------------------------------------------------------
 
     def _load_layer_meta(self, name: str) -> dict:
-        path = self._layer_files[name]
-        raw = read_json(path, f"layer metadata of {name}")
+        location = self._layer_files[name]
+        what = f"layer metadata {self.files.describe(location)}"
+        raw = read_json(self.files.local(location, what), what, self._budget)
         meta = normalize_layer_meta(raw, name, self.is_seed)
         where = f"layer {name}"
         check_layer_meta(meta, where)
         if len(meta["image_paths"]) != meta["S"]:
             raise FormatError(f"{where}: {len(meta['image_paths'])} image paths for S={meta['S']} frames")
-        self._npz_path[name] = self.resolve(meta["npz_path"], self.attn_dir, f"{where} npz_path")
+        self._npz_path[name] = self._locate(meta["npz_path"], self.attn_dir, f"{where} npz_path")
         return meta
+
+    def _share_frames(self) -> None:
+        """Every layer shows the same frames: checked, then held once."""
+        first = self._meta[self.layer_names[0]]
+        for name in self.layer_names[1:]:
+            meta = self._meta[name]
+            for key in ("image_paths", "source_images"):
+                if meta[key] != first[key]:
+                    raise FormatError(
+                        f"layers {self.layer_names[0]} and {name} disagree on the frames ({key})"
+                    )
+                meta[key] = first[key]
 
     def _fill_synthesized_manifest(self) -> None:
         first = self._meta[self.layer_names[0]]
@@ -150,7 +235,7 @@ class AttnExport:
         """Metadata of one layer, normalized to the current schema (seed fields mapped)."""
         try:
             return self._meta[name]
-        except KeyError:
+        except (KeyError, TypeError):
             raise FormatError(
                 f"no layer {name!r} in this export (has {', '.join(self.layer_names)})"
             ) from None
@@ -163,18 +248,20 @@ class AttnExport:
 
     # ---- arrays --------------------------------------------------------------------------------------
 
+    def _npz_file(self, name: str) -> Path:
+        return self.files.local(self._npz_path[name], f"layer {name} NPZ")
+
     def _member_table(self, name: str) -> dict[str, NpyMember]:
         table = self._members.get(name)
         if table is None:
             meta = self.layer_meta(name)
             where = f"layer {name}"
-            table = scan_npz(self._npz_path[name], where)
+            path = self._npz_file(name)
+            table = scan_npz(path, where)
             if HEATMAPS_KEY not in table:
-                raise FormatError(f"{where}: NPZ {self._npz_path[name].name} has no {HEATMAPS_KEY!r} array")
+                raise FormatError(f"{where}: NPZ {path.name} has no {HEATMAPS_KEY!r} array")
             if meta["token_queries"] and TOKEN_HEATMAPS_KEY not in table:
-                raise FormatError(
-                    f"{where}: NPZ {self._npz_path[name].name} has no {TOKEN_HEATMAPS_KEY!r} array"
-                )
+                raise FormatError(f"{where}: NPZ {path.name} has no {TOKEN_HEATMAPS_KEY!r} array")
             for key, member in table.items():
                 if key in ARRAY_KEYS:
                     check_dtype_shape(member.dtype, member.shape, meta, key, where)
@@ -192,9 +279,19 @@ class AttnExport:
                 member = self._member_table(name).get(key)
                 if member is None:
                     return None
-                array = load_member(self._npz_path[name], member, f"layer {name}")
+                if not member.stored:
+                    self._make_room(member.nbytes)
+                array = load_member(self._npz_file(name), member, f"layer {name}")
                 self._arrays[cache_key] = array
+                if not member.stored:
+                    self._inflated[cache_key] = member.nbytes
         return array
+
+    def _make_room(self, size: int) -> None:
+        """Forget the least recently read decompressed arrays until ``size`` more bytes fit the cap."""
+        while self._inflated and sum(self._inflated.values()) + size > limits.MAX_INFLATED_CACHE_BYTES:
+            oldest, _ = self._inflated.popitem(last=False)
+            self._arrays.pop(oldest, None)
 
     def heatmaps(self, name: str) -> np.ndarray:
         """Stored maps of one layer: ``[Q, K, H_ds, W_ds]`` or ``[Q, heads, K, H_ds, W_ds]``.
@@ -235,20 +332,23 @@ class AttnExport:
         layer_key = "token_vmax99" if token else "layer_vmax99"
         return np.full(heads, meta[layer_key] / UINT8_MAX, dtype=np.float32)
 
-    def _check_head(self, meta: dict, head: int | None) -> None:
+    def _check_head(self, meta: dict, head: int | None) -> int | None:
         if head is None:
-            return
+            return None
+        head = _index(head, "head index")
         if not meta["per_head_data"]:
             raise FormatError(f"layer {meta['layer_name']} has head-averaged maps only; no per-head data")
-        if not 0 <= int(head) < meta["num_heads"]:
+        if not 0 <= head < meta["num_heads"]:
             raise FormatError(f"head index {head} out of range 0..{meta['num_heads'] - 1}")
+        return head
 
     def _dequantized_row(self, name: str, key: str, row: int, head: int | None) -> np.ndarray:
         meta = self.layer_meta(name)
-        self._check_head(meta, head)
+        head = self._check_head(meta, head)
         token = key == TOKEN_HEATMAPS_KEY
         rows = len(meta["token_queries"]) if token else meta["Q"]
-        if not 0 <= int(row) < rows:
+        row = _index(row, "token query" if token else "query index")
+        if not 0 <= row < rows:
             what = "token query" if token else "query index"
             raise FormatError(f"{what} {row} out of range 0..{rows - 1} in layer {name}")
         stored = self._array(name, key)
@@ -294,7 +394,8 @@ class AttnExport:
             ``[heads, H_ds, W_ds]`` float32.
         """
         meta = self.layer_meta(name)
-        self._check_head(meta, head)
+        head = self._check_head(meta, head)
+        frame, row, col = (_index(v, what) for v, what in ((frame, "frame"), (row, "row"), (col, "column")))
         if frame not in meta["key_frames"]:
             raise FormatError(
                 f"layer {name} holds no attention to frame {frame} (key frames {meta['key_frames']})"
@@ -331,44 +432,165 @@ class AttnExport:
         return int(height), int(width)
 
     def frames(self) -> list[np.ndarray]:
-        """All frames as ``[H, W, 3] uint8`` arrays at :attr:`image_size`, decoded once and cached.
-
-        A seed export's copied source images are resized to the model's frame size; a frame whose file
-        lies outside the export is a flat gray placeholder.
-        """
-        if self._frames is not None:
-            return self._frames
-        with self._lock:
-            if self._frames is None:
-                self._frames = [self._decode_frame(i, path) for i, path in enumerate(self.frame_paths)]
-        return self._frames
-
-    def _decode_frame(self, index: int, path: Path | None) -> np.ndarray:
+        """All frames as ``[H, W, 3] uint8`` arrays at :attr:`image_size` (see :meth:`frame`); refused
+        when together they exceed :data:`~.limits.MAX_DECODED_FRAMES_BYTES` (read them one at a time)."""
         height, width = self.image_size
-        if path is None:
-            return np.full((height, width, 3), 128, dtype=np.uint8)
+        limits.check_file_size(
+            len(self.frame_paths) * height * width * 3,
+            limits.MAX_DECODED_FRAMES_BYTES,
+            "all frames decoded at once",
+        )
+        return [self.frame(index) for index in range(len(self.frame_paths))]
+
+    def frame(self, index: int) -> np.ndarray:
+        """Frame ``index`` as a read-only ``[H, W, 3] uint8`` array at :attr:`image_size`.
+
+        Decoded once and cached (the least recently read frames are forgotten beyond
+        :data:`~.limits.MAX_DECODED_FRAMES_BYTES`). A seed export's copied source images are resized to
+        the model's frame size; a frame whose file lies outside the export is a flat gray placeholder.
+        """
+        index = _index(index, "frame index")
+        if not 0 <= index < len(self.frame_paths):
+            raise FormatError(f"frame {index} out of range 0..{len(self.frame_paths) - 1}")
+        with self._lock:
+            frame = self._frames.pop(index, None)
+            if frame is None:
+                frame = self._decode_frame(index, self.frame_paths[index])
+                frame.flags.writeable = False
+            self._frames[index] = frame  # most recently read last
+            while len(self._frames) > 1 and sum(f.nbytes for f in self._frames.values()) > (
+                limits.MAX_DECODED_FRAMES_BYTES
+            ):
+                del self._frames[next(iter(self._frames))]
+        return frame
+
+    def _decode_frame(self, index: int, location: Path | None) -> np.ndarray:
+        height, width = self.image_size
+        if location is None:
+            return np.full((height, width, 3), _GRAY, dtype=np.uint8)
+        what = f"frame {index}: image {self.files.describe(location)}"
+        path = self.files.local(location, what)
         try:
-            with Image.open(path) as image:
+            with Image.open(path, formats=IMAGE_FORMATS) as image:
+                size = image.size
+                self._check_image_size(size, what)
+                if size != (width, height):
+                    image.draft("RGB", (width, height))  # JPEG: decode at a reduced size where it can
                 rgb = image.convert("RGB")
-        except (OSError, ValueError) as exc:
-            raise FormatError(f"frame {index}: cannot read image {path.name} ({exc})") from None
-        if rgb.size != (width, height):
-            if not self.is_seed:
-                raise FormatError(
-                    f"frame {index}: image {path.name} is {rgb.size[1]}x{rgb.size[0]}, "
-                    f"metadata says {height}x{width}"
-                )
+                if rgb.size != (width, height):
+                    rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
+        except FormatError:
+            raise
+        except Image.DecompressionBombError:
+            raise FormatError(
+                f"{what} is above the limit of {limits.MAX_SOURCE_IMAGE_PIXELS} pixels"
+            ) from None
+        except Exception as exc:  # noqa: BLE001 - Pillow's decoders raise many types on damaged files
+            reason = str(exc).replace(str(path), self.files.describe(location))  # no absolute path
+            raise FormatError(f"{what}: cannot read it ({type(exc).__name__}: {reason})") from None
+        if size != (width, height):
             self.warnings.append(
-                f"frame {index}: {path.name} resized from {rgb.size[0]}x{rgb.size[1]} "
-                f"to the model's {width}x{height}"
+                f"frame {index}: {self.files.describe(location)} resized from {size[0]}x{size[1]} "
+                f"to the model's {width}x{height} (W x H)"
             )
-            rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
         return np.asarray(rgb, dtype=np.uint8)
 
+    def _check_image_size(self, size: tuple[int, int], what: str) -> None:
+        """An image's size from its header, before it is decoded: the frame size for current exports,
+        within the caps of :mod:`.limits` for a seed export's copied originals."""
+        height, width = self.image_size
+        if not self.is_seed and size != (width, height):
+            raise FormatError(f"{what} is {size[0]}x{size[1]}, metadata says {width}x{height} (W x H)")
+        if max(size) > limits.MAX_SOURCE_IMAGE_SIDE or math.prod(size) > limits.MAX_SOURCE_IMAGE_PIXELS:
+            raise FormatError(
+                f"{what} is {size[0]}x{size[1]}, above the limit of {limits.MAX_SOURCE_IMAGE_PIXELS} "
+                f"pixels and {limits.MAX_SOURCE_IMAGE_SIDE} per side"
+            )
 
-def _layer_name_from_metadata_file(path: Path) -> str:
-    stem = path.stem
+
+def _index(value: object, what: str) -> int:
+    """An index passed by a caller, as an ``int``; anything else is a :class:`FormatError`."""
+    if isinstance(value, bool):
+        raise FormatError(f"{what} must be an integer, got {value!r}")
+    try:
+        return int(value.__index__())  # type: ignore[union-attr]
+    except (AttributeError, TypeError):
+        raise FormatError(f"{what} must be an integer, got {type(value).__name__}") from None
+
+
+def _layer_name_from_metadata_file(name: str) -> str:
+    stem = printable(Path(name).stem)  # a file name's undecodable bytes come back as surrogates
     return stem[: -len("_metadata")] if stem.endswith("_metadata") else stem
+
+
+def _find(files: ExportFiles, path: Path, what: str) -> Path | None:
+    """The location of the file at ``path`` when there is one, ``None`` when nothing is there; a link
+    leading outside the export, or something other than a regular file, is refused."""
+    location = files.inside(path)
+    if location is None:
+        if isinstance(files, FolderFiles) and not os.path.lexists(path):
+            return None
+        raise FormatError(f"{what} points outside the export (refused)")
+    if files.is_file(location):
+        return location
+    if isinstance(files, FolderFiles) and os.path.lexists(path):
+        raise FormatError(f"{what} is not a regular file")
+    return None
+
+
+def _export_folder(files: ExportFiles, path: Path, what: str) -> Path:
+    """The location of a folder of the export, refused when a link leads it outside."""
+    location = files.inside(path)
+    if location is None:
+        raise FormatError(f"{what} points outside the export (refused)")
+    return location
+
+
+def _open_files(text: str) -> tuple[ExportFiles, Path, Path | None]:
+    """The export's files, its ``attn_maps/`` folder and the lone layer metadata file, if one was given.
+
+    Nothing outside the export is followed: the root is the folder the user named (or the folder
+    above a named ``attn_maps/`` or JSON file), resolved once; every location below it must resolve
+    inside it. Messages quote the path as typed, never a resolved one.
+    """
+    try:
+        given = Path(text).expanduser()
+        status = os.stat(given)
+    except FileNotFoundError:
+        raise FormatError(f"no such file or folder: {text}") from None
+    except (OSError, RuntimeError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise FormatError(f"cannot open {text} ({reason})") from None
+    absolute = Path(os.path.abspath(given))  # lexical: links below the root are checked, not followed
+    if stat.S_ISREG(status.st_mode) and absolute.suffix.lower() == ".zip":
+        files: ExportFiles = ZipFiles(absolute.resolve(), absolute.name)
+        return files, files.find_attn_dir(), None
+    if stat.S_ISDIR(status.st_mode):
+        named = absolute
+        inner = named / ATTN_DIR_NAME
+        if os.path.lexists(inner) and named.name != ATTN_DIR_NAME:
+            files = FolderFiles(named.resolve())
+            attn_dir = _export_folder(files, inner, f"{ATTN_DIR_NAME}/")
+            if not files.is_dir(attn_dir):
+                raise FormatError(f"{ATTN_DIR_NAME} in {text} is not a folder")
+            return files, attn_dir, None
+        root = named.parent if named.name == ATTN_DIR_NAME else named
+        files = FolderFiles(root.resolve())
+        attn_dir = _export_folder(files, named, text)
+        if _find(files, attn_dir / MANIFEST_NAME, MANIFEST_NAME) or files.names_in(
+            attn_dir, "_metadata.json"
+        ):
+            return files, attn_dir, None
+        raise FormatError(f"{text} holds no {ATTN_DIR_NAME}/, {MANIFEST_NAME} or layer metadata")
+    if stat.S_ISREG(status.st_mode) and absolute.suffix.lower() == ".json":
+        folder = absolute.parent
+        files = FolderFiles((folder.parent if folder.name == ATTN_DIR_NAME else folder).resolve())
+        attn_dir = _export_folder(files, folder, f"the folder of {absolute.name}")
+        location = _find(files, absolute, absolute.name)
+        if location is None:
+            raise FormatError(f"no such file or folder: {text}")
+        return files, attn_dir, None if absolute.name == MANIFEST_NAME else location
+    raise FormatError(f"not an export: {absolute.name} (expected a folder, a .json file or a .zip)")
 
 
 def open_export(path: str | os.PathLike[str]) -> AttnExport:
@@ -378,96 +600,97 @@ def open_export(path: str | os.PathLike[str]) -> AttnExport:
     ----------
     path : str or PathLike
         The export folder, its ``attn_maps/`` folder, ``layers_manifest.json``, one layer's
-        ``*_metadata.json`` (that layer alone), or a ``.zip`` of an export folder (extracted once to a
-        private temporary folder, refusing entries outside its root and symlinks).
+        ``*_metadata.json`` (that layer alone), or a ``.zip`` of an export folder (its members are
+        checked first, then extracted as they are read into a private temporary folder shared by every
+        reader of the same zip, removed when the last one is closed and at exit).
 
     Returns
     -------
     AttnExport
         The opened export; every layer's metadata is read and checked, arrays are read on demand.
+        Close it (or use it as a context manager) to let go of a zip's extraction at once.
 
     Raises
     ------
     FormatError
-        For anything that cannot be read as the format says.
+        For anything that cannot be read as the format says, or that exceeds the caps of
+        :mod:`vggt.attn_format.limits`. No other exception escapes for any content of the export.
     """
-    given = Path(os.fspath(path)).expanduser()
-    if not given.exists():
-        raise FormatError(f"no such file or folder: {given}")
-    given = given.resolve()
-    lone_layer: Path | None = None
-    if given.is_file() and given.suffix.lower() == ".zip":
-        container = extract_zip_safely(given)
-        attn_dir = find_attn_dir_in(container)
-        root_limit: Path | None = container
-    elif given.is_dir():
-        root_limit = None
-        if (given / ATTN_DIR_NAME).is_dir():
-            attn_dir = given / ATTN_DIR_NAME
-        elif (given / MANIFEST_NAME).is_file() or any(given.glob("*_metadata.json")):
-            attn_dir = given
-        else:
-            raise FormatError(f"{given} holds no {ATTN_DIR_NAME}/, {MANIFEST_NAME} or layer metadata")
-    elif given.is_file() and given.suffix.lower() == ".json":
-        root_limit = None
-        attn_dir = given.parent
-        if given.name != MANIFEST_NAME:
-            lone_layer = given
-    else:
-        raise FormatError(f"not an export: {given.name} (expected a folder, a .json file or a .zip)")
+    try:
+        text = os.fspath(path)
+    except TypeError:
+        raise FormatError(f"an export path must be a string, got {type(path).__name__}") from None
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    text = check_path_text(text, "export path")
+    files, attn_dir, lone_layer = _open_files(text)
+    try:
+        return _open(files, attn_dir, lone_layer)
+    except BaseException:
+        files.close()
+        raise
 
-    root = attn_dir.parent if attn_dir.name == ATTN_DIR_NAME else attn_dir
-    if root_limit is not None and not is_inside(root, root_limit):
-        root = root_limit
 
-    manifest_file = attn_dir / MANIFEST_NAME
+def _open(files: ExportFiles, attn_dir: Path, lone_layer: Path | None) -> AttnExport:
+    root = attn_dir.parent if attn_dir.name == ATTN_DIR_NAME and attn_dir != files.root else attn_dir
+    budget = JsonBudget()
+    manifest_file = _find(files, attn_dir / MANIFEST_NAME, MANIFEST_NAME)
+
+    def read(location: Path, what: str) -> dict:
+        what = f"{what} {files.describe(location)}"
+        return read_json(files.local(location, what), what, budget)
+
     if lone_layer is not None:
-        raw_layer = read_json(lone_layer, "layer metadata")
+        raw_layer = read(lone_layer, "layer metadata")
         is_seed = "schema_version" not in raw_layer
-        layer_files = {raw_layer.get("layer_name") or _layer_name_from_metadata_file(lone_layer): lone_layer}
+        name = raw_layer.get("layer_name")
+        if not isinstance(name, str) or not name:
+            name = _layer_name_from_metadata_file(lone_layer.name)
+        layer_files = {name: lone_layer}
         manifest = {"schema_version": SCHEMA_VERSION, "format": SEED_FORMAT_NAME if is_seed else FORMAT_NAME}
-        if manifest_file.is_file():
+        if manifest_file is not None:
             try:
-                full_manifest = read_json(manifest_file, "manifest")
+                full_manifest = read(manifest_file, "manifest")
+                check_manifest_fields(full_manifest)
                 manifest.update({k: v for k, v in full_manifest.items() if k != "layers"})
             except FormatError:
                 pass  # a lone layer opens without the manifest beside it
         manifest["layers"] = [{"name": n, "metadata_path": p.name} for n, p in layer_files.items()]
-        return AttnExport(root, attn_dir, manifest, layer_files, is_seed)
+        return AttnExport(files, root, attn_dir, manifest, layer_files, is_seed, budget)
 
-    if manifest_file.is_file():
-        manifest = read_json(manifest_file, "manifest")
+    if manifest_file is not None:
+        manifest = read(manifest_file, "manifest")
         is_seed = "schema_version" not in manifest
         if not is_seed and manifest.get("schema_version") != SCHEMA_VERSION:
             raise FormatError(
                 f"unsupported schema_version {manifest.get('schema_version')!r} "
                 f"(this reader knows {SCHEMA_VERSION})"
             )
-        layers = manifest.get("layers")
-        if not isinstance(layers, list) or not layers:
+        if not manifest.get("layers"):
             raise FormatError(f"{MANIFEST_NAME} lists no layers")
-        layer_files = {}
-        for position, entry in enumerate(layers):
-            if not isinstance(entry, dict) or "metadata_path" not in entry:
-                raise FormatError(f"{MANIFEST_NAME}: layer entry {position} has no metadata_path")
-            name = str(entry.get("name") or _layer_name_from_metadata_file(Path(str(entry["metadata_path"]))))
+        check_manifest_fields(manifest)
+        layer_files: dict[str, Path] = {}
+        for position, entry in enumerate(manifest["layers"]):
+            name = entry.get("name") or _layer_name_from_metadata_file(entry["metadata_path"])
             if name in layer_files:
                 raise FormatError(f"{MANIFEST_NAME}: layer {name} listed twice")
             layer_files[name] = resolve_in_export(
-                entry["metadata_path"], attn_dir, root, is_seed, f"manifest entry {name}"
+                entry["metadata_path"], attn_dir, root, files, is_seed, f"manifest entry {position} ({name})"
             )
+        if len(set(layer_files.values())) != len(layer_files):
+            raise FormatError(f"{MANIFEST_NAME}: two layers name the same metadata file")
         if is_seed:
             manifest = dict(manifest, schema_version=0, format=SEED_FORMAT_NAME)
     else:
-        files = sorted(attn_dir.glob("*_metadata.json"))
-        layer_files = {_layer_name_from_metadata_file(p): p for p in files}
+        names = files.names_in(attn_dir, "_metadata.json")
+        layer_files = {_layer_name_from_metadata_file(n): attn_dir / n for n in names}
         if not layer_files:
-            raise FormatError(f"no layer metadata in {attn_dir}")
-        is_seed = "schema_version" not in read_json(files[0], "layer metadata")
+            raise FormatError(f"no layer metadata in {files.describe(attn_dir)}")
+        first = next(iter(layer_files.values()))
+        is_seed = "schema_version" not in read(first, "layer metadata")
         manifest = {
             "schema_version": SCHEMA_VERSION if not is_seed else 0,
             "format": SEED_FORMAT_NAME if is_seed else FORMAT_NAME,
             "layers": [{"name": n, "metadata_path": p.name} for n, p in layer_files.items()],
         }
-    export = AttnExport(root, attn_dir, manifest, layer_files, is_seed)
-    return export
+    return AttnExport(files, root, attn_dir, manifest, layer_files, is_seed, budget)

@@ -15,6 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from vggt.attn_format import limits
+from vggt.attn_format.errors import FormatError, printable
+
 SCHEMA_VERSION = 1
 FORMAT_NAME = "vggt-attn-maps"
 SEED_FORMAT_NAME = "vggt-attn-maps-seed"
@@ -48,14 +51,6 @@ DERIVED_LAYER_KEYS = (
     "W_ds",
     "per_head_data",
 )
-
-
-class FormatError(ValueError):
-    """An export, or a file in it, that cannot be read as the format says (one-line message)."""
-
-    def __init__(self, message: str) -> None:
-        # Messages quote foreign text (zip, numpy, JSON errors); keep them on one line.
-        super().__init__(" ".join(str(message).split()))
 
 
 def query_grid_shape(H_p: int, W_p: int, stride_h: int, stride_w: int) -> tuple[int, int]:
@@ -120,23 +115,103 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def read_json(path: Path, what: str) -> dict:
-    """A JSON object from ``path``; any problem is a one-line :class:`FormatError` naming ``what``."""
+class JsonBudget:
+    """Values that the JSON files of one export may hold together (:data:`~.limits.MAX_EXPORT_JSON_VALUES`),
+    so that many files, each within its own caps, cannot add up to more memory than one export needs."""
+
+    def __init__(self, values: int = limits.MAX_EXPORT_JSON_VALUES) -> None:
+        self.left = values
+
+    def take(self, values: int, what: str) -> None:
+        self.left -= values
+        if self.left < 0:
+            raise FormatError(
+                f"{what}: the export's JSON files hold more than "
+                f"{limits.MAX_EXPORT_JSON_VALUES} values together"
+            )
+
+
+# String literals of JSON text that parsed (so that every literal is closed: the match is linear).
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def _json_number(text: str, what: str, convert: Callable[[str], Any]) -> Any:
+    if len(text) > limits.MAX_JSON_NUMBER_CHARS:
+        raise FormatError(
+            f"{what}: a number of {len(text)} characters (at most {limits.MAX_JSON_NUMBER_CHARS})"
+        )
+    return convert(text)
+
+
+def _json_extent(data: bytes) -> tuple[int, int]:
+    """``(values, depth)`` of valid JSON text: an upper bound on its values (every value but the first
+    of a container follows a comma) and the deepest nesting of arrays and objects."""
+    skeleton = np.frombuffer(_JSON_STRING.sub(b'""', data), dtype=np.uint8)
+    opens = (skeleton == ord("[")) | (skeleton == ord("{"))
+    closes = (skeleton == ord("]")) | (skeleton == ord("}"))
+    nesting = np.cumsum(opens.astype(np.int32) - closes.astype(np.int32))
+    depth = int(nesting.max(initial=0))
+    values = 1 + int(np.count_nonzero(skeleton == ord(","))) + int(np.count_nonzero(opens))
+    return values, depth
+
+
+def _checked_strings(value: Any, what: str) -> Any:
+    """``value`` with every string (object keys included) checked against
+    :data:`~.limits.MAX_STRING_CHARS` and passed through :func:`printable`."""
+    if isinstance(value, str):
+        if len(value) > limits.MAX_STRING_CHARS:
+            raise FormatError(
+                f"{what}: a string of {len(value)} characters (at most {limits.MAX_STRING_CHARS})"
+            )
+        return printable(value)
+    if isinstance(value, list):
+        return [_checked_strings(item, what) for item in value]
+    if isinstance(value, dict):
+        return {_checked_strings(key, what): _checked_strings(item, what) for key, item in value.items()}
+    return value
+
+
+def parse_json(data: bytes, what: str, budget: JsonBudget | None = None) -> Any:
+    """Parse JSON text from an export within the caps of :mod:`.limits`.
+
+    Numbers of more than :data:`~.limits.MAX_JSON_NUMBER_CHARS` characters, nesting deeper than
+    :data:`~.limits.MAX_JSON_DEPTH`, more than :data:`~.limits.MAX_JSON_VALUES` values, strings longer
+    than :data:`~.limits.MAX_STRING_CHARS` and text that is not UTF-8 are refused; lone surrogates
+    (``"\\ud800"``) are replaced by U+FFFD. Any problem is a one-line :class:`FormatError` naming ``what``.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FormatError(f"{what} not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FormatError(f"cannot read {what} {path.name}: {exc}") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{what} is not UTF-8 text (byte {exc.start})") from None
     try:
-        data = json.loads(text)
+        value = json.loads(
+            text,
+            parse_int=lambda s: _json_number(s, what, int),
+            parse_float=lambda s: _json_number(s, what, float),
+        )
     except json.JSONDecodeError as exc:
         raise FormatError(
-            f"malformed JSON in {what} {path.name}: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+            f"malformed JSON in {what}: {exc.msg} (line {exc.lineno}, column {exc.colno})"
         ) from None
-    if not isinstance(data, dict):
-        raise FormatError(f"{what} {path.name} must hold a JSON object, found {type(data).__name__}")
-    return data
+    except RecursionError:
+        raise FormatError(f"{what}: JSON nested deeper than {limits.MAX_JSON_DEPTH} levels") from None
+    values, depth = _json_extent(data)
+    if depth > limits.MAX_JSON_DEPTH:
+        raise FormatError(f"{what}: JSON nested {depth} levels deep (at most {limits.MAX_JSON_DEPTH})")
+    limits.check_count(values, limits.MAX_JSON_VALUES, f"the number of JSON values in {what}")
+    if budget is not None:
+        budget.take(values, what)
+    return _checked_strings(value, what)  # nesting is bounded now: the walk's recursion is too
+
+
+def read_json(path: Path, what: str, budget: JsonBudget | None = None) -> dict:
+    """A JSON object from the regular file ``path`` of an export, read and parsed within the caps of
+    :mod:`.limits` (see :func:`parse_json`); any problem is a one-line :class:`FormatError`."""
+    data = limits.read_capped(path, limits.MAX_JSON_BYTES, what)
+    value = parse_json(data, what, budget)
+    if not isinstance(value, dict):
+        raise FormatError(f"{what} must hold a JSON object, found {type(value).__name__}")
+    return value
 
 
 def json_equal(a: Any, b: Any) -> bool:
@@ -147,43 +222,87 @@ def json_equal(a: Any, b: Any) -> bool:
 # ---- field checks -------------------------------------------------------------------------------------
 
 
+def as_finite_float(value: Any) -> float | None:
+    """``value`` as a finite float32-representable number, or ``None`` for anything else (bools, strings,
+    NaN, infinities, integers too large for a float)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) and abs(number) <= _FLOAT32_MAX else None
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def is_positive_number(value: Any) -> bool:
-    return (
-        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    )
+    number = as_finite_float(value)
+    return number is not None and number > 0
 
 
-def _is_count(value: Any, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+def _is_count(value: Any, minimum: int, maximum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= maximum
 
 
-def _is_str_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+def _is_name(value: Any) -> bool:
+    return isinstance(value, str) and len(value) <= limits.MAX_NAME_CHARS
 
 
-def _is_int_list(value: Any, minimum: int = 1) -> bool:
-    return isinstance(value, list) and all(_is_count(item, minimum) for item in value)
+def _is_list_of(value: Any, is_item: Callable[[Any], bool], max_items: int, min_items: int = 0) -> bool:
+    return isinstance(value, list) and min_items <= len(value) <= max_items and all(map(is_item, value))
 
 
-def _is_token_queries(value: Any) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(item, dict) and isinstance(item.get("token"), str) and _is_count(item.get("frame"), 0)
-        for item in value
-    )
+def _is_frame(value: Any) -> bool:
+    return _is_count(value, 0, limits.MAX_FRAMES - 1)
 
 
-# What each known metadata field must hold when present: (check, description, null allowed).
+def _is_token_query(item: Any) -> bool:
+    return isinstance(item, dict) and _is_name(item.get("token")) and _is_frame(item.get("frame"))
+
+
+def _is_shape(value: Any) -> bool:
+    return _is_list_of(value, lambda n: _is_count(n, 0, _MAX_DIMENSION), 8)
+
+
+_MAX_DIMENSION = 1 << 40  # a shape's sides are compared with the stored arrays; this only bounds the numbers
+_MAX_LAYER_NUMBER = 100_000
+_SIDE = limits.MAX_IMAGE_SIDE
+_NAME = f"a name of at most {limits.MAX_NAME_CHARS} characters"
+_HEAD_SCALES = (
+    lambda v: _is_list_of(v, is_positive_number, limits.MAX_HEADS),
+    f"a list of at most {limits.MAX_HEADS} positive numbers",
+    True,
+)
+
+# What each known metadata field must hold when present: (check, description, null allowed). Counts are
+# bounded by the caps of :mod:`.limits`, so that nothing is sized from an unchecked number.
 _FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
     "npz_path": (lambda v: isinstance(v, str) and bool(v), "a relative path", False),
     "npy_path": (lambda v: isinstance(v, str) and bool(v), "a relative path", False),
-    "image_paths": (lambda v: _is_str_list(v) and bool(v), "a non-empty list of paths", False),
-    "source_images": (_is_str_list, "a list of file names", False),
-    "special_tokens": (_is_str_list, "a list of token names", False),
-    "layer_name": (lambda v: isinstance(v, str), "a string", False),
-    "layer_kind": (lambda v: isinstance(v, str), "a string", False),
-    "layer_index": (lambda v: _is_count(v, 1), "a positive integer", True),
-    "block_index": (lambda v: _is_count(v, 0), "a block index", True),
-    "query_source": (lambda v: isinstance(v, str), "a string", True),
+    "image_paths": (
+        lambda v: _is_list_of(v, lambda p: isinstance(p, str), limits.MAX_FRAMES, 1),
+        f"a list of 1 to {limits.MAX_FRAMES} paths",
+        False,
+    ),
+    "source_images": (
+        lambda v: _is_list_of(v, _is_name, limits.MAX_FRAMES),
+        f"a list of at most {limits.MAX_FRAMES} file names of at most {limits.MAX_NAME_CHARS} characters",
+        False,
+    ),
+    "special_tokens": (
+        lambda v: _is_list_of(v, _is_name, limits.MAX_SPECIAL_TOKENS),
+        f"a list of at most {limits.MAX_SPECIAL_TOKENS} token names of at most "
+        f"{limits.MAX_NAME_CHARS} characters",
+        False,
+    ),
+    "layer_name": (_is_name, _NAME, False),
+    "layer_kind": (_is_name, _NAME, False),
+    "layer_index": (lambda v: _is_count(v, 1, _MAX_LAYER_NUMBER), "a positive integer", True),
+    "block_index": (lambda v: _is_count(v, 0, _MAX_LAYER_NUMBER), "a block index", True),
+    "query_source": (_is_name, _NAME, True),
+    "vmax_estimator": (_is_name, _NAME, True),
     "dtype": (lambda v: isinstance(v, str) and v in NPZ_NAME_BY_DTYPE, "'uint8' or 'float16'", False),
     "normalized_by": (
         lambda v: isinstance(v, str) and (v in NORMALIZATIONS or v in SEED_NORMALIZED_BY),
@@ -191,38 +310,144 @@ _FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
         True,
     ),
     "per_head_data": (lambda v: isinstance(v, bool), "true or false", False),
-    "num_heads": (lambda v: _is_count(v, 1), "a positive integer", True),
-    "per_head_vmax99": (lambda v: isinstance(v, list), "a list of numbers", True),
+    "num_heads": (
+        lambda v: _is_count(v, 1, limits.MAX_HEADS),
+        f"a head count of 1 to {limits.MAX_HEADS}",
+        True,
+    ),
+    "per_head_vmax99": _HEAD_SCALES,
     "layer_vmax99": (is_positive_number, "a positive number", True),
     "token_vmax99": (is_positive_number, "a positive number", True),
-    "token_per_head_vmax99": (lambda v: isinstance(v, list), "a list of numbers", True),
-    "query_frame": (lambda v: _is_count(v, 0), "a frame index", False),
-    "key_frames": (lambda v: _is_int_list(v, 0) and bool(v), "a non-empty list of frame indices", False),
-    "token_queries": (_is_token_queries, "a list of {token, frame} objects", False),
-    "heatmaps_shape": (_is_int_list, "a list of positive integers", False),
-    "special_mass_shape": (_is_int_list, "a list of positive integers", False),
-    "token_heatmaps_shape": (_is_int_list, "a list of positive integers", True),
-    "token_special_mass_shape": (_is_int_list, "a list of positive integers", True),
-    "image_size": (lambda v: _is_int_list(v) and len(v) == 2, "[H, W] in pixels", False),
+    "token_per_head_vmax99": _HEAD_SCALES,
+    "query_frame": (_is_frame, "a frame index", False),
+    "key_frames": (
+        lambda v: _is_list_of(v, _is_frame, limits.MAX_FRAMES, 1),
+        f"a list of 1 to {limits.MAX_FRAMES} frame indices",
+        False,
+    ),
+    "token_queries": (
+        lambda v: _is_list_of(v, _is_token_query, limits.MAX_TOKEN_QUERIES),
+        f"a list of at most {limits.MAX_TOKEN_QUERIES} {{token, frame}} objects",
+        False,
+    ),
+    "heatmaps_shape": (_is_shape, "a list of sizes", False),
+    "special_mass_shape": (_is_shape, "a list of sizes", False),
+    "token_heatmaps_shape": (_is_shape, "a list of sizes", True),
+    "token_special_mass_shape": (_is_shape, "a list of sizes", True),
+    "image_size": (
+        lambda v: _is_list_of(v, lambda n: _is_count(n, 1, _SIDE), 2, 2),
+        f"[H, W] in pixels, each 1 to {_SIDE}",
+        False,
+    ),
     "rollout_discard_ratio": (
-        lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 1,
+        lambda v: (number := as_finite_float(v)) is not None and 0 <= number < 1,
         "a number in [0, 1)",
         True,
     ),
+    "rollout_layers": (lambda v: _is_count(v, 1, _MAX_LAYER_NUMBER), "a positive integer", True),
+    "Q": (lambda v: _is_count(v, 1, _SIDE * _SIDE), f"a query count of 1 to {_SIDE * _SIDE}", False),
+    "S": (lambda v: _is_count(v, 1, limits.MAX_FRAMES), f"a frame count of 1 to {limits.MAX_FRAMES}", False),
+    "patch_size": (
+        lambda v: _is_count(v, 1, limits.MAX_PATCH_SIZE),
+        f"a patch size of 1 to {limits.MAX_PATCH_SIZE} pixels",
+        False,
+    ),
     **{
-        key: (lambda v: _is_count(v, 1), "a positive integer", False)
-        for key in ("Q", "S", "H_p", "W_p", "H_ds", "W_ds", "stride_h", "stride_w", "patch_size")
+        key: (lambda v: _is_count(v, 1, _SIDE), f"an integer of 1 to {_SIDE}", False)
+        for key in ("H_p", "W_p", "H_ds", "W_ds", "stride_h", "stride_w")
     },
 }
 
 
-def check_field_types(meta: dict, where: str) -> None:
-    """Each known field of ``meta`` holds what the schema says; raises :class:`FormatError`."""
-    for key, (is_valid, expected, nullable) in _FIELD_CHECKS.items():
-        if key not in meta or (nullable and meta[key] is None):
+def brief(value: Any) -> str:
+    """A short description of a value from an export, for error messages."""
+    if isinstance(value, list | dict) and len(value) > 8:
+        return f"a {type(value).__name__} of {len(value)} items"
+    if isinstance(value, str) and len(value) > 60:
+        return f"a string of {len(value)} characters"
+    text = repr(value)
+    return text if len(text) <= 100 else text[:99] + "…"
+
+
+def _check_fields(
+    data: dict, checks: dict[str, tuple[Callable[[Any], bool], str, bool]], where: str, kind: str
+) -> None:
+    for key, (is_valid, expected, nullable) in checks.items():
+        if key not in data or (nullable and data[key] is None):
             continue
-        if not is_valid(meta[key]):
-            raise FormatError(f"{where}: metadata field {key} must be {expected}, got {meta[key]!r}"[:200])
+        if not is_valid(data[key]):
+            raise FormatError(f"{where}: {kind} field {key} must be {expected}, got {brief(data[key])}")
+
+
+def check_field_types(meta: dict, where: str) -> None:
+    """Each known field of a layer's metadata holds what the schema says, within the caps of
+    :mod:`.limits`; raises :class:`FormatError`."""
+    _check_fields(meta, _FIELD_CHECKS, where, "metadata")
+
+
+def _is_model(value: Any) -> bool:
+    if not isinstance(value, dict):
+        return False
+    names_ok = all(value.get(key) is None or _is_name(value[key]) for key in _MODEL_NAMES)
+    seed = value.get("random_seed")
+    seed_ok = seed is None or _is_count(seed, -(2**63), 2**64) or _is_name(seed)
+    flag = value.get("random_weights")
+    return names_ok and seed_ok and (flag is None or isinstance(flag, bool))
+
+
+_MODEL_NAMES = ("id", "revision", "checkpoint_file", "checkpoint_sha256")
+
+
+def _is_frame_entry(item: Any) -> bool:
+    return isinstance(item, dict) and (item.get("source") is None or _is_name(item["source"]))
+
+
+def _is_layer_entry(item: Any) -> bool:
+    return (
+        isinstance(item, dict)
+        and all(item.get(key) is None or _is_name(item[key]) for key in ("name", "kind"))
+        and isinstance(item.get("metadata_path"), str)
+    )
+
+
+# What the manifest's fields that the reader or the viewer use must hold when present.
+_MANIFEST_CHECKS: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
+    "image_set_name": (_is_name, _NAME, True),
+    "model": (
+        _is_model,
+        f"an object of names of at most {limits.MAX_NAME_CHARS} characters, random_weights and random_seed",
+        True,
+    ),
+    "frames": (
+        lambda v: _is_list_of(v, _is_frame_entry, limits.MAX_FRAMES),
+        f"a list of at most {limits.MAX_FRAMES} frames with source names of at most "
+        f"{limits.MAX_NAME_CHARS} characters",
+        False,
+    ),
+    "layers": (
+        lambda v: _is_list_of(v, _is_layer_entry, limits.MAX_LAYERS, 1),
+        f"a list of 1 to {limits.MAX_LAYERS} layers, each with a metadata_path and a name of at most "
+        f"{limits.MAX_NAME_CHARS} characters",
+        False,
+    ),
+    "query_frame": (_is_frame, "a frame index", False),
+    "per_head_data": (lambda v: isinstance(v, bool), "true or false", False),
+    "num_heads": (
+        lambda v: _is_count(v, 1, limits.MAX_HEADS),
+        f"a head count of 1 to {limits.MAX_HEADS}",
+        True,
+    ),
+    "precision": (_is_name, _NAME, True),
+    "grid": (lambda v: isinstance(v, dict), "an object", False),
+    "tool": (lambda v: isinstance(v, dict), "an object", True),
+    "created": (_is_name, _NAME, True),
+    "preprocess_mode": (_is_name, _NAME, True),
+}
+
+
+def check_manifest_fields(manifest: dict, where: str = MANIFEST_NAME) -> None:
+    """Each known field of a manifest holds what the schema says, within the caps of :mod:`.limits`."""
+    _check_fields(manifest, _MANIFEST_CHECKS, where, "manifest")
 
 
 def default_normalization(dtype_name: str, per_head: bool, meta: dict) -> str:
@@ -288,20 +513,22 @@ def _check_scales(meta: dict, where: str, layer_key: str, head_key: str) -> None
     if meta["normalized_by"] == "head":
         scales = meta.get(head_key)
         if not isinstance(scales, list) or len(scales) != meta["num_heads"]:
-            raise FormatError(f"{where}: {head_key} must list {meta['num_heads']} values, got {scales!r}")
+            raise FormatError(
+                f"{where}: {head_key} must list {meta['num_heads']} values, got {brief(scales)}"
+            )
         if not all(is_positive_number(v) for v in scales):
             raise FormatError(f"{where}: {head_key} values must be positive numbers")
     if meta["normalized_by"] == "layer" and not is_positive_number(meta.get(layer_key)):
-        raise FormatError(f"{where}: {layer_key} must be a positive number, got {meta.get(layer_key)!r}")
+        raise FormatError(f"{where}: {layer_key} must be a positive number, got {brief(meta.get(layer_key))}")
 
 
 def check_layer_meta(meta: dict, where: str) -> None:
-    """Consistency of one layer's (normalized) metadata with itself; raises :class:`FormatError`."""
-    for key in ("Q", "S", "H_ds", "W_ds", "stride_h", "stride_w"):
-        if not _is_count(meta.get(key), 1):
-            raise FormatError(
-                f"{where}: metadata field {key} must be a positive integer, got {meta.get(key)!r}"
-            )
+    """Consistency of one layer's (normalized) metadata with itself, within the caps of :mod:`.limits`;
+    raises :class:`FormatError`."""
+    for key in ("Q", "S", "H_ds", "W_ds", "stride_h", "stride_w", "H_p", "W_p", "patch_size", "image_size"):
+        if key not in meta:
+            raise FormatError(f"{where}: metadata lacks {key}")
+    check_field_types(meta, where)  # again: normalizing derived some fields
     if meta["Q"] != meta["H_ds"] * meta["W_ds"]:
         raise FormatError(f"{where}: Q={meta['Q']} but H_ds*W_ds={meta['H_ds'] * meta['W_ds']}")
     if meta.get("H_p") is not None and meta.get("W_p") is not None:
@@ -312,9 +539,19 @@ def check_layer_meta(meta: dict, where: str) -> None:
                 f"{meta['H_p']}x{meta['W_p']} and strides {meta['stride_h']},{meta['stride_w']} "
                 f"(expected {grid[0]}x{grid[1]})"
             )
+    if meta.get("schema_version", 0) and list(meta["image_size"]) != [
+        meta["H_p"] * meta["patch_size"],
+        meta["W_p"] * meta["patch_size"],
+    ]:
+        raise FormatError(
+            f"{where}: image_size {brief(meta['image_size'])} is not the patch grid "
+            f"{meta['H_p']}x{meta['W_p']} times patch_size {meta['patch_size']}"
+        )
     frames = meta["key_frames"]
     if len(set(frames)) != len(frames) or not all(0 <= f < meta["S"] for f in frames):
-        raise FormatError(f"{where}: key_frames {frames} must be distinct frames of 0..{meta['S'] - 1}")
+        raise FormatError(
+            f"{where}: key_frames {brief(frames)} must be distinct frames of 0..{meta['S'] - 1}"
+        )
     if not all(0 <= token["frame"] < meta["S"] for token in meta["token_queries"]):
         raise FormatError(f"{where}: a token query names a frame outside 0..{meta['S'] - 1}")
     if meta["dtype"] not in NPZ_NAME_BY_DTYPE:
@@ -327,8 +564,8 @@ def check_layer_meta(meta: dict, where: str) -> None:
         raise FormatError(f"{where}: float16 maps are raw probabilities, normalized_by must be 'none'")
     if meta["dtype"] == "uint8" and meta["normalized_by"] == "none":
         raise FormatError(f"{where}: uint8 maps need a scale, normalized_by cannot be 'none'")
-    if meta["per_head_data"] and not _is_count(meta.get("num_heads"), 1):
-        raise FormatError(f"{where}: per-head data needs a positive num_heads, got {meta.get('num_heads')!r}")
+    if meta["per_head_data"] and meta.get("num_heads") is None:
+        raise FormatError(f"{where}: per-head data needs num_heads")
     if meta["normalized_by"] == "head" and not meta["per_head_data"]:
         raise FormatError(f"{where}: normalized_by 'head' needs per-head data")
     _check_scales(meta, where, "layer_vmax99", "per_head_vmax99")
