@@ -24,9 +24,9 @@ import gradio as gr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from vggt.testing.synthetic import write_synthetic_export  # noqa: E402
 from vggt.viewer import handlers  # noqa: E402
 from vggt.viewer.state import CACHE, Session  # noqa: E402
-from vggt.viewer.synthetic import write_synthetic_export  # noqa: E402
 
 # Targets of the viewer issue, milliseconds; the seed fork's viewer measured 131 / 3800 / 720 ms.
 TARGETS_MS = {"Load": 200.0, "click": 30.0, "all layers": 400.0, "all heads": 300.0}

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from vggt.attn_format import limits
-from vggt.viewer.synthetic import write_synthetic_export
+from vggt.testing.synthetic import write_synthetic_export
 
 ERROR, VIEW = "error", "view"
 MARKUP = (

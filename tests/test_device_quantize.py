@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from vggt import device_quantize
+from vggt.attn_format.quantization import codes_per_unit, encode_layer, vmax99
 from vggt.device_quantize import encode_layer_on_device
-from vggt.quantize import codes_per_unit, encode_layer, vmax99
 
 
 def attention_like(shape: tuple[int, ...], seed: int) -> np.ndarray:

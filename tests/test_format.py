@@ -23,8 +23,9 @@ from vggt.attn_format import (
     query_grid_shape,
 )
 from vggt.attn_format.npz import StoredNpzWriter, load_member, scan_npz
-from vggt.quantize import EncodedMaps, dequantize_uint8, percentile99, quantize_uint8
-from vggt.viewer.synthetic import pooled_probabilities, synthetic_frames, write_synthetic_export
+from vggt.attn_format.quantization import EncodedMaps, dequantize_uint8, percentile99, quantize_uint8
+from vggt.attn_format.writer import UNKNOWN_MODEL
+from vggt.testing.synthetic import pooled_probabilities, synthetic_frames, write_synthetic_export
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST_KEYS = (
@@ -617,8 +618,11 @@ def test_writer_refuses_inconsistent_input(tmp_path: Path) -> None:
     with pytest.raises(FormatError, match="strides must be at least 1"):
         writer.write_layer("layer_01", heatmaps, special, meta | {"stride_h": 0})
     writer.write_layer("layer_01", heatmaps, special, meta | {"layer_vmax99": 0.1, "num_heads": 16})
-    with pytest.raises(FormatError, match="manifest lacks image_set_name, model"):
-        writer.write_manifest({"preprocess_mode": "crop", "first_image_idx": 0})
+    # What the caller does not say, the writer fills in: the folder's name, unknown weights, defaults.
+    manifest = json.loads(writer.write_manifest({"preprocess_mode": "crop"}).read_text())
+    assert manifest["image_set_name"] == "export" and manifest["first_image_idx"] == 0
+    assert manifest["model"] == UNKNOWN_MODEL and manifest["model"]["random_weights"] is False
+    assert manifest["blocks"] == ["global"] and manifest["rollout"] is None
     assert not list((tmp_path / "export").rglob("*.tmp"))
 
 

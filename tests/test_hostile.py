@@ -22,7 +22,7 @@ import pytest
 
 from tests.hostile_exports import ERROR, VIEW, build_corpus, write_cases
 from vggt.attn_format import FormatError, limits, open_export, paths
-from vggt.viewer.synthetic import write_synthetic_export
+from vggt.testing.synthetic import write_synthetic_export
 
 REPO = Path(__file__).resolve().parents[1]
 

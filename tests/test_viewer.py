@@ -17,10 +17,10 @@ import pytest
 
 from tests.test_format import _write_seed_export
 from vggt.attn_format import open_export
-from vggt.quantize import percentile99
+from vggt.attn_format.quantization import percentile99
+from vggt.testing.synthetic import write_synthetic_export
 from vggt.viewer import handlers, render
 from vggt.viewer.state import CACHE, Session
-from vggt.viewer.synthetic import write_synthetic_export
 from visualize_attn_gradio import main, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -463,7 +463,7 @@ def _write_tiny_reference_export(root: Path, precision: str, stride: int) -> tup
     from safetensors.numpy import load_file
 
     from vggt.attn_format import ExportWriter, query_grid_shape
-    from vggt.quantize import quantize_uint8
+    from vggt.attn_format.quantization import quantize_uint8
 
     tensors = load_file(TINY_REFERENCE)
     images = tensors["input.images"][0]  # [S, 3, H, W] in [0, 1]

@@ -18,10 +18,10 @@ import pytest
 from PIL import Image
 
 from vggt.attn_format import open_export
+from vggt.testing.synthetic import write_synthetic_export
 from vggt.viewer import render
 from vggt.viewer.app import build_app
 from vggt.viewer.state import CACHE, layer_label
-from vggt.viewer.synthetic import write_synthetic_export
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -29,12 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vggt.attn_format import query_grid_shape, special_token_names
 from vggt.attn_format.grid import query_patches
+from vggt.attn_format.schema import BLOCK_KINDS, query_grid_shape, special_token_names
 from vggt.device import gpu_has_room
 from vggt.models.hooks import HookSession
 
-KINDS = ("global", "frame", "dino")
 # Logits kept in flight per softmax chunk of the rollout.
 _CHUNK_BYTES = 16 << 20
 # One tile of a layer's logits (and its running head mean) fits in a core's L2 cache.
@@ -54,10 +53,6 @@ class QueryGrid:
     grid_w: int
     stride_h: int = 1
     stride_w: int = 1
-
-    def __post_init__(self) -> None:
-        if self.stride_h < 1 or self.stride_w < 1:
-            raise ValueError(f"strides must be at least 1, got {self.stride_h}x{self.stride_w}")
 
     @property
     def H_ds(self) -> int:  # noqa: N802 - the format's name
@@ -157,7 +152,7 @@ def sequence_layout(aggregator: nn.Module, kind: str, num_frames: int) -> Sequen
         return SequenceLayout(num_frames, start, names, tuple(range(num_frames)))
     if kind == "frame":
         return SequenceLayout(1, start, names, (0,))
-    raise ValueError(f"unknown layer kind {kind!r}: use one of {', '.join(KINDS)}")
+    raise ValueError(f"unknown layer kind {kind!r}: use one of {', '.join(BLOCK_KINDS)}")
 
 
 def attention_blocks(aggregator: nn.Module, kind: str) -> nn.ModuleList:
@@ -166,7 +161,7 @@ def attention_blocks(aggregator: nn.Module, kind: str) -> nn.ModuleList:
         return aggregator.patch_embed.blocks
     if kind in ("global", "frame"):
         return getattr(aggregator, f"{kind}_blocks")
-    raise ValueError(f"unknown layer kind {kind!r}: use one of {', '.join(KINDS)}")
+    raise ValueError(f"unknown layer kind {kind!r}: use one of {', '.join(BLOCK_KINDS)}")
 
 
 def qk_hook_point(aggregator: nn.Module, ref: LayerRef) -> nn.Module:

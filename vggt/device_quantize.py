@@ -1,8 +1,9 @@
-"""The quantization of :mod:`vggt.quantize`, computed by torch on the device that holds the maps.
+"""The format's quantization (:mod:`vggt.attn_format.quantization`) computed by torch, on the device
+that holds the maps.
 
 On a GPU a per-head layer is hundreds of MB of float32 maps; finding the scales and the codes there
 sends only the codes (a quarter of the bytes) to the host, and keeps the host's cores out of it. The
-results are the same as :func:`vggt.quantize.encode_layer`'s, byte for byte: the same order statistics
+results are the same as the format's ``encode_layer``, byte for byte: the same order statistics
 (``torch.topk``), the same interpolation and fallback, the same float32 factor ``255 / vmax99``,
 and rounding half to even as ``np.rint`` does.
 """
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vggt.quantize import (
+from vggt.attn_format.quantization import (
     UINT8_MAX,
     codes_per_unit,
     head_scales,
@@ -55,7 +56,7 @@ class DeviceEncodedMaps:
 
 
 def vmax99_on_device(values: Tensor) -> float:
-    """:func:`vggt.quantize.vmax99` of all of ``values`` (float32, any device; a flat view is best)."""
+    """The format's ``vmax99`` of all of ``values`` (float32, any device; a flat view is best)."""
     flat = values.reshape(-1)
     count = flat.numel()
     if count == 0:
@@ -71,8 +72,8 @@ def vmax99_on_device(values: Tensor) -> float:
 def quantize_uint8_on_device(values: Tensor, vmax99: np.ndarray | float) -> Tensor:
     """``round(clip(values * (255 / vmax99), 0, 255))`` as uint8 on the values' device.
 
-    ``vmax99`` broadcasts against ``values[0]`` as in :class:`vggt.quantize.EncodedMaps`. Rows are
-    done in blocks, so the float32 scratch stays small beside the forward pass.
+    ``vmax99`` broadcasts against ``values[0]`` as in the format's ``EncodedMaps``. Rows are done in
+    blocks, so the float32 scratch stays small beside the forward pass.
     """
     factor = torch.from_numpy(np.asarray(codes_per_unit(vmax99))).to(values.device)
     codes = torch.empty(values.shape, dtype=torch.uint8, device=values.device)
@@ -86,7 +87,7 @@ def quantize_uint8_on_device(values: Tensor, vmax99: np.ndarray | float) -> Tens
 def encode_layer_on_device(
     maps: Tensor, precision: str = "uint8", head_mean: Tensor | None = None
 ) -> tuple[DeviceEncodedMaps, dict]:
-    """:func:`vggt.quantize.encode_layer` for maps held by torch (a GPU's), with the same results.
+    """The format's ``encode_layer`` for maps held by torch (a GPU's), with the same results.
 
     Parameters
     ----------

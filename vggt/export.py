@@ -9,10 +9,10 @@ The Python API behind ``compute_layerwise_attentions.py``::
 
 Each chosen layer (global by default; frame and DINOv2 layers on request) is captured at its hook
 point while the forward pass runs, then encoded (uint8 or float16): with numpy in a thread of its own
-while the pass goes on, where the maps are in host memory (:mod:`vggt.quantize`); on the GPU, at once,
-where they are on one (:mod:`vggt.device_quantize`, the same bytes). Another background thread writes
-it (:mod:`vggt.layer_queue`). So one layer's float maps and at most two layers' codes are in memory at
-a time. The attention rollout, when asked for,
+while the pass goes on, where the maps are in host memory (:mod:`vggt.attn_format.quantization`); on
+the GPU, at once, where they are on one (:mod:`vggt.device_quantize`, the same bytes). Another
+background thread writes it (:mod:`vggt.layer_queue`). So one layer's float maps and at most two
+layers' codes are in memory at a time. The attention rollout, when asked for,
 is formed during the same pass and written after it. The export is written to a hidden temporary folder
 beside the target and renamed into place when complete.
 """
@@ -33,10 +33,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from vggt.arguments import SpelledError, argument
 from vggt.attn_format import ExportWriter
-from vggt.attn_format import layer_name as format_layer_name
+from vggt.attn_format.quantization import EncodedMaps, encode_layer
+from vggt.attn_format.schema import BLOCK_KINDS, ROLLOUT_KIND, is_discard_ratio, is_stride, layer_name
+from vggt.attn_format.writer import layer_fields
 from vggt.capture import (
-    KINDS,
     AttentionCapture,
     CapturedLayer,
     LayerRef,
@@ -50,15 +52,14 @@ from vggt.device_quantize import DeviceEncodedMaps, encode_layer_on_device
 from vggt.layer_queue import LayerWriteQueue
 from vggt.models.hooks import StopAfter
 from vggt.preprocess import to_uint8_frames
-from vggt.quantize import EncodedMaps, encode_layer
 from vggt.rollout import DEFAULT_DISCARD_RATIO, RolloutCapture
 
 PRECISIONS = ("uint8", "float16")
-ROLLOUT_NAME = "rollout"
 
 
-class ExportError(ValueError):
-    """An export that cannot be made as asked (one-line message for the user)."""
+class ExportError(SpelledError, ValueError):
+    """An export that cannot be made as asked (one-line message for the user, naming arguments as the
+    caller spells them: see :mod:`vggt.arguments`)."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,8 @@ class ExportOptions:
     compress : bool
         Deflate the NPZ files (smaller to share; readers can then not memory-map them).
     blocks : tuple of str
-        Layer kinds to export, from ``"global"``, ``"frame"`` and ``"dino"``.
+        Layer kinds to export, from ``"global"``, ``"frame"`` and ``"dino"`` (or one comma-separated
+        string); kept in that order.
     rollout : bool
         Also export the attention rollout through all frame and global layers (kind ``rollout``).
     rollout_discard : float
@@ -95,43 +97,57 @@ class ExportOptions:
     rollout: bool = False
     rollout_discard: float = DEFAULT_DISCARD_RATIO
 
+    def __post_init__(self) -> None:
+        """Every option is checked here, where options are made; ``blocks`` is put in export order."""
+        if not (is_stride(self.stride_h) and is_stride(self.stride_w)):
+            raise ExportError(
+                f"strides must be whole numbers of at least 1, got {argument('stride_h', self.stride_h)}, "
+                f"{argument('stride_w', self.stride_w)}"
+            )
+        if self.precision not in PRECISIONS:
+            raise ExportError(
+                f"{argument('precision')} must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
+        if not is_discard_ratio(self.rollout_discard):
+            discard = argument("rollout_discard", self.rollout_discard)
+            raise ExportError(f"the rollout discard ratio must be in [0, 1), got {discard}")
+        given = parse_blocks(self.blocks) if isinstance(self.blocks, str) else tuple(self.blocks)
+        kinds = tuple(dict.fromkeys(str(kind).strip().lower() for kind in given))
+        if not kinds or any(kind not in BLOCK_KINDS for kind in kinds):
+            raise ExportError(
+                f"bad {argument('blocks', repr(self.blocks))}: use one or more of {', '.join(BLOCK_KINDS)}"
+            )
+        object.__setattr__(self, "blocks", tuple(kind for kind in BLOCK_KINDS if kind in kinds))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(sorted(set(self.layers))))
+
     def validate(self, depths: dict[str, int]) -> list[LayerRef]:
-        """Check the options against a model with ``depths[kind]`` layers of each kind.
+        """The layers to export from a model with ``depths[kind]`` layers of each kind.
 
         Returns
         -------
         list of LayerRef
-            The layers to export, kind by kind in the order exports list them (global, frame, dino).
+            Kind by kind in the order exports list them (global, frame, dino).
         """
-        if self.stride_h < 1 or self.stride_w < 1:
-            raise ExportError(
-                f"strides must be at least 1, got stride_h={self.stride_h}, stride_w={self.stride_w}"
-            )
-        if self.precision not in PRECISIONS:
-            raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if not 0.0 <= self.rollout_discard < 1.0:
-            raise ExportError(f"the rollout discard ratio must be in [0, 1), got {self.rollout_discard}")
-        kinds = parse_blocks(",".join(self.blocks))
         refs: list[LayerRef] = []
-        for kind in sorted(kinds, key=KINDS.index):
+        for kind in self.blocks:
             depth = depths[kind]
-            numbers = tuple(range(1, depth + 1)) if self.layers is None else tuple(sorted(set(self.layers)))
+            numbers = tuple(range(1, depth + 1)) if self.layers is None else self.layers
             if not numbers:
-                raise ExportError("no layers to export")
+                raise ExportError(f"no layers to export: {argument('layers')} is empty")
             outside = [n for n in numbers if not 1 <= n <= depth]
             if outside:
-                raise ExportError(f"layer {outside[0]} does not exist: the model has {kind} layers 1-{depth}")
+                raise ExportError(
+                    f"layer {outside[0]} does not exist: the model has {kind} layers 1-{depth} "
+                    f"({argument('layers')})"
+                )
             refs.extend(LayerRef(kind, n - 1) for n in numbers)
         return refs
 
 
 def parse_blocks(spec: str) -> tuple[str, ...]:
-    """Parse ``--blocks`` such as ``"global,frame,dino"`` into kinds, in the order given."""
-    kinds = tuple(dict.fromkeys(part.strip().lower() for part in spec.split(",") if part.strip()))
-    unknown = [kind for kind in kinds if kind not in KINDS]
-    if unknown or not kinds:
-        raise ExportError(f"bad --blocks {spec!r}: use a comma-separated list of {', '.join(KINDS)}")
-    return kinds
+    """Split ``"global,frame,dino"`` into kinds; :class:`ExportOptions` checks them."""
+    return tuple(part.strip().lower() for part in spec.split(",") if part.strip())
 
 
 def parse_layers(spec: str | None, depth: int) -> tuple[int, ...] | None:
@@ -148,26 +164,22 @@ def parse_layers(spec: str | None, depth: int) -> tuple[int, ...] | None:
     for part in spec.split(","):
         text = part.strip()
         first, sep, last = text.partition("-")
+        bad = f"bad {argument('layers', repr(spec))}"
         if not first.strip().isdigit() or (sep and not last.strip().isdigit()):
-            raise ExportError(f"bad --layers {spec!r}: use numbers and ranges such as 1-4,12")
+            raise ExportError(f"{bad}: use numbers and ranges such as 1-4,12")
         start, stop = int(first), int(last) if sep else int(first)
         if start > stop:
-            raise ExportError(f"bad --layers {spec!r}: range {text} runs backwards")
+            raise ExportError(f"{bad}: range {text} runs backwards")
         for number in (start, stop):
             if not 1 <= number <= depth:
-                raise ExportError(f"bad --layers {spec!r}: layer {number} is not in 1-{depth}")
+                raise ExportError(f"{bad}: layer {number} is not in 1-{depth}")
         layers.extend(range(start, stop + 1))
     return tuple(sorted(set(layers)))
 
 
-def layer_name(ref: LayerRef, blocks: Sequence[str]) -> str:
-    """Name of a layer in an export of the kinds ``blocks`` (see :func:`vggt.attn_format.layer_name`)."""
-    return format_layer_name(ref.kind, ref.number, blocks)
-
-
 def layer_depths(aggregator: nn.Module) -> dict[str, int]:
     """Number of layers of each kind: ``{"global": 24, "frame": 24, "dino": 24}`` for VGGT-1B."""
-    return {kind: len(attention_blocks(aggregator, kind)) for kind in KINDS}
+    return {kind: len(attention_blocks(aggregator, kind)) for kind in BLOCK_KINDS}
 
 
 def estimate_export_bytes(
@@ -182,7 +194,7 @@ def estimate_export_bytes(
     value_bytes = 1 if options.precision == "uint8" else 2
 
     def layer_bytes(kind: str, heads: int) -> int:
-        layout = sequence_layout(aggregator, "global" if kind == ROLLOUT_NAME else kind, num_frames)
+        layout = sequence_layout(aggregator, "global" if kind == ROLLOUT_KIND else kind, num_frames)
         rows = grid.num_queries + len(layout.special_queries)
         per_key_frame = grid.num_queries * value_bytes + layout.patch_start * 2
         return rows * heads * layout.key_frames * per_key_frame + 4096
@@ -194,7 +206,7 @@ def estimate_export_bytes(
         for ref in layers
     )
     if options.rollout:
-        total += layer_bytes(ROLLOUT_NAME, 1)
+        total += layer_bytes(ROLLOUT_KIND, 1)
     frames = num_frames * image_size[0] * image_size[1] * 3
     return total + frames + 65536
 
@@ -259,10 +271,9 @@ def export_attention(
         raise ExportError(f"{out_dir} already exists (use --overwrite to replace it)")
 
     grid = QueryGrid(height // patch_size, width // patch_size, options.stride_h, options.stride_w)
-    blocks = parse_blocks(",".join(options.blocks))
     # Heads of each kind; the rollout averages the heads of the aggregator's layers.
-    heads = {kind: attention_blocks(aggregator, kind)[0].attn.num_heads for kind in KINDS}
-    heads[ROLLOUT_NAME] = heads["global"]
+    heads = {kind: attention_blocks(aggregator, kind)[0].attn.num_heads for kind in BLOCK_KINDS}
+    heads[ROLLOUT_KIND] = heads["global"]
     base_meta = {
         "H_p": grid.grid_h,
         "W_p": grid.grid_w,
@@ -287,7 +298,7 @@ def export_attention(
         ):
 
             def write(captured: CapturedLayer, extra: dict | None = None) -> None:
-                name = layer_name(captured.ref, blocks)
+                name = layer_name(captured.ref.kind, captured.ref.number, options.blocks)
                 meta = base_meta | {"num_heads": heads[captured.ref.kind]} | (extra or {})
                 _queue_layer(queue, name, captured, meta, options.precision)
 
@@ -310,8 +321,8 @@ def export_attention(
                 }
                 write(rollout.result(), rollout_meta)
             queue.finish()
-        weights_source = getattr(model, "weights_source", None)
-        writer.write_manifest(_manifest_fields(manifest, out_dir, options, blocks, weights_source))
+        fields = {"image_set_name": out_dir.name, "model": getattr(model, "weights_source", None)}
+        writer.write_manifest(fields | dict(manifest or {}))
         _move_into_place(staging, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -328,22 +339,10 @@ def _queue_layer(
     ref, layout = captured.ref, captured.layout
     heatmaps, fields = _encode(captured.maps, precision, captured.head_mean)
     token_heatmaps, token_fields = _encode(captured.token_maps, precision)
-    is_rollout = ref.kind == ROLLOUT_NAME
-    token_name = layout.special_tokens[0]
-    meta = (
-        meta
-        | fields
-        | {
-            "layer_kind": ref.kind,
-            "layer_index": None if is_rollout else ref.number,
-            "block_index": None if is_rollout else ref.block_index,
-            "key_frames": list(range(layout.key_frames)),
-            "special_tokens": list(layout.special_tokens),
-            "token_queries": [{"token": token_name, "frame": frame} for frame in layout.special_queries],
-            "token_vmax99": token_fields["layer_vmax99"],
-            "token_per_head_vmax99": token_fields["per_head_vmax99"],
-        }
-    )
+    meta = meta | layer_fields(
+        ref.kind, ref.number, layout.key_frames, layout.special_tokens, layout.special_queries,
+        fields, token_fields,
+    )  # fmt: skip
     queue.submit(
         name,
         heatmaps.encode_into(queue.buffer(heatmaps.shape, heatmaps.dtype)),
@@ -430,33 +429,6 @@ def _global_blocks_reached(last: LayerRef) -> int:
     if last.kind == "dino":
         return 0
     return last.block_index + (1 if last.kind == "global" else 0)
-
-
-def _manifest_fields(
-    manifest: dict | None,
-    out_dir: Path,
-    options: ExportOptions,
-    blocks: tuple[str, ...],
-    weights_source: dict | None,
-) -> dict:
-    fields = dict(manifest or {})
-    fields.setdefault("image_set_name", out_dir.name)
-    model_fields = {
-        "id": None,
-        "revision": None,
-        "checkpoint_file": None,
-        "checkpoint_sha256": None,
-        "random_weights": False,
-        "random_seed": None,
-    }
-    fields["model"] = model_fields | dict(fields.get("model") or weights_source or {})
-    fields.setdefault("preprocess_mode", None)
-    fields.setdefault("first_image_idx", 0)
-    fields["precision"] = options.precision
-    fields["compressed"] = options.compress
-    fields["blocks"] = list(blocks)
-    fields["rollout"] = {"discard_ratio": options.rollout_discard} if options.rollout else None
-    return fields
 
 
 def _move_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:

@@ -7,6 +7,7 @@ with one line on stderr and exit code 2, before anything is written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -20,7 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from vggt import __version__
-from vggt.attn_format import FormatError
+from vggt.arguments import SpelledError, command_line_spelling
+from vggt.attn_format import FormatError, layer_name
 from vggt.capture import LayerRef, QueryGrid
 from vggt.device import select_device_and_dtype
 from vggt.export import (
@@ -29,8 +31,6 @@ from vggt.export import (
     estimate_export_bytes,
     export_attention,
     layer_depths,
-    layer_name,
-    parse_blocks,
     parse_layers,
 )
 from vggt.models.config import VGGTConfig
@@ -45,6 +45,8 @@ DEFAULT_IMAGE_SET = "synthetic_room"
 DEFAULT_PREFIX = "attn_first2all_"
 
 log = logging.getLogger("vggt")
+# Messages name arguments as Python callers spell them; here they are the flags below.
+COMMAND_LINE = command_line_spelling({"per_head": "save_per_head", "model_id": "model"})
 
 
 class _ProgressFriendlyHandler(logging.Handler):
@@ -226,7 +228,7 @@ class Plan:
             f"  grid: {grid.grid_h}x{grid.grid_w} patches, stride {grid.stride_h}x{grid.stride_w} -> "
             f"{grid.H_ds}x{grid.W_ds} cells, {grid.num_queries} queries"
         )
-        names = [layer_name(ref, options.blocks) for ref in self.layers]
+        names = [layer_name(ref.kind, ref.number, options.blocks) for ref in self.layers]
         shown = f"{names[0]} .. {names[-1]}" if len(names) > 3 else ", ".join(names)
         num_heads = config.aggregator.num_heads
         heads = f"{num_heads} heads each" if options.per_head else f"mean of {num_heads} heads"
@@ -256,13 +258,13 @@ def make_plan(args: argparse.Namespace, model: VGGT, device: torch.device) -> Pl
     aggregator = model.aggregator
     stride_h = args.stride_h if args.stride_h is not None else (args.stride if args.stride is not None else 1)
     stride_w = args.stride_w if args.stride_w is not None else (args.stride if args.stride is not None else 1)
-    blocks = parse_blocks(args.blocks)
-    depths = layer_depths(aggregator)
-    numbers = parse_layers(args.layers, max(depths[kind] for kind in blocks))
     options = ExportOptions(
-        args.save_per_head, stride_h, stride_w, numbers, args.precision, args.compress,
-        blocks=blocks, rollout=args.rollout, rollout_discard=args.rollout_discard,
+        args.save_per_head, stride_h, stride_w, None, args.precision, args.compress,
+        blocks=args.blocks, rollout=args.rollout, rollout_discard=args.rollout_discard,
     )  # fmt: skip
+    depths = layer_depths(aggregator)
+    numbers = parse_layers(args.layers, max(depths[kind] for kind in options.blocks))
+    options = dataclasses.replace(options, layers=numbers)
     layers = options.validate(depths)
 
     image_dir = Path(args.image_dir) if args.image_dir else Path("examples") / args.image_set_name / "images"
@@ -379,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         run(args)
     except (UsageError, ExportError, WeightsError, ImageLoadError, FormatError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        message = err.spelled(COMMAND_LINE) if isinstance(err, SpelledError) else str(err)
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as err:  # e.g. the disk filled up while writing; the partial export is removed
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)

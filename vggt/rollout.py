@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from vggt.attn_format.schema import ROLLOUT_KIND
 from vggt.capture import CapturedLayer, LayerRef, QueryGrid, attention_chunks, sequence_layout
 from vggt.device import gpu_has_room
 from vggt.models.hooks import HookSession
@@ -109,8 +110,6 @@ class RolloutCapture(HookSession):
     """
 
     def __init__(self, aggregator: nn.Module, grid: QueryGrid, num_frames: int, discard_ratio: float) -> None:
-        if not 0.0 <= discard_ratio < 1.0:
-            raise ValueError(f"the rollout discard ratio must be in [0, 1), got {discard_ratio}")
         self.aggregator = aggregator
         self.grid = grid
         self.num_frames = num_frames
@@ -185,7 +184,7 @@ class RolloutCapture(HookSession):
         maps = self.grid.pool(by_frame[..., start:]).unflatten(-1, (self.grid.H_ds, self.grid.W_ds))
         special = by_frame[..., :start]
         queries = self.grid.num_queries
-        ref = LayerRef("rollout", 0)
+        ref = LayerRef(ROLLOUT_KIND, 0)
         return CapturedLayer(
             ref, self.layout, maps[:queries], special[:queries], maps[queries:], special[queries:]
         )

@@ -26,7 +26,7 @@ import numpy as np
 
 from vggt.attn_format import limits
 from vggt.attn_format.errors import FormatError
-from vggt.quantize import worker_threads
+from vggt.attn_format.quantization import worker_threads
 
 _ZIP_LOCAL_HEADER = struct.Struct("<4s5H3L2H")
 _ZIP_LOCAL_SIGNATURE = b"PK\x03\x04"

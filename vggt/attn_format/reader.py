@@ -28,6 +28,7 @@ from vggt.attn_format.paths import (
     check_path_text,
     resolve_in_export,
 )
+from vggt.attn_format.quantization import dequantization_factor
 from vggt.attn_format.schema import (
     ARRAY_KEYS,
     ATTN_DIR_NAME,
@@ -48,7 +49,6 @@ from vggt.attn_format.schema import (
     normalize_layer_meta,
     read_json,
 )
-from vggt.quantize import UINT8_MAX
 
 # Image formats a frame may be stored in (the exporter writes PNG; the seed copied its inputs).
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
@@ -327,10 +327,9 @@ class AttnExport:
         if meta["normalized_by"] == "none":
             return np.ones(heads, dtype=np.float32)
         if meta["normalized_by"] == "head":
-            head_key = f"{prefix}per_head_vmax99"
-            return np.asarray(meta[head_key], dtype=np.float32) / np.float32(UINT8_MAX)
+            return dequantization_factor(meta[f"{prefix}per_head_vmax99"])
         layer_key = "token_vmax99" if token else "layer_vmax99"
-        return np.full(heads, meta[layer_key] / UINT8_MAX, dtype=np.float32)
+        return np.full(heads, dequantization_factor(meta[layer_key]), dtype=np.float32)
 
     def _check_head(self, meta: dict, head: int | None) -> int | None:
         if head is None:

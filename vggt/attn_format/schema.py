@@ -34,8 +34,11 @@ MAP_KEYS = (HEATMAPS_KEY, TOKEN_HEATMAPS_KEY)
 ARRAY_KEYS = (HEATMAPS_KEY, SPECIAL_MASS_KEY, TOKEN_HEATMAPS_KEY, TOKEN_SPECIAL_MASS_KEY)
 NPZ_NAME_BY_DTYPE = {"uint8": "heatmaps_uint8.npz", "float16": "heatmaps_raw_float16.npz"}
 
-# Layer kinds in the order an export lists them.
-LAYER_KINDS = ("global", "frame", "dino", "rollout")
+# Kinds of attention blocks a layer can come from, in the order an export lists them, and the rollout
+# through them, listed last.
+BLOCK_KINDS = ("global", "frame", "dino")
+ROLLOUT_KIND = "rollout"
+LAYER_KINDS = (*BLOCK_KINDS, ROLLOUT_KIND)
 GRID_KEYS = ("H_p", "W_p", "stride_h", "stride_w", "H_ds", "W_ds", "Q", "patch_size")
 NORMALIZATIONS = ("layer", "head", "none")
 # Seed exports spell the normalization after the metadata key that holds the scale.
@@ -68,9 +71,19 @@ def query_grid_shape(H_p: int, W_p: int, stride_h: int, stride_w: int) -> tuple[
     tuple of int
         ``(H_ds, W_ds) = (ceil(H_p / stride_h), ceil(W_p / stride_w))``.
     """
-    if stride_h < 1 or stride_w < 1:
+    if not (is_stride(stride_h) and is_stride(stride_w)):
         raise FormatError(f"strides must be at least 1, got stride_h={stride_h}, stride_w={stride_w}")
     return math.ceil(H_p / stride_h), math.ceil(W_p / stride_w)
+
+
+def is_stride(value: Any) -> bool:
+    """A query stride (and pooling block) in patches: an integer of at least 1."""
+    return _is_count(value, 1, limits.MAX_IMAGE_SIDE)
+
+
+def is_discard_ratio(value: Any) -> bool:
+    """The rollout's discard ratio: the share of each row's smallest entries dropped, in ``[0, 1)``."""
+    return (number := as_finite_float(value)) is not None and 0 <= number < 1
 
 
 def special_token_names(n_special: int, first: str = "camera") -> list[str]:
@@ -82,9 +95,9 @@ def layer_name(kind: str, number: int | None, kinds: Sequence[str]) -> str:
     """Name of a layer in an export that holds layer ``kinds``: ``layer_01`` while the only numbered kind
     is global (the seed's names), else ``global_01``, ``frame_01``, ``dino_01``; the rollout is
     ``rollout``."""
-    if kind == "rollout":
-        return "rollout"
-    prefix = "layer" if [k for k in kinds if k != "rollout"] == ["global"] else kind
+    if kind == ROLLOUT_KIND:
+        return ROLLOUT_KIND
+    prefix = "layer" if [k for k in kinds if k != ROLLOUT_KIND] == ["global"] else kind
     return f"{prefix}_{number:02d}"
 
 
@@ -339,11 +352,7 @@ _FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
         f"[H, W] in pixels, each 1 to {_SIDE}",
         False,
     ),
-    "rollout_discard_ratio": (
-        lambda v: (number := as_finite_float(v)) is not None and 0 <= number < 1,
-        "a number in [0, 1)",
-        True,
-    ),
+    "rollout_discard_ratio": (is_discard_ratio, "a number in [0, 1)", True),
     "rollout_layers": (lambda v: _is_count(v, 1, _MAX_LAYER_NUMBER), "a positive integer", True),
     "Q": (lambda v: _is_count(v, 1, _SIDE * _SIDE), f"a query count of 1 to {_SIDE * _SIDE}", False),
     "S": (lambda v: _is_count(v, 1, limits.MAX_FRAMES), f"a frame count of 1 to {limits.MAX_FRAMES}", False),

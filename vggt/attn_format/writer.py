@@ -13,16 +13,20 @@ from PIL import Image
 
 from vggt import __version__
 from vggt.attn_format.npz import StoredNpzWriter, array_or_source
+from vggt.attn_format.quantization import VMAX_ESTIMATOR
 from vggt.attn_format.schema import (
     ATTN_DIR_NAME,
+    BLOCK_KINDS,
     DERIVED_LAYER_KEYS,
     FORMAT_NAME,
     GRID_KEYS,
     HEATMAPS_KEY,
     IMAGES_DIR_NAME,
+    LAYER_KINDS,
     MANIFEST_NAME,
     NPZ_NAME_BY_DTYPE,
     PATCH_SIZE,
+    ROLLOUT_KIND,
     SCHEMA_VERSION,
     SPECIAL_MASS_KEY,
     TOKEN_HEATMAPS_KEY,
@@ -37,7 +41,59 @@ from vggt.attn_format.schema import (
     special_token_names,
     write_json_atomic,
 )
-from vggt.quantize import VMAX_ESTIMATOR
+
+# The manifest's ``model`` object where nothing is known about the weights.
+UNKNOWN_MODEL = {
+    "id": None,
+    "revision": None,
+    "checkpoint_file": None,
+    "checkpoint_sha256": None,
+    "random_weights": False,
+    "random_seed": None,
+}
+
+
+def layer_fields(
+    kind: str,
+    number: int | None,
+    key_frames: int,
+    special_tokens: Sequence[str],
+    token_frames: Sequence[int],
+    scales: dict,
+    token_scales: dict | None = None,
+) -> dict:
+    """The metadata that says what a layer is; :meth:`ExportWriter.write_layer` derives the rest.
+
+    Parameters
+    ----------
+    kind : str
+        One of :data:`~vggt.attn_format.schema.LAYER_KINDS`.
+    number : int or None
+        1-based layer number within its kind; ``None`` for the rollout.
+    key_frames : int
+        Frames the layer attends to: frames ``0 .. key_frames - 1``.
+    special_tokens : sequence of str
+        Names of a frame's special tokens in model order; the first (camera or class token) is the
+        token that the token queries are.
+    token_frames : sequence of int
+        Frames whose first special token is a query too (the rows of the token maps); empty for none.
+    scales, token_scales : dict
+        The maps' and the token maps' scale fields (:func:`~vggt.attn_format.quantization.scale_fields`).
+    """
+    if kind not in LAYER_KINDS:
+        raise FormatError(f"unknown layer kind {kind!r}: use one of {', '.join(LAYER_KINDS)}")
+    numbered = kind != ROLLOUT_KIND
+    token_scales = token_scales or {}
+    return scales | {
+        "layer_kind": kind,
+        "layer_index": number if numbered else None,
+        "block_index": number - 1 if numbered else None,
+        "key_frames": list(range(key_frames)),
+        "special_tokens": list(special_tokens),
+        "token_queries": [{"token": special_tokens[0], "frame": int(frame)} for frame in token_frames],
+        "token_vmax99": token_scales.get("layer_vmax99"),
+        "token_per_head_vmax99": token_scales.get("per_head_vmax99"),
+    }
 
 
 class ExportWriter:
@@ -120,8 +176,8 @@ class ExportWriter:
         heatmaps : np.ndarray or RowSource
             ``[Q, K, H_ds, W_ds]`` (averaged) or ``[Q, heads, K, H_ds, W_ds]`` (per head), uint8 codes or
             float16 raw probabilities; K key frames (``meta["key_frames"]``, all S frames by default).
-            A :class:`~vggt.attn_format.npz.RowSource` (such as :class:`vggt.quantize.EncodedMaps`)
-            is encoded block by block as it is written.
+            A :class:`~vggt.attn_format.npz.RowSource` (such as the quantization's ``EncodedMaps``) is
+            encoded block by block as it is written.
         special_mass : np.ndarray
             ``[Q, K, n_special]`` or ``[Q, heads, K, n_special]`` float16: probability mass sent to each
             key frame's special tokens (camera or class token, registers).
@@ -181,8 +237,9 @@ class ExportWriter:
             "block_index": full["block_index"],
             "metadata_path": metadata_name,
         }
-        summary_keys = ("per_head_data", "num_heads", "dtype", *GRID_KEYS)
+        summary_keys = ("per_head_data", "num_heads", "dtype", "layer_kind", *GRID_KEYS)
         self._summaries[name] = {key: full[key] for key in summary_keys}
+        self._summaries[name]["rollout_discard_ratio"] = full.get("rollout_discard_ratio")
         return full
 
     def _complete_layer_meta(self, name: str, arrays: dict[str, np.ndarray], meta: dict) -> dict:
@@ -275,8 +332,11 @@ class ExportWriter:
         manifest : dict
             Export-wide fields (``image_set_name``, ``model``, ``preprocess_mode``, ``first_image_idx``,
             ...). ``schema_version``, ``format`` and ``layers`` (the layers written, by kind then
-            number) are set here; ``created``, ``tool``, ``query_frame``, ``frames``, ``grid``,
-            ``per_head_data``, ``num_heads``, ``precision`` and ``compressed`` are filled in when absent.
+            number) are set here. Filled in when absent: ``image_set_name`` (the folder's name),
+            ``model`` (each of its fields: :data:`UNKNOWN_MODEL`), ``preprocess_mode`` (null),
+            ``first_image_idx`` (0), ``created``, ``tool``, ``query_frame``, ``frames``, ``grid``,
+            ``per_head_data``, ``num_heads``, ``precision``, ``compressed``, ``blocks`` and ``rollout``
+            (from the layers written).
 
         Returns
         -------
@@ -304,11 +364,16 @@ class ExportWriter:
         full.setdefault("num_heads", first["num_heads"])
         full.setdefault("precision", first["dtype"])
         full.setdefault("compressed", self.compress)
-        missing = [
-            k for k in ("image_set_name", "model", "preprocess_mode", "first_image_idx") if k not in full
-        ]
-        if missing:
-            raise FormatError(f"manifest lacks {', '.join(missing)}")
+        full.setdefault("image_set_name", self.root.name)
+        full["model"] = UNKNOWN_MODEL | dict(full.get("model") or {})
+        full.setdefault("preprocess_mode", None)
+        full.setdefault("first_image_idx", 0)
+        kinds = {summary["layer_kind"] for summary in self._summaries.values()}
+        full.setdefault("blocks", [kind for kind in BLOCK_KINDS if kind in kinds])
+        rollout = [layer for layer in self._summaries.values() if layer["layer_kind"] == ROLLOUT_KIND]
+        full.setdefault(
+            "rollout", {"discard_ratio": rollout[0]["rollout_discard_ratio"]} if rollout else None
+        )
         full["layers"] = [dict(layer) for layer in layers]
         path = self.attn_dir / MANIFEST_NAME
         write_json_atomic(path, full)

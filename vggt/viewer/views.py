@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from vggt.attn_format.quantization import vmax99
 from vggt.viewer import render
 from vggt.viewer.state import (
     TOKEN_NAMES,
@@ -25,11 +26,6 @@ from vggt.viewer.state import (
 )
 
 # ---- display scales -----------------------------------------------------------------------------------
-
-
-def _fallback_scale(values: np.ndarray) -> float:
-    scale = float(np.percentile(values, 99.0)) if values.size else 0.0
-    return scale if scale > 0 else float(values.max(initial=0.0)) or 1.0
 
 
 def single_map_scale(meta: dict, head: int | None, token: bool = False) -> float | None:
@@ -74,9 +70,9 @@ def normalize_for_display(
     """
     if raw.ndim == 4:
         raw = raw.mean(axis=0)
-        scale = _fallback_scale(raw)
+        scale = vmax99(raw)
     else:
-        scale = single_map_scale(meta, head, token) or _fallback_scale(raw)
+        scale = single_map_scale(meta, head, token) or vmax99(raw)
     return raw / np.float32(scale), scale
 
 
@@ -207,7 +203,7 @@ def all_heads_strips(loaded: LoadedExport, settings: Settings, query: tuple[int,
     frames = key_frames(loaded, settings.layer)
     strips = []
     for head in range(heads.shape[0]):
-        scale = single_map_scale(meta, head) or _fallback_scale(heads[head])
+        scale = single_map_scale(meta, head) or vmax99(heads[head])
         title = f"Head {head + 1}  (vmax99 {scale:.4g})"
         strips.append(_strip(loaded, heads[head] / np.float32(scale), frames, settings, query, title))
     return strips
@@ -493,9 +489,9 @@ def reverse_overlay(
     column = export.key_maps(settings.layer, frame, cell[0], cell[1], settings.head)
     if column.ndim == 3:
         column = column.mean(axis=0)
-        scale = _fallback_scale(column)
+        scale = vmax99(column)
     else:
-        scale = single_map_scale(meta, settings.head) or _fallback_scale(column)
+        scale = single_map_scale(meta, settings.head) or vmax99(column)
     codes = render.to_codes(column / np.float32(scale))[None]
     image = render.overlay(loaded.base_index[:1], codes, loaded.geometry, settings.opacity)[0]
     if frame == 0:

@@ -21,10 +21,11 @@ import numpy as np
 
 from vggt.attn_format import ExportWriter, layer_name, query_grid_shape, special_token_names
 from vggt.attn_format.grid import query_patches
-from vggt.quantize import encode_layer
+from vggt.attn_format.quantization import encode_layer
+from vggt.attn_format.schema import ROLLOUT_KIND
+from vggt.attn_format.writer import layer_fields
 
 _QUERY_CHUNK = 256
-KINDS = ("global", "frame", "dino")
 
 
 def synthetic_frames(num_frames: int, height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -177,11 +178,6 @@ def write_synthetic_export(
         Write each layer's token queries (``token_heatmaps``, ``token_special_mass``), as the exporter
         does; without them the layers look like those of an export without token maps.
     """
-    if precision not in ("uint8", "float16"):
-        raise ValueError(f"precision must be uint8 or float16, got {precision!r}")
-    unknown = [kind for kind in kinds if kind not in KINDS]
-    if unknown or not kinds:
-        raise ValueError(f"kinds must be taken from {KINDS}, got {kinds!r}")
     rng = np.random.default_rng(seed)
     token_rng = np.random.default_rng([seed, 1])  # token maps do not change the patch maps' draws
     patch = 14
@@ -193,15 +189,14 @@ def write_synthetic_export(
     query_rows, query_cols = (axis.astype(np.float32) for axis in query_patches(*grid))
     base_meta = {"H_p": H_p, "W_p": W_p, "stride_h": stride_h, "stride_w": stride_w, "num_heads": num_heads}
 
-    def write(name: str, kind: str, layer: int, meta: dict, heads_kept: bool) -> None:
+    def write(kind: str, layer: int, heads_kept: bool, extra: dict | None = None) -> None:
         """One layer: patch queries' and token queries' maps, over all frames or frame 0 only."""
-        key_frames = num_frames if kind in ("global", "rollout") else 1
-        heads = num_heads if kind != "rollout" else 1
+        key_frames = num_frames if kind in ("global", ROLLOUT_KIND) else 1
+        heads = num_heads if kind != ROLLOUT_KIND else 1
         pooled, special = _chunked_probabilities(
             grid, key_frames, heads, layer, n_special, query_rows, query_cols, rng
         )
         token_frames = list(range(num_frames)) if key_frames > 1 else [0]
-        token = "cls" if kind == "dino" else "camera"
         # A special token attends broadly (early-layer width), centred differently for each frame's token.
         centres = (np.asarray(token_frames, np.float32) + 1.0) * W_p / (len(token_frames) + 1.0)
         token_pooled, token_special = _chunked_probabilities(
@@ -212,53 +207,28 @@ def write_synthetic_export(
             pooled, special = pooled.mean(axis=1), special.mean(axis=1)
             token_pooled, token_special = token_pooled.mean(axis=1), token_special.mean(axis=1)
         heatmaps, fields = encode_layer(pooled, precision)
-        meta = base_meta | meta | fields
-        meta |= {
-            "layer_kind": kind,
-            "key_frames": list(range(key_frames)),
-            "special_tokens": special_token_names(n_special, token),
-        }
-        token_arrays: dict = {}
+        token_arrays, token_fields = {}, None
         if token_queries:
             token_heatmaps, token_fields = encode_layer(token_pooled, precision)
-            meta |= {
-                "token_queries": [{"token": token, "frame": frame} for frame in token_frames],
-                "token_vmax99": token_fields["layer_vmax99"],
-                "token_per_head_vmax99": token_fields["per_head_vmax99"],
-            }
             token_arrays = {
-                "token_heatmaps": token_heatmaps,
+                "token_heatmaps": np.asarray(token_heatmaps),
                 "token_special_mass": token_special.astype(np.float16),
             }
-        writer.write_layer(name, heatmaps, special.astype(np.float16), meta, **token_arrays)
+        number = layer + 1 if kind != ROLLOUT_KIND else None
+        tokens = special_token_names(n_special, "cls" if kind == "dino" else "camera")
+        meta = base_meta | (extra or {})
+        meta |= layer_fields(
+            kind, number, key_frames, tokens, token_frames if token_queries else [], fields, token_fields
+        )
+        name = layer_name(kind, number, kinds)
+        writer.write_layer(name, np.asarray(heatmaps), special.astype(np.float16), meta, **token_arrays)
 
     for kind in kinds:
         for layer in range(num_layers):
-            meta = {"layer_index": layer + 1, "block_index": layer}
-            write(layer_name(kind, layer + 1, kinds), kind, layer, meta, per_head)
+            write(kind, layer, per_head)
     if rollout:
-        meta = {
-            "layer_index": None,
-            "block_index": None,
-            "rollout_discard_ratio": float(rollout_discard),
-            "rollout_layers": 2 * num_layers,
-        }
-        write("rollout", "rollout", num_layers, meta, False)
-    writer.write_manifest(
-        {
-            "image_set_name": "synthetic",
-            "model": {
-                "id": "synthetic",
-                "revision": None,
-                "checkpoint_file": None,
-                "checkpoint_sha256": None,
-                "random_weights": random_weights,
-                "random_seed": seed,
-            },
-            "preprocess_mode": "crop",
-            "first_image_idx": 0,
-            "blocks": list(kinds),
-            "rollout": {"discard_ratio": float(rollout_discard)} if rollout else None,
-        }
-    )
+        meta = {"rollout_discard_ratio": float(rollout_discard), "rollout_layers": 2 * num_layers}
+        write(ROLLOUT_KIND, num_layers, False, meta)
+    model = {"id": "synthetic", "random_weights": random_weights, "random_seed": seed}
+    writer.write_manifest({"image_set_name": "synthetic", "model": model, "preprocess_mode": "crop"})
     return root

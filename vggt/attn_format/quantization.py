@@ -1,6 +1,8 @@
-"""uint8 quantization of attention maps by their 99th percentile (numpy only, no torch).
+"""The format's quantization rule: uint8 codes of attention maps scaled by their 99th percentile.
 
-``u8 = round(clip(x / vmax99, 0, 1) * 255)`` and back ``x = u8 / 255 * vmax99``.
+``u8 = round(clip(x / vmax99, 0, 1) * 255)`` and back ``x = u8 / 255 * vmax99``. This module is the one
+place the rule is written: the exporter encodes with it, the reader and the viewer decode with it, and
+:mod:`vggt.device_quantize` computes the same bytes with torch for maps held on a GPU. numpy only.
 
 ``vmax99`` is the exact 99th percentile with numpy's default ('linear') interpolation. Finding it
 does not sort the data: a strided sample gives a threshold just below the order statistics needed,
@@ -220,8 +222,12 @@ def dequantize_uint8(codes: np.ndarray, vmax99: float | np.ndarray) -> np.ndarra
     ``vmax99`` is a scalar or broadcasts against ``codes`` (per head: ``[heads, 1, 1, 1]`` for one
     query's ``[heads, S, H_ds, W_ds]`` maps).
     """
-    scale = np.asarray(vmax99, dtype=np.float32) / np.float32(UINT8_MAX)
-    return np.multiply(codes, scale, dtype=np.float32)
+    return np.multiply(codes, dequantization_factor(vmax99), dtype=np.float32)
+
+
+def dequantization_factor(vmax99: float | np.ndarray) -> np.ndarray:
+    """``vmax99 / 255`` in float32: a code times this factor is the probability it stands for."""
+    return np.asarray(vmax99, dtype=np.float32) / np.float32(UINT8_MAX)
 
 
 def vmax99(values: np.ndarray) -> float:

@@ -1,0 +1,1 @@
+"""Support for the tests and benchmarks: synthetic exports with exact, known probabilities."""
