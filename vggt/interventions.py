@@ -37,7 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from vggt.capture import KINDS, LayerRef, attention_blocks, attention_chunks, sequence_layout
+from vggt.attn_format.schema import BLOCK_KINDS
+from vggt.capture import LayerRef, attention_blocks, attention_chunks, sequence_layout
 from vggt.models.hooks import HookSession
 
 ABLATION_MODES = ("zero", "mean")
@@ -50,7 +51,7 @@ class InterventionError(ValueError):
     """An intervention that cannot be applied as asked (a one-line message for the user)."""
 
 
-def check_layer(aggregator: nn.Module, ref: LayerRef, kinds: Sequence[str] = KINDS) -> None:
+def check_layer(aggregator: nn.Module, ref: LayerRef, kinds: Sequence[str] = BLOCK_KINDS) -> None:
     """Raise :class:`InterventionError` unless ``aggregator`` has layer ``ref`` of one of ``kinds``."""
     if ref.kind not in kinds:
         raise InterventionError(
