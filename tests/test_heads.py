@@ -26,16 +26,16 @@ OUTPUTS = ("pose_enc", "depth", "depth_conf", "world_points", "world_points_conf
 HEAD_PARTS = ("camera_head", "depth_head", "point_head", "track_head")
 
 
-def assert_matches(got, expected, name: str, rtol: float = 1e-4) -> None:
+def assert_matches(got, expected, name: str, rtol: float = 1e-4, floor_share: float = 1e-6) -> None:
     """Every element within ``rtol`` of the expected value, relative to that value.
 
-    Elements near zero get an absolute floor of ``1e-6`` times the tensor's largest magnitude: float32
-    sums of terms of that size carry rounding errors of about ``1e-7`` of it, so a purely relative test
-    of, say, a coordinate that happens to be 1e-5 would compare rounding noise.
+    Elements near zero get an absolute floor of ``floor_share`` (1e-6) times the tensor's largest
+    magnitude: float32 sums of terms of that size carry rounding errors of about ``1e-7`` of it, so a
+    purely relative test of, say, a coordinate that happens to be 1e-5 would compare rounding noise.
     """
     got, expected = torch.as_tensor(got).double(), torch.as_tensor(expected).double()
     assert got.shape == expected.shape, name
-    floor = 1e-6 * float(expected.abs().max())
+    floor = floor_share * float(expected.abs().max())
     torch.testing.assert_close(got, expected, rtol=rtol, atol=floor, msg=lambda m: f"{name}: {m}")
 
 
@@ -115,6 +115,17 @@ def test_unbatched_inputs_and_no_query_points(model, reference, predictions):
         model.eval()
 
 
+def test_heads_run_on_tokens_of_a_pass_already_made(model, reference, predictions):
+    images = reference["input.images"]
+    with torch.no_grad():
+        tokens, patch_start_idx = model.aggregator(images)
+        again = model.run_heads(tokens, images, patch_start_idx, reference["input.query_points"][0])
+        for name in OUTPUTS:
+            torch.testing.assert_close(again[name], predictions[name], rtol=0, atol=0)
+        with pytest.raises(ValueError, match="keep_outputs=True"):
+            model.run_heads(tokens[-1:], images, patch_start_idx)
+
+
 def test_frame_chunks_give_the_same_maps(model, reference, predictions):
     heads = (model.depth_head, model.point_head, model.track_head.feature_extractor)
     try:
@@ -136,6 +147,26 @@ def test_heads_run_in_float32_under_cpu_autocast(model, reference):
         assert out[name].dtype == torch.float32, name
         assert torch.isfinite(out[name]).all(), name
     assert torch.isfinite(out["track"]).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_in_float32_and_under_bf16_autocast(config, state_dict, reference, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model = VGGT(config=config).eval().cuda()
+    model.load_state_dict(state_dict, strict=True)
+    images, query_points = reference["input.images"].cuda(), reference["input.query_points"].cuda()
+    with torch.no_grad():
+        exact = model(images, query_points)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            mixed = model(images, query_points)
+    for name in OUTPUTS:
+        # Other kernels, other summation orders: a GPU gets a looser bound than the CPU.
+        assert_matches(exact[name].cpu(), reference[f"expected.{name}"], name, rtol=1e-3, floor_share=1e-4)
+    for name in ("pose_enc", "depth", "depth_conf", "world_points", "world_points_conf"):
+        assert mixed[name].dtype == torch.float32, name  # these heads run in float32, as upstream's
+        assert torch.isfinite(mixed[name]).all(), name
+    assert torch.isfinite(mixed["track"]).all()
 
 
 def test_camera_and_depth_utilities_equal_upstream(reference):

@@ -157,15 +157,33 @@ class VGGT(nn.Module):
             ``[B, S, H, W, 3]``, ``world_points_conf`` ``[B, S, H, W]``; with query points ``track``
             ``[B, S, N, 2]`` (pixels, last iteration), ``vis`` and ``conf`` ``[B, S, N]``; in eval mode
             ``images``, the input (with its batch axis). Entries of heads not built are absent.
-            Under CUDA autocast the camera, depth and point heads run in float32, the track head in
-            the autocast dtype, as upstream; the same holds for CPU autocast.
         """
         if images.dim() == 4:
             images = images.unsqueeze(0)
+        tokens, patch_start_idx = self.aggregator(images)
+        return self.run_heads(tokens, images, patch_start_idx, query_points)
+
+    def run_heads(
+        self,
+        aggregated_tokens_list: list[Tensor],
+        images: Tensor,
+        patch_start_idx: int,
+        query_points: Tensor | None = None,
+    ) -> dict[str, Tensor | list[Tensor]]:
+        """The heads' part of :meth:`forward`, on the outputs of an aggregator pass already made.
+
+        ``aggregated_tokens_list`` must hold every block's output (``keep_outputs=True``) and
+        ``images`` be ``[B, S, 3, H, W]``. Under CUDA autocast the camera, depth and point heads run in
+        float32 and the track head in the autocast dtype, as upstream's; likewise under CPU autocast.
+        """
         if query_points is not None and query_points.dim() == 2:
             query_points = query_points.unsqueeze(0)
-        tokens, patch_start_idx = self.aggregator(images)
-
+        if len(aggregated_tokens_list) != self.aggregator.depth:
+            raise ValueError(
+                f"the heads need all {self.aggregator.depth} block outputs of the aggregator, got "
+                f"{len(aggregated_tokens_list)} (run it with keep_outputs=True)"
+            )
+        tokens = aggregated_tokens_list
         predictions: dict[str, Tensor | list[Tensor]] = {}
         with torch.autocast(device_type=images.device.type, enabled=False):
             if self.camera_head is not None:
@@ -173,9 +191,8 @@ class VGGT(nn.Module):
                 predictions["pose_enc"] = pose_enc_list[-1]
                 predictions["pose_enc_list"] = pose_enc_list
             if self.depth_head is not None:
-                predictions["depth"], predictions["depth_conf"] = self.depth_head(
-                    tokens, images, patch_start_idx
-                )
+                depth, depth_conf = self.depth_head(tokens, images, patch_start_idx)
+                predictions["depth"], predictions["depth_conf"] = depth, depth_conf
             if self.point_head is not None:
                 points, points_conf = self.point_head(tokens, images, patch_start_idx)
                 predictions["world_points"], predictions["world_points_conf"] = points, points_conf
