@@ -293,6 +293,14 @@ class AttnExport:
             oldest, _ = self._inflated.popitem(last=False)
             self._arrays.pop(oldest, None)
 
+    def release(self, name: str) -> None:
+        """Forget the arrays read from layer ``name``. Their memory maps close once nothing else holds them,
+        so a pass over every layer of a large export keeps one layer's pages mapped, not all of them."""
+        with self._lock:
+            for key in [key for key in self._arrays if key[0] == name]:
+                del self._arrays[key]
+                self._inflated.pop(key, None)
+
     def heatmaps(self, name: str) -> np.ndarray:
         """Stored maps of one layer: ``[Q, K, H_ds, W_ds]`` or ``[Q, heads, K, H_ds, W_ds]``.
 

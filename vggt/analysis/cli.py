@@ -1,0 +1,112 @@
+"""``analyze_attention.py``: the analysis of an export, written beside it (or where ``--out`` says).
+
+Bad input (not an export, a layer that does not exist, masses outside (0, 1), a folder that cannot be
+written) is a one-line error and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from vggt.analysis.output import check_writable, write_outputs
+from vggt.analysis.table import DEFAULT_MASSES, SCOPES, AnalysisError, run_analysis
+from vggt.attn_format import FormatError, open_export
+
+ANALYSIS_DIR = "analysis"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2, as argparse does, without the usage block
+        sys.stderr.write(f"error: {message}\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="analyze_attention.py",
+        description="Per layer and head: where attention goes, whether it finds the true correspondence, "
+        "how concentrated and how stable it is. Writes layer_head_metrics.csv, per_query.npz, summary.json "
+        "and figures (definitions: docs/analysis.md).",
+    )
+    parser.add_argument(
+        "--attn_dir", required=True, help="the export: folder, its attn_maps/, manifest or .zip"
+    )
+    parser.add_argument("--out", help="output folder (default: EXPORT/analysis)")
+    parser.add_argument(
+        "--reference_layer",
+        help="stability reference: a layer name (layer_13) or a 0-based global layer number, as the "
+        "manifest's index and the seed fork's --start_layer (12 = layer_13); default: the middle global layer",
+    )
+    parser.add_argument(
+        "--masses",
+        default=",".join(f"{m:g}" for m in DEFAULT_MASSES),
+        help="mass shares of the stability masks, comma-separated, each in (0, 1) (default: %(default)s)",
+    )
+    parser.add_argument("--radius", type=int, default=1, help="corr_mass window radius in cells (default: 1)")
+    parser.add_argument(
+        "--stability_scope",
+        choices=SCOPES,
+        default="query",
+        help="a mask per query (default) or one mask over all queries, as the seed fork computes it",
+    )
+    parser.add_argument("--no_figures", action="store_true", help="write the tables only")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    return parser
+
+
+def _masses(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise AnalysisError(f"--masses must be numbers separated by commas, got {text!r}") from None
+
+
+def default_output(attn_dir: str, export_root: Path) -> Path:
+    """``EXPORT/analysis`` for a folder; ``NAME_analysis`` beside a zip (its extracted copy is temporary)."""
+    given = Path(attn_dir).expanduser()
+    if given.suffix.lower() == ".zip":
+        return given.with_name(given.stem + "_" + ANALYSIS_DIR)
+    return export_root / ANALYSIS_DIR
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.radius < 0:
+            raise AnalysisError(f"--radius must be 0 or more cells, got {args.radius}")
+        masses = _masses(args.masses)
+        export = open_export(args.attn_dir)
+        out = Path(args.out).expanduser() if args.out else default_output(args.attn_dir, export.root)
+        check_writable(out)
+        started = time.perf_counter()
+
+        def progress(done: int, total: int, name: str) -> None:
+            if not args.quiet:
+                print(f"\r  layer {done}/{total} ({name})", end="", flush=True)
+
+        result = run_analysis(
+            export,
+            reference_layer=args.reference_layer,
+            masses=masses,
+            radius=args.radius,
+            stability_scope=args.stability_scope,
+            progress=progress,
+        )
+        if not args.quiet:
+            print(f"\r  analysed {len(export.layer_names)} layers in {time.perf_counter() - started:.1f} s")
+        written = write_outputs(result, out, figures=not args.no_figures)
+    except (AnalysisError, FormatError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
+    if not args.quiet:
+        options = result.summary["options"]
+        source = result.summary["correspondence"]["source"] or "none (correspondence columns empty)"
+        print(f"  stability reference: {options['reference_layer']}; true positions: {source}")
+        print(f"wrote {len(written)} files into {out}")
+    return 0

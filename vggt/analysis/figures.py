@@ -1,0 +1,214 @@
+"""Figures of the analysis (matplotlib, imported only here): a layer x head heatmap per metric, per-layer
+curves with the baselines, and the stability bars as the seed fork draws them. PNG and SVG each.
+
+:func:`layer_head_table` and :func:`draw_heatmap` take any layers x heads table, so that other tables
+(e.g. an intervention sweep's) are drawn on the same axes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from vggt.analysis.columns import METRICS
+from vggt.analysis.table import BASELINES, Analysis
+
+# Shares in [0, 1]: drawn on a fixed scale so that figures of different exports compare.
+_UNIT_RANGE = set(METRICS)
+_DPI = 120
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def layer_head_table(records: Sequence[dict], metric: str) -> tuple[np.ndarray, list[str], list[str]]:
+    """A metric as a layers x heads table from analysis records (baselines left out).
+
+    Returns
+    -------
+    values : np.ndarray
+        ``[layers, heads]`` float64, NaN where a layer lacks a head (the rollout has only its average).
+    layers : list of str
+        Layer names, in the records' order.
+    heads : list of str
+        ``"avg"`` then the head numbers found.
+    """
+    layers: list[str] = []
+    heads: list[str] = ["avg"]
+    for record in records:
+        if record["layer"] in BASELINES:
+            continue
+        if record["layer"] not in layers:
+            layers.append(record["layer"])
+        if record["head"] not in heads:
+            heads.append(record["head"])
+    values = np.full((len(layers), len(heads)), np.nan)
+    for record in records:
+        if record["layer"] in BASELINES:
+            continue
+        values[layers.index(record["layer"]), heads.index(record["head"])] = record[metric]
+    return values, layers, heads
+
+
+def draw_heatmap(
+    ax,
+    values: np.ndarray,
+    layers: Sequence[str],
+    heads: Sequence[str],
+    title: str,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    cmap: str = "viridis",
+    colorbar_label: str = "",
+):
+    """Draw a layers (rows) x heads (columns) table on ``ax``, empty cells in gray, values written in the
+    cells when the table is small. Returns the image (for a colour bar)."""
+    masked = np.ma.masked_invalid(np.asarray(values, dtype=np.float64))
+    colormap = _pyplot().get_cmap(cmap).with_extremes(bad="#d9d9d9")
+    image = ax.imshow(masked, aspect="auto", cmap=colormap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    ax.set_yticks(range(len(layers)), labels=list(layers), fontsize=7)
+    ax.set_xticks(range(len(heads)), labels=list(heads), fontsize=7)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=10)
+    if len(layers) * len(heads) <= 60:
+        for (row, col), value in np.ndenumerate(np.asarray(values)):
+            if math.isfinite(value):
+                shade = image.norm(value)  # dark text on the bright end of the colour map
+                color = "black" if np.ma.getdata(shade) > 0.6 else "white"
+                ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=6, color=color)
+    colorbar = ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
+    if colorbar_label:
+        colorbar.set_label(colorbar_label)
+    return image
+
+
+def _save(fig, folder: Path, stem: str) -> list[Path]:
+    paths = []
+    for suffix in ("png", "svg"):
+        path = folder / f"{stem}.{suffix}"
+        tmp = path.with_name(f".{path.name}.tmp")
+        fig.savefig(tmp, dpi=_DPI, format=suffix)
+        tmp.replace(path)
+        paths.append(path)
+    _pyplot().close(fig)
+    return paths
+
+
+def _heatmap_figures(records: Sequence[dict], folder: Path, random_weights: bool) -> list[Path]:
+    plt = _pyplot()
+    written = []
+    for metric in METRICS:
+        values, layers, heads = layer_head_table(records, metric)
+        if not np.isfinite(values).any():
+            continue
+        height = max(3.0, 0.22 * len(layers) + 1.5)
+        width = max(4.0, 0.32 * len(heads) + 2.5)
+        fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
+        title = metric + (" (random weights)" if random_weights else "")
+        limits = (0.0, 1.0) if metric in _UNIT_RANGE else (None, None)
+        draw_heatmap(ax, values, layers, heads, title, *limits)
+        written += _save(fig, folder, f"heatmap_{metric}")
+    return written
+
+
+def _baseline(records: Sequence[dict], name: str, metric: str) -> float:
+    for record in records:
+        if record["layer"] == name:
+            return record[metric]
+    return math.nan
+
+
+def _curves_figure(records: Sequence[dict], folder: Path, random_weights: bool) -> list[Path]:
+    plt = _pyplot()
+    averages = [r for r in records if r["head"] == "avg" and r["layer"] not in BASELINES]
+    metrics = [m for m in METRICS if any(math.isfinite(r[m]) for r in averages)]
+    if not metrics:
+        return []
+    columns = 4
+    rows = math.ceil(len(metrics) / columns)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(4.2 * columns, 2.8 * rows), layout="constrained", squeeze=False
+    )
+    names = [r["layer"] for r in averages]
+    x = np.arange(len(names))
+    kinds: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        kinds.setdefault(name.rsplit("_", 1)[0] if name != "rollout" else "rollout", []).append(i)
+    for ax, metric in zip(axes.flat, metrics, strict=False):
+        values = np.array([r[metric] for r in averages], dtype=np.float64)
+        for kind, index in kinds.items():
+            ax.plot(x[index], values[index], marker="o", markersize=3, label=kind)
+        for baseline, style in (("uniform", "--"), ("uniform_within_frame", "-."), ("same_uv", ":")):
+            value = _baseline(records, baseline, metric)
+            if math.isfinite(value):
+                ax.axhline(value, linestyle=style, color="gray", linewidth=1, label=baseline)
+        ax.set_title(metric, fontsize=9)
+        ax.set_xticks(x, labels=names, rotation=90, fontsize=5)
+        ax.grid(True, linestyle=":", alpha=0.5)
+    for ax in list(axes.flat)[len(metrics) :]:
+        ax.axis("off")
+    legend: dict = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    fig.legend(legend.values(), legend.keys(), loc="outside lower center", ncols=len(legend), fontsize=8)
+    suffix = " (random weights)" if random_weights else ""
+    fig.suptitle(f"Per-layer head averages, with baselines{suffix}")
+    return _save(fig, folder, "curves")
+
+
+def _stability_figure(result: Analysis, folder: Path, random_weights: bool) -> list[Path]:
+    plt = _pyplot()
+    arrays = result.per_query
+    masses = arrays["masses"]
+    rows = [i for i, (layer, head) in enumerate(zip(arrays["layer"], arrays["head"], strict=True))
+            if head == "avg" and layer not in BASELINES]  # fmt: skip
+    if not rows:
+        return []
+    overall = np.isfinite(arrays["mask_recall_overall"][rows]).any()
+    if overall:
+        recall, tnr = arrays["mask_recall_overall"][rows], arrays["mask_tnr_overall"][rows]
+    else:
+        with np.errstate(invalid="ignore"):
+            recall = np.nanmean(arrays["mask_recall_per_mass"][rows], axis=-1)
+            tnr = np.nanmean(arrays["mask_tnr_per_mass"][rows], axis=-1)
+    if not np.isfinite(recall).any():
+        return []
+    names = [str(arrays["layer"][i]) for i in rows]
+    x = np.arange(len(names))
+    fig, axes = plt.subplots(len(masses), 1, figsize=(max(8.0, 0.4 * len(names)), 2.4 * len(masses)),
+                             sharex=True, squeeze=False, layout="constrained")  # fmt: skip
+    for j, mass in enumerate(masses):
+        ax = axes[j, 0]
+        ax.bar(x - 0.2, recall[:, j], 0.4, label="recall", color="#1f77b4")
+        ax.bar(x + 0.2, tnr[:, j], 0.4, label="true-negative rate", color="#ff7f0e")
+        ax.set_ylim(0.0, 1.0)
+        ax.set_title(f"mass preserved: {round(float(mass) * 100)}%", fontsize=9)
+        ax.grid(True, axis="y", linestyle=":", alpha=0.5)
+    axes[0, 0].legend(fontsize=7, ncols=2)
+    axes[-1, 0].set_xticks(x, labels=names, rotation=90, fontsize=6)
+    reference = result.summary["options"]["reference_layer"]
+    scope = result.summary["options"]["stability_scope"]
+    suffix = " (random weights)" if random_weights else ""
+    fig.suptitle(f"Mask stability against {reference} (scope: {scope}){suffix}")
+    return _save(fig, folder, "stability_bars")
+
+
+def write_figures(result: Analysis, folder: Path) -> list[Path]:
+    """Every figure of the analysis into ``folder`` (PNG and SVG); returns the files written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    random_weights = bool(result.summary.get("random_weights"))
+    written = _heatmap_figures(result.records, folder, random_weights)
+    written += _curves_figure(result.records, folder, random_weights)
+    written += _stability_figure(result, folder, random_weights)
+    return written

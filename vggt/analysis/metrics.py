@@ -1,0 +1,252 @@
+"""The metrics of a block of attention rows (numpy only).
+
+A *row* is one query's attention in one layer, for one head or the head average: maps over the layer's
+key frames ``[K, H_ds, W_ds]`` (uint8 codes or float probabilities, times a per-row ``scale``) and the
+special-token mass ``[K, n_special]``. :func:`block_metrics` computes every column of the analysis for a
+block of rows at once; the definitions are in ``docs/analysis.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from vggt.analysis.ranks import (
+    CODES,
+    Runs,
+    code_histograms,
+    code_runs,
+    crossings,
+    entropy_terms,
+    normalized_entropy,
+    sorted_runs,
+    x_log_x,
+)
+
+CELL_SHARES = (0.5, 0.9)  # cells_50, cells_90
+PCK_RADII = (0, 1, 2)  # pck_0, pck_1, pck_2
+
+
+@dataclass
+class Windows:
+    """The cells around each row's targets in the layer's cross-view key frames.
+
+    Attributes
+    ----------
+    index : np.ndarray
+        ``[n, C, w]`` flat cell index in the frame of cross-view key-frame position ``c``.
+    distance : np.ndarray
+        ``[n, C, w]`` Chebyshev distance in cells (beyond every radius where a cell does not count).
+    valid : np.ndarray
+        ``[n, C]`` bool: the (query, frame) pair counts.
+    positions : np.ndarray
+        ``[C]`` positions along the layer's K axis of the cross-view key frames.
+    """
+
+    index: np.ndarray
+    distance: np.ndarray
+    valid: np.ndarray
+    positions: np.ndarray
+
+
+@dataclass
+class Stability:
+    """The reference layer's masks for a block of rows, over the key frames the layer shares with it.
+
+    Attributes
+    ----------
+    levels : np.ndarray
+        ``[n, N]`` uint8: in how many of the reference's masks each shared cell lies (masses ascending:
+        a cell in the mask of mass ``j`` has level at least ``M - j``).
+    positions : np.ndarray
+        Positions along the layer's K axis of the shared frames.
+    masses : np.ndarray
+        ``[M]`` mass shares, ascending.
+    """
+
+    levels: np.ndarray
+    positions: np.ndarray
+    masses: np.ndarray
+
+
+@dataclass
+class BlockMetrics:
+    """Every metric of a block of ``n`` rows (NaN where a metric does not apply)."""
+
+    cross_view_mass: np.ndarray  # [n]
+    query_frame_mass: np.ndarray  # [n]
+    camera_mass: np.ndarray  # [n]
+    register_mass: np.ndarray  # [n]
+    entropy: np.ndarray  # [n]
+    cells: np.ndarray  # [n, len(CELL_SHARES)]
+    pck: np.ndarray  # [n, len(PCK_RADII), C] per cross-view key frame
+    corr_mass: np.ndarray  # [n, C]
+    recall: np.ndarray  # [n, M]
+    tnr: np.ndarray  # [n, M]
+
+
+def _runs(rows: np.ndarray, levels: np.ndarray | None, num_levels: int) -> tuple[Runs, np.ndarray | None]:
+    """Runs of rows ``[n, N]``; for uint8 rows also the histograms split by level ``[n, L, 256]`` (codes
+    descending), which give the mask agreement without another pass."""
+    if rows.dtype == np.uint8:
+        histograms = code_histograms(rows, levels, num_levels)[..., ::-1]
+        return Runs(code_runs(histograms[:, 0]).values, histograms.sum(axis=1)), histograms
+    return sorted_runs(rows), None
+
+
+def mask_agreement(
+    rows: np.ndarray, stability: Stability, runs: tuple[Runs, np.ndarray | None] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Recall and true-negative rate of each row's mass masks against the reference's.
+
+    Parameters
+    ----------
+    rows : np.ndarray
+        ``[n, N]`` values over the shared cells (uint8 codes or floats).
+    stability : Stability
+        The reference's levels for these rows' cells.
+    runs : tuple, optional
+        ``_runs(rows, stability.levels, M + 1)`` when already computed.
+
+    Returns
+    -------
+    recall, tnr : np.ndarray
+        ``[n, M]`` float64 each; 1 where the reference mask (or its complement) is empty, as the fork.
+    """
+    masses = stability.masses
+    num_masses = masses.size
+    levels = stability.levels
+    ranked, by_level = runs if runs is not None else _runs(rows, levels, num_masses + 1)
+    threshold, in_mask, _ = crossings(ranked, masses)
+    needed = num_masses - np.arange(num_masses)  # reference mask j: levels >= M - j
+    if by_level is not None:
+        # Codes descending: the mask of row r and mass j holds the runs up to its threshold's.
+        cumulative = np.cumsum(by_level, axis=-1)  # [n, L, 256]
+        run = np.minimum(CODES - 1 - threshold, CODES - 1)  # position of the threshold code; inf -> empty
+        taken = np.where(np.isfinite(threshold), run, -1).astype(np.int64)  # [n, M]
+        per_level = np.take_along_axis(cumulative, np.maximum(taken, 0)[:, None, :], axis=-1)  # [n, L, M]
+        per_level = np.where(taken[:, None, :] >= 0, per_level, 0)
+        at_least = np.cumsum(per_level[:, ::-1], axis=1)[:, ::-1]  # [n, L, M]: levels >= l
+        hits = np.take_along_axis(at_least, needed[None, None, :], axis=1)[:, 0]  # [n, M]
+        level_cells = np.cumsum(cumulative[:, ::-1, -1], axis=1)[:, ::-1]  # [n, L]
+        reference = level_cells[:, needed]
+    else:
+        hits = np.empty((rows.shape[0], num_masses), dtype=np.int64)
+        reference = np.empty_like(hits)
+        values = rows.astype(np.float64, copy=False)
+        for j in range(num_masses):
+            in_reference = levels >= needed[j]
+            hits[:, j] = np.count_nonzero((values >= threshold[:, j : j + 1]) & in_reference, axis=-1)
+            reference[:, j] = np.count_nonzero(in_reference, axis=-1)
+    cells = rows.shape[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        recall = np.where(reference > 0, hits / reference, 1.0)
+        negatives = cells - reference
+        tnr = np.where(negatives > 0, (negatives - (in_mask - hits)) / negatives, 1.0)
+    return recall, tnr
+
+
+def block_metrics(
+    maps: np.ndarray,
+    scale: np.ndarray,
+    special: np.ndarray | None,
+    query_position: int,
+    windows: Windows | None,
+    radius: int,
+    stability: Stability | None,
+) -> BlockMetrics:
+    """Every metric of ``n`` rows.
+
+    Parameters
+    ----------
+    maps : np.ndarray
+        ``[n, K, H_ds, W_ds]`` uint8 codes or float probabilities over the layer's key frames.
+    scale : np.ndarray
+        ``[n]`` probability per stored unit (``vmax99 / 255`` for codes, 1 for probabilities).
+    special : np.ndarray or None
+        ``[n, K, n_special]`` special-token probabilities (camera or class token first), or None.
+    query_position : int
+        Position of the query frame along K.
+    windows : Windows or None
+        Target windows, when the layer has cross-view frames and positions are known.
+    radius : int
+        ``corr_mass`` window radius in cells.
+    stability : Stability or None
+        The reference's masks, when stability is computed per row.
+    """
+    n, num_keys = maps.shape[:2]
+    cells_per_frame = maps.shape[2] * maps.shape[3]
+    frames = maps.reshape(n, num_keys, cells_per_frame)
+    scale = np.asarray(scale, dtype=np.float64)
+    if maps.dtype == np.uint8:
+        stored_sums = frames.sum(axis=-1, dtype=np.uint32).astype(np.float64)
+    else:
+        stored_sums = frames.sum(axis=-1, dtype=np.float64)
+    frame_mass = stored_sums * scale[:, None]  # [n, K]
+    nan = np.full(n, np.nan)
+
+    query_frame_mass = frame_mass[:, query_position]
+    others = np.delete(np.arange(num_keys), query_position)
+    cross_view_mass = frame_mass[:, others].sum(axis=-1) if others.size else nan
+    if special is not None:
+        special = np.asarray(special, dtype=np.float64)
+        camera_mass = special[..., 0].sum(axis=-1)
+        register_mass = special[..., 1:].sum(axis=(-2, -1))
+        special_flat = special.reshape(n, -1)
+    else:
+        camera_mass = register_mass = nan
+        special_flat = np.zeros((n, 0))
+
+    # Ranks of the whole row (every key frame), split by the reference's levels when they cover the
+    # same cells.
+    whole = frames.reshape(n, -1)
+    same_cells = stability is not None and stability.positions.size == num_keys
+    if same_cells:
+        runs = _runs(whole, stability.levels, stability.masses.size + 1)
+    else:
+        runs = _runs(whole, None, 1)
+    ranked = runs[0]
+
+    total = frame_mass.sum(axis=-1) + special_flat.sum(axis=-1)
+    sum_x_log_x = entropy_terms(ranked, scale) + x_log_x(special_flat)
+    entropy = normalized_entropy(sum_x_log_x, total, whole.shape[-1] + special_flat.shape[-1])
+    _, _, smallest = crossings(ranked, np.asarray(CELL_SHARES))
+    cells = smallest / whole.shape[-1]
+
+    positions = windows.positions if windows is not None else np.zeros(0, dtype=np.int64)
+    pck = np.full((n, len(PCK_RADII), positions.size), np.nan)
+    corr_mass = np.full((n, positions.size), np.nan)
+    if windows is not None and positions.size:
+        cross = frames[:, positions]  # [n, C, cells]
+        peak = cross.max(axis=-1)
+        ties = np.count_nonzero(cross == peak[..., None], axis=-1)
+        window = np.take_along_axis(cross, windows.index, axis=-1)  # [n, C, w]
+        at_peak = window == peak[..., None]
+        for i, r in enumerate(PCK_RADII):
+            near = np.count_nonzero(at_peak & (windows.distance <= r), axis=-1)
+            pck[:, i] = np.where(windows.valid, near / ties, np.nan)
+        near_mass = np.where(windows.distance <= radius, window, 0).sum(axis=-1, dtype=np.float64)
+        cross_sums = stored_sums[:, positions]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            corr_mass[:] = np.where(windows.valid & (cross_sums > 0), near_mass / cross_sums, np.nan)
+
+    if stability is None:
+        recall = tnr = np.full((n, 0), np.nan)
+    elif same_cells:
+        recall, tnr = mask_agreement(whole, stability, runs)
+    else:
+        shared = frames[:, stability.positions].reshape(n, -1)
+        recall, tnr = mask_agreement(shared, stability)
+    return BlockMetrics(
+        cross_view_mass=cross_view_mass,
+        query_frame_mass=query_frame_mass,
+        camera_mass=camera_mass,
+        register_mass=register_mass,
+        entropy=entropy,
+        cells=cells,
+        pck=pck,
+        corr_mass=corr_mass,
+        recall=recall,
+        tnr=tnr,
+    )

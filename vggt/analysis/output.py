@@ -1,0 +1,82 @@
+"""The analysis on disk: ``layer_head_metrics.csv``, ``per_query.npz``, ``summary.json`` and the figures.
+
+Each file is written to a temporary name and renamed into place, so an interrupted run leaves whole files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from vggt.analysis.columns import COLUMNS
+from vggt.analysis.table import Analysis, AnalysisError
+from vggt.attn_format.schema import write_json_atomic
+
+CSV_NAME = "layer_head_metrics.csv"
+NPZ_NAME = "per_query.npz"
+SUMMARY_NAME = "summary.json"
+FIGURES_DIR = "figures"
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and make sure files can be written in it; :class:`AnalysisError` if not."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise AnalysisError(f"cannot write the analysis into {folder}: {exc.strerror or exc}") from None
+
+
+def _replace(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def csv_text(records: list[dict]) -> str:
+    """The table as CSV: the columns of :data:`COLUMNS`, numbers with 6 significant digits, empty where
+    a metric does not apply."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for record in records:
+        row = []
+        for name in COLUMNS:
+            value = record[name]
+            if isinstance(value, float):
+                row.append("" if math.isnan(value) else f"{value:.6g}")
+            else:
+                row.append(value)
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+def write_outputs(result: Analysis, folder: Path, figures: bool = True) -> list[Path]:
+    """Write the analysis into ``folder``; returns the files written."""
+    folder = Path(folder)
+    check_writable(folder)
+    written = []
+    path = folder / CSV_NAME
+    _replace(path, csv_text(result.records).encode())
+    written.append(path)
+    path = folder / NPZ_NAME
+    buffer = io.BytesIO()
+    np.savez(buffer, **result.per_query)
+    _replace(path, buffer.getvalue())
+    written.append(path)
+    if figures:
+        from vggt.analysis.figures import write_figures
+
+        written += write_figures(result, folder / FIGURES_DIR)
+    summary = dict(result.summary, files=[p.relative_to(folder).as_posix() for p in written])
+    path = folder / SUMMARY_NAME
+    write_json_atomic(path, summary)
+    written.append(path)
+    return written

@@ -1,0 +1,617 @@
+"""The analysis of a whole export: every layer (and head) and the baselines, per query and aggregated.
+
+:func:`run_analysis` reads the export through the one reader, a block of queries at a time (memory stays
+bounded whatever the export's size), and returns an :class:`Analysis`: the table (one record per layer and
+head), the same metrics per query, and what ``summary.json`` says about them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vggt.analysis.columns import COLUMNS, METRICS
+from vggt.analysis.correspondence import Correspondence, Grid, Targets
+from vggt.analysis.metrics import (
+    CELL_SHARES,
+    PCK_RADII,
+    BlockMetrics,
+    Stability,
+    Windows,
+    block_metrics,
+    mask_agreement,
+)
+from vggt.analysis.ranks import crossings, sorted_runs
+from vggt.attn_format import AttnExport, FormatError, open_export
+from vggt.attn_format.grid import cell_centres
+
+DEFAULT_MASSES = (0.3, 0.5, 0.7)
+SCOPES = ("query", "all")
+_BLOCK_BYTES = 8 << 20  # stored bytes of a layer read and analysed at a time
+BASELINES = ("same_uv", "uniform", "uniform_within_frame")
+Progress = Callable[[int, int, str], None]
+
+
+class AnalysisError(ValueError):
+    """An option that does not fit the export (one-line message)."""
+
+
+@dataclass
+class Analysis:
+    """The result of :func:`run_analysis`.
+
+    Attributes
+    ----------
+    records : list of dict
+        One per layer and head, then the baselines: the columns of ``layer_head_metrics.csv`` (NaN where
+        a metric does not apply).
+    per_query : dict of np.ndarray
+        The metrics per query (and per frame or mass where they are per frame or mass), for
+        ``per_query.npz``; row ``i`` of every array is record ``i``.
+    summary : dict
+        Options, the export read, the baselines and what each column means.
+    """
+
+    records: list[dict]
+    per_query: dict[str, np.ndarray]
+    summary: dict
+
+    def dataframe(self):
+        """The table as a pandas DataFrame (pandas is imported here, on demand)."""
+        import pandas as pd
+
+        return pd.DataFrame.from_records(self.records, columns=list(COLUMNS))
+
+
+@dataclass
+class _Rows:
+    """Per-query results of a set of table rows (a layer's average and heads, or a baseline)."""
+
+    layer: str
+    heads: list[str]
+    num_queries: int
+    num_frames: int
+    num_masses: int
+    corr_source: str = ""
+    scalars: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        shape = (len(self.heads), self.num_queries)
+        for name in ("cross_view_mass", "query_frame_mass", "camera_mass", "register_mass", "entropy"):
+            self.scalars[name] = np.full(shape, np.nan)
+        for share in CELL_SHARES:
+            self.scalars[f"cells_{round(share * 100)}"] = np.full(shape, np.nan)
+        per_frame = (len(self.heads), self.num_frames, self.num_queries)
+        self.pck = np.full((len(self.heads), len(PCK_RADII), self.num_frames, self.num_queries), np.nan)
+        self.corr_mass = np.full(per_frame, np.nan)
+        per_mass = (len(self.heads), self.num_masses, self.num_queries)
+        self.recall = np.full(per_mass, np.nan)
+        self.tnr = np.full(per_mass, np.nan)
+        self.overall_recall = np.full((len(self.heads), self.num_masses), np.nan)  # scope "all"
+        self.overall_tnr = np.full((len(self.heads), self.num_masses), np.nan)
+
+    def store(self, rows: np.ndarray, queries: np.ndarray, metrics: BlockMetrics, frames: np.ndarray) -> None:
+        """Put a block's metrics (row ``rows[i]``, query ``queries[i]``) in place; ``frames`` are the
+        frames of the block's cross-view windows."""
+        s = self.scalars
+        s["cross_view_mass"][rows, queries] = metrics.cross_view_mass
+        s["query_frame_mass"][rows, queries] = metrics.query_frame_mass
+        s["camera_mass"][rows, queries] = metrics.camera_mass
+        s["register_mass"][rows, queries] = metrics.register_mass
+        s["entropy"][rows, queries] = metrics.entropy
+        for i, share in enumerate(CELL_SHARES):
+            s[f"cells_{round(share * 100)}"][rows, queries] = metrics.cells[:, i]
+        for i, frame in enumerate(frames):
+            self.pck[rows, :, frame, queries] = metrics.pck[:, :, i]
+            self.corr_mass[rows, frame, queries] = metrics.corr_mass[:, i]
+        if metrics.recall.shape[1]:
+            self.recall[rows, :, queries] = metrics.recall
+            self.tnr[rows, :, queries] = metrics.tnr
+
+    def records(self) -> list[dict]:
+        out = []
+        for i, head in enumerate(self.heads):
+            record: dict = {"layer": self.layer, "head": head}
+            for name, values in self.scalars.items():
+                record[name] = _mean(values[i])
+            for j, radius in enumerate(PCK_RADII):
+                record[f"pck_{radius}"] = _mean(self.pck[i, j])
+            record["corr_mass"] = _mean(self.corr_mass[i])
+            record["corr_source"] = self.corr_source if np.isfinite(self.pck[i]).any() else ""
+            if np.isfinite(self.overall_recall[i]).any():
+                record["mask_recall"] = float(np.mean(self.overall_recall[i]))
+                record["mask_tnr"] = float(np.mean(self.overall_tnr[i]))
+            else:
+                record["mask_recall"] = _mean(self.recall[i].mean(axis=0))
+                record["mask_tnr"] = _mean(self.tnr[i].mean(axis=0))
+            out.append({name: record.get(name, math.nan) for name in COLUMNS})
+        return out
+
+
+def _mean(values: np.ndarray) -> float:
+    """Mean of the finite entries (NaN marks what does not apply); NaN when there are none."""
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else math.nan
+
+
+@dataclass(frozen=True)
+class _Reference:
+    name: str
+    key_frames: list[int]
+    maps: np.ndarray  # [Q, K_ref, cells] float64 head average
+
+
+def resolve_reference(export: AttnExport, spec: str | int | None) -> str:
+    """The reference layer's name: a layer name, or a 0-based global layer number (the manifest's
+    ``index``, as the seed fork's ``--start_layer``); by default the middle global layer."""
+    globals_ = [n for n in export.layer_names if export.layer_meta(n)["layer_kind"] == "global"]
+    numbered = {export.layer_meta(n)["block_index"]: n for n in globals_}
+    if spec is None or str(spec).strip() == "":
+        pool = globals_ or [n for n in export.layer_names if export.layer_meta(n)["layer_kind"] != "rollout"]
+        pool = pool or export.layer_names
+        return pool[len(pool) // 2]
+    text = str(spec).strip()
+    if text.lstrip("-").isdigit():
+        number = int(text)
+        if number in numbered:
+            return numbered[number]
+        known = sorted(k for k in numbered if k is not None)
+        span = f"{known[0]}..{known[-1]}" if known else "none"
+        raise AnalysisError(f"no global layer {number} in this export (0-based global layers: {span})")
+    if text in export.layer_names:
+        return text
+    raise AnalysisError(f"no layer {text!r} in this export (has {', '.join(export.layer_names)})")
+
+
+def _check_masses(masses: Sequence[float]) -> np.ndarray:
+    values = np.asarray([float(m) for m in masses], dtype=np.float64)
+    if values.size == 0:
+        raise AnalysisError("--masses needs at least one mass share")
+    if not np.all((values > 0) & (values < 1)):
+        raise AnalysisError(f"mass shares must lie in (0, 1), got {', '.join(f'{m:g}' for m in values)}")
+    if np.unique(values).size != values.size:
+        raise AnalysisError("mass shares must be distinct")
+    return np.sort(values)
+
+
+def _query_blocks(num_queries: int, bytes_per_query: int) -> list[slice]:
+    step = max(1, _BLOCK_BYTES // max(1, bytes_per_query))
+    return [slice(start, min(start + step, num_queries)) for start in range(0, num_queries, step)]
+
+
+class _Layer:
+    """One layer's stored arrays, read a block of queries at a time as rows: heads then the average."""
+
+    def __init__(self, export: AttnExport, name: str) -> None:
+        self.name = name
+        self.meta = export.layer_meta(name)
+        self.key_frames = export.key_frames(name)
+        self.stored = export.heatmaps(name)
+        self.special = export.special_mass(name)
+        self.scales = export.head_scales(name).astype(np.float64)
+        self.per_head = bool(self.meta["per_head_data"])
+        self.num_heads = int(self.meta["num_heads"] or 1) if self.per_head else 1
+
+    @property
+    def bytes_per_query(self) -> int:
+        return int(np.prod(self.stored.shape[1:])) * self.stored.dtype.itemsize
+
+    def head_rows(self, block: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Heads of a block of queries: maps ``[q * heads, K, H_ds, W_ds]`` as stored, scale, special."""
+        stored = np.asarray(self.stored[block])
+        count = stored.shape[0]
+        maps = stored.reshape(count * self.num_heads, *stored.shape[2:])
+        scale = np.tile(self.scales, count)
+        special = (
+            None
+            if self.special is None
+            else np.asarray(self.special[block]).reshape(count * self.num_heads, *self.special.shape[2:])
+        )
+        return maps, scale, special
+
+    def average_rows(self, block: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Head average of a block of queries: maps (stored units when the layer is averaged), scale and
+        special mass."""
+        if not self.per_head:
+            maps = np.asarray(self.stored[block])
+            special = None if self.special is None else np.asarray(self.special[block])
+            return maps, np.full(maps.shape[0], self.scales[0]), special
+        stored = np.asarray(self.stored[block])
+        weights = self.scales / self.num_heads
+        maps = np.einsum("qhkyx,h->qkyx", stored, weights, dtype=np.float64)
+        special = None
+        if self.special is not None:
+            special = np.asarray(self.special[block]).astype(np.float64).mean(axis=1)
+        return maps, np.ones(maps.shape[0]), special
+
+
+def reference_levels(values: np.ndarray, masses: np.ndarray) -> np.ndarray:
+    """In how many of the fork's mass masks each cell lies: ``values [n, N]`` -> ``[n, N]`` uint8."""
+    thresholds, _, _ = crossings(sorted_runs(values), masses)
+    levels = np.zeros(values.shape, dtype=np.uint8)
+    for j in range(masses.size):
+        levels += values >= thresholds[:, j : j + 1]
+    return levels
+
+
+class _Analyzer:
+    def __init__(
+        self,
+        export: AttnExport,
+        reference: str,
+        masses: np.ndarray,
+        radius: int,
+        scope: str,
+        correspondence: Correspondence | None,
+        progress: Progress | None,
+    ) -> None:
+        self.export = export
+        self.masses = masses
+        self.radius = radius
+        self.scope = scope
+        self.progress = progress
+        first = export.layer_meta(export.layer_names[0])
+        self.grid = Grid.of(first)
+        self.num_frames = int(first["S"])
+        self.query_frame = int(first["query_frame"])
+        self.num_queries = self.grid.cells
+        self.correspondence = correspondence
+        self.targets = Targets.of(correspondence, self.grid, self.query_frame) if correspondence else None
+        self.window_radius = max(max(PCK_RADII), radius)
+        self.windows = self.targets.windows(self.window_radius) if self.targets is not None else None
+        self.reference = self._load_reference(reference)
+        self._levels: dict[tuple[int, ...], np.ndarray] = {}
+
+    # ---- the reference layer ---------------------------------------------------------------------------
+
+    def _load_reference(self, name: str) -> _Reference:
+        layer = _Layer(self.export, name)
+        maps = np.empty((self.num_queries, len(layer.key_frames), self.grid.cells), dtype=np.float64)
+        for block in _query_blocks(self.num_queries, layer.bytes_per_query):
+            average, scale, _ = layer.average_rows(block)
+            maps[block] = average.reshape(average.shape[0], average.shape[1], -1) * scale[:, None, None]
+        self.export.release(name)
+        return _Reference(name, layer.key_frames, maps)
+
+    def levels_for(self, frames: Sequence[int]) -> np.ndarray:
+        """The reference's levels over ``frames`` (shared with it, in that order): ``[Q, len * cells]``."""
+        key = tuple(frames)
+        if key not in self._levels:
+            positions = [self.reference.key_frames.index(f) for f in frames]
+            values = self.reference.maps[:, positions].reshape(self.num_queries, -1)
+            if self.scope == "all":
+                levels = reference_levels(values.reshape(1, -1), self.masses).reshape(values.shape)
+            else:
+                levels = reference_levels(values, self.masses)
+            self._levels[key] = levels
+        return self._levels[key]
+
+    # ---- one layer (or baseline) -----------------------------------------------------------------------
+
+    def _windows(self, key_frames: list[int], queries: np.ndarray) -> tuple[Windows | None, np.ndarray]:
+        positions = np.array([p for p, f in enumerate(key_frames) if f != self.query_frame], dtype=np.int64)
+        if self.windows is None or positions.size == 0:
+            return None, np.zeros(0, dtype=np.int64)
+        frames = np.asarray(key_frames)[positions]
+        index, distance = self.windows
+        windows = Windows(
+            index=np.swapaxes(index[frames][:, queries], 0, 1),
+            distance=np.swapaxes(distance[frames][:, queries], 0, 1),
+            valid=self.targets.valid[frames][:, queries].T,
+            positions=positions,
+        )
+        return windows, frames
+
+    def _stability(self, key_frames: list[int], queries: np.ndarray) -> Stability | None:
+        shared = [f for f in key_frames if f in self.reference.key_frames]
+        if self.scope != "query" or not shared:
+            return None
+        positions = np.array([key_frames.index(f) for f in shared], dtype=np.int64)
+        return Stability(self.levels_for(shared)[queries], positions, self.masses)
+
+    def _block(
+        self,
+        rows: _Rows,
+        row_ids: np.ndarray,
+        queries: np.ndarray,
+        key_frames: list[int],
+        maps,
+        scale,
+        special,
+    ) -> None:
+        windows, frames = self._windows(key_frames, queries)
+        metrics = block_metrics(
+            maps, scale, special, key_frames.index(self.query_frame), windows, self.radius,
+            self._stability(key_frames, queries),
+        )  # fmt: skip
+        rows.store(row_ids, queries, metrics, frames)
+
+    def _overall_stability(
+        self, rows: _Rows, index: int, key_frames: list[int], shared_values: np.ndarray
+    ) -> None:
+        """Scope ``all``: one mask over every query's shared cells of row ``index``."""
+        shared = [f for f in key_frames if f in self.reference.key_frames]
+        levels = self.levels_for(shared).reshape(1, -1)
+        stability = Stability(levels, np.arange(len(shared)), self.masses)
+        recall, tnr = mask_agreement(shared_values.reshape(1, -1), stability)
+        rows.overall_recall[index], rows.overall_tnr[index] = recall[0], tnr[0]
+
+    def layer(self, name: str) -> _Rows:
+        layer = _Layer(self.export, name)
+        heads = ["avg"] + ([str(h + 1) for h in range(layer.num_heads)] if layer.per_head else [])
+        has_cross = any(f != self.query_frame for f in layer.key_frames)
+        source = self.correspondence.source if (self.correspondence and has_cross) else ""
+        rows = _Rows(name, heads, self.num_queries, self.num_frames, self.masses.size, source)
+        shared = [f for f in layer.key_frames if f in self.reference.key_frames]
+        shared_positions = [layer.key_frames.index(f) for f in shared]
+        keep_all = self.scope == "all" and bool(shared)
+        kept: list[list[np.ndarray]] = [[] for _ in heads]
+        for block in _query_blocks(self.num_queries, layer.bytes_per_query):
+            queries = np.arange(block.start, block.stop)
+            count = queries.size
+            average, scale, special = layer.average_rows(block)
+            self._block(
+                rows, np.zeros(count, dtype=np.int64), queries, layer.key_frames, average, scale, special
+            )
+            if keep_all:
+                kept[0].append(average[:, shared_positions])  # stored units: a mask does not see the scale
+            if layer.per_head:
+                maps, scale, special = layer.head_rows(block)
+                row_ids = np.tile(np.arange(1, layer.num_heads + 1), count)
+                self._block(
+                    rows, row_ids, np.repeat(queries, layer.num_heads), layer.key_frames, maps, scale, special
+                )
+                if keep_all:
+                    by_head = maps.reshape(count, layer.num_heads, *maps.shape[1:])[:, :, shared_positions]
+                    for h in range(layer.num_heads):
+                        kept[h + 1].append(by_head[:, h])
+        self.export.release(name)
+        if keep_all:
+            for index, parts in enumerate(kept):
+                self._overall_stability(rows, index, layer.key_frames, np.concatenate(parts))
+        return rows
+
+    # ---- baselines -------------------------------------------------------------------------------------
+
+    def uniform(self, name: str, key_frames: list[int], n_special: int) -> _Rows:
+        """Attention spread evenly over every token of ``key_frames`` (patches and special tokens)."""
+        has_cross = any(f != self.query_frame for f in key_frames)
+        source = self.correspondence.source if (self.correspondence and has_cross) else ""
+        rows = _Rows(name, ["avg"], self.num_queries, self.num_frames, self.masses.size, source)
+        grid = self.grid
+        tokens = len(key_frames) * (grid.H_p * grid.W_p + n_special)
+        pooled = grid.patches_per_cell().astype(np.float64) / tokens
+        shared = [f for f in key_frames if f in self.reference.key_frames]
+        for block in _query_blocks(self.num_queries, len(key_frames) * grid.cells * 8):
+            queries = np.arange(block.start, block.stop)
+            maps = np.broadcast_to(pooled, (queries.size, len(key_frames), *pooled.shape))
+            special = np.full((queries.size, len(key_frames), n_special), 1.0 / tokens) if n_special else None
+            self._block(
+                rows,
+                np.zeros(queries.size, dtype=np.int64),
+                queries,
+                key_frames,
+                maps,
+                np.ones(queries.size),
+                special,
+            )
+        if self.scope == "all" and shared:
+            values = np.broadcast_to(pooled.reshape(-1), (self.num_queries, len(shared), grid.cells))
+            self._overall_stability(rows, 0, key_frames, np.ascontiguousarray(values))
+        return rows
+
+    def same_uv(self) -> _Rows:
+        """Predicting each query's own cell in every frame: the pairs whose true cell is within r of it."""
+        source = self.correspondence.source if self.correspondence else ""
+        rows = _Rows("same_uv", ["avg"], self.num_queries, self.num_frames, self.masses.size, source)
+        if self.targets is None:
+            return rows
+        own = Targets.same_uv(self.grid, self.num_frames, self.query_frame)
+        distance = np.maximum(np.abs(own.rows - self.targets.rows), np.abs(own.cols - self.targets.cols))
+        valid = self.targets.valid
+        for i, radius in enumerate(PCK_RADII):
+            rows.pck[0, i] = np.where(valid, (distance <= radius).astype(np.float64), np.nan)
+        rows.corr_mass[0] = np.where(valid, (distance <= self.radius).astype(np.float64), np.nan)
+        return rows
+
+
+def run_analysis(
+    export: AttnExport | str | os.PathLike[str],
+    *,
+    reference_layer: str | int | None = None,
+    masses: Sequence[float] = DEFAULT_MASSES,
+    radius: int = 1,
+    stability_scope: str = "query",
+    correspondence: Correspondence | None = None,
+    progress: Progress | None = None,
+) -> Analysis:
+    """Analyse every layer (and head) of an export; see ``docs/analysis.md`` for the definitions.
+
+    Parameters
+    ----------
+    export : AttnExport or path
+        An opened export, or anything :func:`vggt.attn_format.open_export` opens.
+    reference_layer : str or int, optional
+        The stability reference: a layer name or a 0-based global layer number; the middle global layer
+        by default.
+    masses : sequence of float
+        Mass shares in (0, 1) of the stability masks.
+    radius : int
+        ``corr_mass`` window radius in cells (Chebyshev), at least 0.
+    stability_scope : str
+        ``"query"``: a mask per query (default); ``"all"``: one mask over all queries, as the seed fork.
+    correspondence : Correspondence, optional
+        True positions of the queries' points; without them the correspondence columns are empty.
+    progress : callable, optional
+        Called as ``progress(done, total, what)`` after each layer.
+
+    Raises
+    ------
+    AnalysisError
+        An option that does not fit the export.
+    FormatError
+        An export that cannot be read.
+    """
+    started = time.perf_counter()
+    if not isinstance(export, AttnExport):
+        export = open_export(export)
+    export.validate()
+    masses_sorted = _check_masses(masses)
+    if isinstance(radius, bool) or not isinstance(radius, int | np.integer) or radius < 0:
+        raise AnalysisError(f"radius must be a whole number of cells >= 0, got {radius!r}")
+    if stability_scope not in SCOPES:
+        raise AnalysisError(f"stability scope must be one of {', '.join(SCOPES)}, got {stability_scope!r}")
+    first = export.layer_meta(export.layer_names[0])
+    if correspondence is not None:
+        expected = (int(first["S"]), int(first["Q"]))
+        if tuple(np.asarray(correspondence.visible).shape) != expected:
+            raise AnalysisError(
+                f"positions for {list(np.asarray(correspondence.visible).shape)} (frames, queries) do not "
+                f"fit the export's {list(expected)}"
+            )
+    reference = resolve_reference(export, reference_layer)
+    analyzer = _Analyzer(
+        export, reference, masses_sorted, int(radius), stability_scope, correspondence, progress
+    )
+
+    results: list[_Rows] = []
+    total = len(export.layer_names)
+    for done, name in enumerate(export.layer_names, start=1):
+        results.append(analyzer.layer(name))
+        if progress is not None:
+            progress(done, total, name)
+    results.append(analyzer.same_uv())
+    specials = {}
+    for name in export.layer_names:
+        meta = export.layer_meta(name)
+        kind = "all" if len(meta["key_frames"]) == analyzer.num_frames else "one"
+        specials.setdefault(kind, len(meta["special_tokens"]))
+    all_frames = list(range(analyzer.num_frames))
+    results.append(analyzer.uniform("uniform", all_frames, specials.get("all", specials.get("one", 0))))
+    if "one" in specials:
+        results.append(analyzer.uniform("uniform_within_frame", [analyzer.query_frame], specials["one"]))
+
+    records = [record for rows in results for record in rows.records()]
+    per_query = _per_query_arrays(results, analyzer, masses_sorted)
+    summary = _summary(
+        export, analyzer, records, masses_sorted, stability_scope, radius, time.perf_counter() - started
+    )
+    return Analysis(records, per_query, summary)
+
+
+def analyze(export: AttnExport | str | os.PathLike[str], *, dataframe: bool = False, **options):
+    """The analysis table of an export: a list of records (one per layer and head, then the baselines), or
+    a pandas DataFrame with ``dataframe=True``. Options as :func:`run_analysis`."""
+    result = run_analysis(export, **options)
+    return result.dataframe() if dataframe else result.records
+
+
+def _per_query_arrays(results: list[_Rows], analyzer: _Analyzer, masses: np.ndarray) -> dict[str, np.ndarray]:
+    layers = [rows.layer for rows in results for _ in rows.heads]
+    heads = [head for rows in results for head in rows.heads]
+    arrays: dict[str, np.ndarray] = {
+        "layer": np.array(layers, dtype=str),
+        "head": np.array(heads, dtype=str),
+        "masses": masses.astype(np.float32),
+        "query_points": cell_centres(*analyzer.grid.shape, analyzer.grid.patch_size),
+    }
+    for name in results[0].scalars:
+        arrays[name] = np.concatenate([rows.scalars[name] for rows in results]).astype(np.float32)
+    pck = np.concatenate([rows.pck for rows in results])  # [R, radii, S, Q]
+    corr = np.concatenate([rows.corr_mass for rows in results])  # [R, S, Q]
+    with np.errstate(invalid="ignore"):
+        for i, radius in enumerate(PCK_RADII):
+            arrays[f"pck_{radius}"] = _nanmean(pck[:, i], axis=1).astype(np.float32)
+            arrays[f"pck_{radius}_per_frame"] = pck[:, i].astype(np.float32)
+        arrays["corr_mass"] = _nanmean(corr, axis=1).astype(np.float32)
+        arrays["corr_mass_per_frame"] = corr.astype(np.float32)
+    recall = np.concatenate([rows.recall for rows in results])  # [R, M, Q]
+    tnr = np.concatenate([rows.tnr for rows in results])
+    arrays["mask_recall"] = recall.mean(axis=1).astype(np.float32)
+    arrays["mask_tnr"] = tnr.mean(axis=1).astype(np.float32)
+    arrays["mask_recall_per_mass"] = recall.astype(np.float32)
+    arrays["mask_tnr_per_mass"] = tnr.astype(np.float32)
+    arrays["mask_recall_overall"] = np.concatenate([rows.overall_recall for rows in results]).astype(
+        np.float32
+    )
+    arrays["mask_tnr_overall"] = np.concatenate([rows.overall_tnr for rows in results]).astype(np.float32)
+    if analyzer.targets is not None:
+        arrays["target_rows"] = analyzer.targets.rows.astype(np.int32)
+        arrays["target_cols"] = analyzer.targets.cols.astype(np.int32)
+        arrays["target_valid"] = analyzer.targets.valid
+    return arrays
+
+
+def _nanmean(values: np.ndarray, axis: int) -> np.ndarray:
+    finite = np.isfinite(values)
+    count = finite.sum(axis=axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, np.where(finite, values, 0.0).sum(axis=axis) / count, np.nan)
+
+
+def _summary(
+    export: AttnExport,
+    analyzer: _Analyzer,
+    records: list[dict],
+    masses: np.ndarray,
+    scope: str,
+    radius: int,
+    seconds: float,
+) -> dict:
+    first = export.layer_meta(export.layer_names[0])
+    uint8 = first["dtype"] == "uint8"
+    baselines = {
+        r["layer"]: {k: _json_number(r[k]) for k in METRICS} for r in records if r["layer"] in BASELINES
+    }
+    valid_pairs = int(analyzer.targets.valid.sum()) if analyzer.targets is not None else 0
+    return {
+        "export": str(export.root),
+        "random_weights": export.random_weights,
+        "layers": list(export.layer_names),
+        "per_head_data": bool(first["per_head_data"]),
+        "num_heads": first["num_heads"],
+        "precision": first["dtype"],
+        "grid": {
+            k: int(first[k]) for k in ("H_p", "W_p", "stride_h", "stride_w", "H_ds", "W_ds", "patch_size")
+        },
+        "num_frames": analyzer.num_frames,
+        "options": {
+            "reference_layer": analyzer.reference.name,
+            "masses": [float(m) for m in masses],
+            "radius": radius,
+            "stability_scope": scope,
+            "pck_radii": list(PCK_RADII),
+        },
+        "correspondence": {
+            "source": analyzer.correspondence.source if analyzer.correspondence else None,
+            "pairs": valid_pairs,
+        },
+        "baselines": baselines,
+        "columns": dict(COLUMNS),
+        "exactness": _exactness_text(uint8),
+        "seconds": round(seconds, 3),
+    }
+
+
+def _exactness_text(uint8: bool) -> str:
+    if not uint8:
+        return "float16 maps: the metrics are exact for the stored probabilities (float16, relative 5e-4)."
+    return (
+        "uint8 maps: every cell is known to within half a code (vmax99 / 510 of probability) except the "
+        "cells at code 255, clipped at vmax99 (at most 1% of a layer's or head's cells), which may hold "
+        "more; masses are sums of the dequantized cells, so a query's patch masses may be short by the "
+        "clipped excess, and peaks, masks and cell counts are those of the stored codes (tied clipped "
+        "cells share a peak)."
+    )
+
+
+def _json_number(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+__all__ = ["Analysis", "AnalysisError", "FormatError", "analyze", "resolve_reference", "run_analysis"]
