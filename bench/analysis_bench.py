@@ -99,7 +99,7 @@ def _measure(mode: str, root: Path, out: Path | None = None) -> dict:
 
 
 def _export(cache: Path, per_head: bool, layers: int, heads: int, frames: int, size: int) -> Path:
-    from vggt.viewer.synthetic import write_synthetic_export
+    from vggt.testing.synthetic import write_synthetic_export
 
     params = {
         "per_head": per_head,

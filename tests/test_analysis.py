@@ -12,8 +12,8 @@ import pytest
 from vggt.analysis import COLUMNS, AnalysisError, Correspondence, analyze, resolve_reference, run_analysis
 from vggt.attn_format import ExportWriter, open_export, query_grid_shape, special_token_names
 from vggt.attn_format.grid import cell_centres
-from vggt.quantize import encode_layer
-from vggt.viewer.synthetic import synthetic_frames, write_synthetic_export
+from vggt.attn_format.quantization import encode_layer
+from vggt.testing.synthetic import synthetic_frames, write_synthetic_export
 
 MASSES = (0.3, 0.5, 0.7)
 
@@ -258,11 +258,23 @@ def test_stability_scope_all_is_the_forks_definition(tmp_path: Path, precision: 
             assert result.per_query["mask_tnr_overall"][index[name], m] == pytest.approx(tnr, abs=1e-7)
 
 
-def _write_layers(root: Path, maps_fn, H_p=6, W_p=7, stride=2, S=3, heads=2, n_special=5, layers=2):
+def _write_layers(
+    root: Path,
+    maps_fn,
+    H_p=6,
+    W_p=7,
+    stride=2,
+    S=3,
+    heads=2,
+    n_special=5,
+    layers=2,
+    sources=None,
+    mode="crop",
+):
     """An export whose float16 maps come from ``maps_fn(layer) -> (pooled [Q, heads, S, H_ds, W_ds],
     special [Q, heads, S, n_special])`` probabilities."""
     writer = ExportWriter(root)
-    writer.write_frames(synthetic_frames(S, H_p * 14, W_p * 14), [f"v{i}.png" for i in range(S)])
+    writer.write_frames(synthetic_frames(S, H_p * 14, W_p * 14), sources or [f"v{i}.png" for i in range(S)])
     for layer in range(layers):
         pooled, special = maps_fn(layer)
         heatmaps, fields = encode_layer(pooled.astype(np.float32), "float16")
@@ -270,9 +282,7 @@ def _write_layers(root: Path, maps_fn, H_p=6, W_p=7, stride=2, S=3, heads=2, n_s
                 "stride_w": stride, "num_heads": heads} | fields  # fmt: skip
         meta["special_tokens"] = special_token_names(n_special)
         writer.write_layer(f"layer_{layer + 1:02d}", heatmaps, special.astype(np.float16), meta)
-    writer.write_manifest(
-        {"image_set_name": "t", "model": {}, "preprocess_mode": "crop", "first_image_idx": 0}
-    )
+    writer.write_manifest({"image_set_name": "t", "model": {}, "preprocess_mode": mode, "first_image_idx": 0})
     return open_export(root)
 
 
@@ -297,6 +307,49 @@ def test_oracle_export_finds_every_true_cell(tmp_path: Path) -> None:
         if record["layer"].startswith("layer_"):
             assert record["pck_0"] == 1.0 and record["corr_mass"] == 1.0
             assert record["cross_view_mass"] == pytest.approx(0.5, rel=1e-3)
+
+
+def _oracle_maps(target_rows, target_cols, shape, heads=2):
+    """Every query's mass on its true cell in every frame where the cell is known (on the frame's special
+    tokens where it is not), so that every row sums to 1."""
+    S, Q = target_rows.shape
+    H_ds, W_ds = shape
+
+    def maps(layer):
+        pooled = np.zeros((Q, heads, S, H_ds, W_ds))
+        special = np.full((Q, heads, S, 5), 0.2 / S / 5)
+        for f in range(S):
+            known = target_rows[f] >= 0
+            pooled[np.flatnonzero(known), :, f, target_rows[f, known], target_cols[f, known]] = 0.8 / S
+            special[~known, :, f] += 0.8 / S / 5
+        return pooled, special
+
+    return maps
+
+
+def test_scene_positions_through_the_preprocessing(tmp_path: Path) -> None:
+    from vggt.attn_format.grid import cell_of_pixel
+    from vggt.geometry.correspondence import true_correspondences
+
+    scene = Path(__file__).resolve().parents[1] / "examples" / "synthetic_room"
+    sources = ["view_02.png", "view_00.png", "view_05.png"]
+    grid = {"H_p": 37, "W_p": 37, "stride_h": 2, "stride_w": 2, "patch_size": 14}
+    xy, visible = true_correspondences(scene, sources, "pad", (518, 518), grid)
+    rows, cols = cell_of_pixel(xy, 37, 37, 2, 2)
+    maps = _oracle_maps(rows, cols, query_grid_shape(37, 37, 2, 2))
+    export = _write_layers(tmp_path / "scene", maps, H_p=37, W_p=37, sources=sources, mode="pad")
+    result = run_analysis(export, scene=scene)
+    assert result.summary["correspondence"] == {"source": "scene", "pairs": int(visible[1:].sum())}
+    np.testing.assert_array_equal(result.per_query["target_rows"], rows)
+    np.testing.assert_array_equal(result.per_query["target_valid"][1:], visible[1:])
+    for record in result.records:
+        if record["layer"].startswith("layer_"):
+            assert record["corr_source"] == "scene" and record["pck_0"] == 1.0 and record["corr_mass"] == 1.0
+    # A scene the frames do not belong to, or a folder that is no scene.
+    with pytest.raises(AnalysisError, match="not one of its views"):
+        run_analysis(_write_layers(tmp_path / "other", maps, H_p=37, W_p=37), scene=scene)
+    with pytest.raises(AnalysisError, match="not a scene folder"):
+        run_analysis(export, scene=tmp_path)
 
 
 def test_uniform_export_gives_the_uniform_baseline(tmp_path: Path) -> None:

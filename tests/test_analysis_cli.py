@@ -15,7 +15,7 @@ import pytest
 
 from vggt.analysis import COLUMNS, run_analysis
 from vggt.analysis.cli import main
-from vggt.viewer.synthetic import write_synthetic_export
+from vggt.testing.synthetic import write_synthetic_export
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--reference_layer",
         help="stability reference: a layer name (layer_13) or a 0-based global layer number, as the "
-        "manifest's index and the seed fork's --start_layer (12 = layer_13); default: the middle global layer",
+        "manifest's index and the seed fork's --start_layer (12 = layer_13); default: the middle global "
+        "layer",
     )
     parser.add_argument(
         "--masses",
@@ -46,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="mass shares of the stability masks, comma-separated, each in (0, 1) (default: %(default)s)",
     )
     parser.add_argument("--radius", type=int, default=1, help="corr_mass window radius in cells (default: 1)")
+    parser.add_argument(
+        "--scene",
+        help="a scene folder with the frames' true geometry (cameras.json and depth/ beside images/, as "
+        "examples/synthetic_room); default: the export's own true geometry, else its track head's",
+    )
     parser.add_argument(
         "--stability_scope",
         choices=SCOPES,
@@ -93,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             masses=masses,
             radius=args.radius,
             stability_scope=args.stability_scope,
+            scene=args.scene,
             progress=progress,
         )
         if not args.quiet:

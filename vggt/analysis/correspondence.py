@@ -8,13 +8,21 @@ The metrics only see :class:`Correspondence` and the cells it gives (:class:`Tar
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
+from vggt.attn_format import AttnExport
 from vggt.attn_format.grid import cell_of_pixel
+from vggt.geometry.correspondence import SceneError, true_correspondences
 
-SOURCES = ("truth", "scene", "track")
+SOURCES = ("scene", "truth", "track")  # in the order they are preferred
+PREPROCESS_MODES = ("crop", "pad")
+
+
+class CorrespondenceError(ValueError):
+    """Positions that cannot be had from what was given (one-line message)."""
 
 
 @dataclass(frozen=True)
@@ -133,3 +141,21 @@ class Targets:
         index = np.where(inside, rows * self.grid.W_ds + cols, 0)
         distance = np.where(inside, np.maximum(np.abs(d_row), np.abs(d_col)), radius + 1)
         return index.astype(np.int64), distance.astype(np.int64)
+
+
+def scene_correspondence(export: AttnExport, scene_dir: str | os.PathLike[str]) -> Correspondence:
+    """True positions from a scene folder (``cameras.json``, ``depth/`` beside ``images/``): the export's
+    frames are matched to the scene's views by their source names and mapped through its preprocessing."""
+    mode = export.manifest.get("preprocess_mode")
+    if mode not in PREPROCESS_MODES:
+        raise CorrespondenceError(
+            f"the export does not say how its frames were preprocessed (preprocess_mode {mode!r}), so scene "
+            "positions cannot be mapped into them"
+        )
+    try:
+        xy, visible = true_correspondences(
+            scene_dir, export.frame_sources, mode, export.image_size, export.manifest["grid"]
+        )
+    except (SceneError, ValueError) as exc:
+        raise CorrespondenceError(str(exc)) from None
+    return Correspondence("scene", xy, visible)

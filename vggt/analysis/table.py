@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vggt.analysis.columns import COLUMNS, METRICS
-from vggt.analysis.correspondence import Correspondence, Grid, Targets
+from vggt.analysis.correspondence import (
+    Correspondence,
+    CorrespondenceError,
+    Grid,
+    Targets,
+    scene_correspondence,
+)
 from vggt.analysis.metrics import (
     CELL_SHARES,
     PCK_RADII,
@@ -427,6 +433,7 @@ def run_analysis(
     masses: Sequence[float] = DEFAULT_MASSES,
     radius: int = 1,
     stability_scope: str = "query",
+    scene: str | os.PathLike[str] | None = None,
     correspondence: Correspondence | None = None,
     progress: Progress | None = None,
 ) -> Analysis:
@@ -445,8 +452,12 @@ def run_analysis(
         ``corr_mass`` window radius in cells (Chebyshev), at least 0.
     stability_scope : str
         ``"query"``: a mask per query (default); ``"all"``: one mask over all queries, as the seed fork.
+    scene : path, optional
+        A scene folder with the true geometry of the export's frames (``cameras.json`` and ``depth/``
+        beside ``images/``).
     correspondence : Correspondence, optional
-        True positions of the queries' points; without them the correspondence columns are empty.
+        True positions of the queries' points, given directly (instead of ``scene``). Without either, the
+        correspondence columns are empty.
     progress : callable, optional
         Called as ``progress(done, total, what)`` after each layer.
 
@@ -467,6 +478,11 @@ def run_analysis(
     if stability_scope not in SCOPES:
         raise AnalysisError(f"stability scope must be one of {', '.join(SCOPES)}, got {stability_scope!r}")
     first = export.layer_meta(export.layer_names[0])
+    if correspondence is None and scene is not None:
+        try:
+            correspondence = scene_correspondence(export, scene)
+        except CorrespondenceError as exc:
+            raise AnalysisError(str(exc)) from None
     if correspondence is not None:
         expected = (int(first["S"]), int(first["Q"]))
         if tuple(np.asarray(correspondence.visible).shape) != expected:
