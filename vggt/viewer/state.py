@@ -16,15 +16,16 @@ import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 
 from vggt.attn_format import AttnExport, FormatError, open_export
 from vggt.viewer import render
+from vggt.viewer.serving import Located, PathRefused, PathRule
 
 AVERAGE = "Average"
 _CACHE_SIZE = 4
+_TYPED_SIZE = 1024
 
 # Layer kinds as the dropdown names them, in the order an export lists them.
 KIND_TITLES = {"global": "Global", "frame": "Frame", "dino": "DINOv2", "rollout": "Rollout"}
@@ -161,28 +162,48 @@ class ExportCache:
     def __init__(self, size: int = _CACHE_SIZE) -> None:
         self._size = size
         self._entries: OrderedDict[str, LoadedExport] = OrderedDict()
+        self._typed: OrderedDict[str, str] = OrderedDict()  # key -> the path as the user typed it
         self._lock = threading.Lock()
+        self.rule = PathRule()
 
-    @staticmethod
-    def key_for(path: str) -> str:
-        text = path.strip().strip('"').strip("'")
-        if not text:
-            raise ViewerError("enter the path of an export (folder, attn_maps/, a JSON file or a .zip)")
-        return str(Path(text).expanduser().resolve())
+    def serve(self, rule: PathRule) -> None:
+        """Open only what ``rule`` allows from now on (``--root``); forgets what was open."""
+        with self._lock:
+            self.rule = rule
+            self._entries.clear()
+            self._typed.clear()
+
+    def _locate(self, path: str) -> Located:
+        try:
+            return self.rule.locate(path)
+        except PathRefused as exc:
+            raise ViewerError(str(exc)) from None
+
+    def key_for(self, path: str) -> str:
+        return self._locate(path).key
 
     def open(self, path: str, reload: bool = False) -> LoadedExport:
-        """Open ``path`` (or reuse it when already open and unchanged on request)."""
-        key = self.key_for(path)
+        """Open ``path`` as typed (or reuse it when already open and unchanged on request); messages
+        quote it as typed."""
+        located = self._locate(path)
+        key = located.key
         with self._lock:
             if not reload and key in self._entries:
                 self._entries.move_to_end(key)
                 return self._entries[key]
-        loaded = load_export(key)
+        try:
+            loaded = load_export(located.path)
+        except FormatError as exc:
+            raise FormatError(self.rule.quote_typed(str(exc), located)) from None
         with self._lock:
             self._entries[key] = loaded
             self._entries.move_to_end(key)
             while len(self._entries) > self._size:
                 self._entries.popitem(last=False)
+            self._typed[key] = located.typed  # kept after eviction: a session reopens it as typed
+            self._typed.move_to_end(key)
+            while len(self._typed) > _TYPED_SIZE:
+                self._typed.popitem(last=False)
         return loaded
 
     def get(self, key: str | None) -> LoadedExport:
@@ -194,11 +215,13 @@ class ExportCache:
             if loaded is not None:
                 self._entries.move_to_end(key)
                 return loaded
-        return self.open(key)
+            typed = self._typed.get(key, key)
+        return self.open(typed)
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._typed.clear()
 
 
 CACHE = ExportCache()
