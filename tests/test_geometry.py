@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vggt.geometry.correspondence import SceneError, query_points, scene_of_image_dir, true_correspondences
+from vggt.geometry.correspondence import (
+    OCCLUSION_REL_TOL,
+    SceneError,
+    predicted_correspondences,
+    query_points,
+    scene_of_image_dir,
+    true_correspondences,
+)
 from vggt.geometry.placement import place_frame, place_frames
 from vggt.geometry.scene import load_scene, project_pixel
 from vggt.preprocess import load_and_preprocess_images, to_uint8_frames
@@ -198,3 +205,49 @@ def test_scene_errors_are_one_line(tmp_path):
         true_correspondences(broken, ["view_00.png"], "crop", (392, 518), grid)
     assert scene_of_image_dir(SCENE / "images") == SCENE.resolve()
     assert scene_of_image_dir(tmp_path) is None
+
+
+# ---- correspondences by predicted depth and cameras -------------------------------------------------------
+
+
+def test_predicted_correspondences_with_exact_depth_and_cameras_are_the_truth():
+    cameras, depth = load_scene(SCENE)
+    views = [2, 0, 5]
+    grid = _grid(28, 37, 2, 2)
+    points = query_points(grid)
+    xy, visible = predicted_correspondences(
+        points,
+        depth[views],
+        np.stack([cameras[v].extrinsic for v in views]),
+        np.stack([cameras[v].K for v in views]),
+        rel_tol=OCCLUSION_REL_TOL,  # the truth's tolerance: the same depth samples
+    )
+    truth_xy, truth_visible = true_correspondences(
+        SCENE, [f"view_{v:02d}.png" for v in views], "crop", (392, 518), grid
+    )
+    np.testing.assert_array_equal(xy[0], points)
+    located = np.isfinite(truth_xy[..., 0])
+    np.testing.assert_array_equal(np.isfinite(xy[..., 0]), located)
+    np.testing.assert_allclose(xy[located], truth_xy[located], atol=1e-3)
+    # what the truth sees, the prediction sees; it also sees points a little in front of a surface
+    assert not (truth_visible & ~visible).any()
+    assert (visible == truth_visible).mean() > 0.97
+
+
+def test_predicted_visibility_fails_only_behind_a_nearer_surface():
+    # two cameras 1 m apart looking down z at a plane 4 m away; the query point is the image centre
+    K = np.array([[100.0, 0, 49.5], [0, 100.0, 49.5], [0, 0, 1]])
+    extrinsic = np.stack(
+        [np.hstack([np.eye(3), [[0.0], [0], [0]]]), np.hstack([np.eye(3), [[-1.0], [0], [0]]])]
+    )
+    points = np.array([[49.5, 49.5]], np.float32)
+
+    def second_frame_sees(depth_there: float) -> bool:
+        depth = np.stack([np.full((100, 100), 4.0), np.full((100, 100), depth_there)])
+        xy, visible = predicted_correspondences(points, depth, extrinsic, np.stack([K, K]))
+        np.testing.assert_allclose(xy[1, 0], [24.5, 49.5])  # 100 px * 1 m / 4 m to the left
+        return bool(visible[1, 0])
+
+    assert second_frame_sees(4.0) and second_frame_sees(4.15)  # within 5%
+    assert second_frame_sees(9.0)  # the predicted surface lies behind the point: nothing hides it
+    assert not second_frame_sees(3.7)  # a surface 7.5% nearer hides it

@@ -96,3 +96,17 @@ def cell_box(
     cell_h, cell_w = stride_h * patch_size, stride_w * patch_size
     y0, x0 = row * cell_h, col * cell_w
     return y0, min(y0 + cell_h, H_p * patch_size), x0, min(x0 + cell_w, W_p * patch_size)
+
+
+def in_frame(xy: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
+    """Whether each pixel position ``xy`` (``[..., 2]`` ``(x, y)``) lies in a frame of ``image_size``
+    ``(H, W)``, i.e. in ``[-0.5, W - 0.5) x [-0.5, H - 0.5)``: ``[...]`` bool, False for NaN."""
+    xy = np.asarray(xy, dtype=np.float64)
+    height, width = image_size
+    with np.errstate(invalid="ignore"):
+        return (
+            (xy[..., 0] >= -0.5)
+            & (xy[..., 0] < width - 0.5)
+            & (xy[..., 1] >= -0.5)
+            & (xy[..., 1] < height - 0.5)
+        )

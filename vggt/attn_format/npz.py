@@ -380,6 +380,24 @@ def array_or_source(data: Any) -> np.ndarray | RowSource:
     return np.asarray(data)
 
 
+def write_npz(path: Path, arrays: dict[str, np.ndarray | RowSource], compress: bool = False) -> None:
+    """Write an NPZ through a temporary file renamed into place: deflated with numpy's own writer when
+    ``compress``, else stored with :class:`StoredNpzWriter` (so members can be memory-mapped)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        if compress:
+            with open(tmp, "wb") as handle:
+                np.savez_compressed(handle, **{key: np.asarray(array) for key, array in arrays.items()})
+        else:
+            with StoredNpzWriter(tmp) as npz:
+                for key, array in arrays.items():
+                    npz.add(key, array)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
 class StoredNpzWriter:
     """Writes an uncompressed NPZ that ``np.load`` reads; members may be :class:`RowSource` objects.
 

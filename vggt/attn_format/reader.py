@@ -20,6 +20,7 @@ from PIL import Image
 
 from vggt.attn_format import limits
 from vggt.attn_format.errors import printable
+from vggt.attn_format.geometry import ExportGeometry, open_geometry
 from vggt.attn_format.npz import NpyMember, load_member, scan_npz
 from vggt.attn_format.paths import (
     ExportFiles,
@@ -107,6 +108,7 @@ class AttnExport:
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
         self._inflated: OrderedDict[tuple[str, str], int] = OrderedDict()  # decompressed arrays, bytes
         self._frames: dict[int, np.ndarray] = {}
+        self._geometry: ExportGeometry | None | bool = False  # False: not opened yet
         self._lock = threading.RLock()
         for name in self.layer_names:
             self._meta[name] = self._load_layer_meta(name)
@@ -429,6 +431,28 @@ class AttnExport:
         sizes = {tuple(self.layer_meta(n)["image_size"]) for n in self.layer_names}
         if len(sizes) != 1:
             raise FormatError(f"layers disagree on the image size: {sorted(sizes)}")
+
+    # ---- geometry ------------------------------------------------------------------------------------
+
+    def geometry(self) -> ExportGeometry | None:
+        """The export's predicted and true geometry (``geometry/``), or ``None`` for an export without it.
+
+        Opened once (metadata read and checked against the export's sizes); its arrays are read on use.
+        See :class:`vggt.attn_format.geometry.ExportGeometry`.
+        """
+        with self._lock:
+            if self._geometry is False:
+                height, width = self.image_size
+                sizes = {
+                    "S": len(self.frame_sources),
+                    "H": height,
+                    "W": width,
+                    "Q": self.layer_meta(self.layer_names[0])["Q"],
+                }
+                self._geometry = open_geometry(
+                    self.manifest.get("geometry"), self.attn_dir, self.resolve, sizes, self._budget
+                )
+        return self._geometry
 
     # ---- frames --------------------------------------------------------------------------------------
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -12,7 +11,8 @@ import numpy as np
 from PIL import Image
 
 from vggt import __version__
-from vggt.attn_format.npz import StoredNpzWriter, array_or_source
+from vggt.attn_format.geometry import write_geometry
+from vggt.attn_format.npz import array_or_source, write_npz
 from vggt.attn_format.quantization import VMAX_ESTIMATOR
 from vggt.attn_format.schema import (
     ATTN_DIR_NAME,
@@ -125,6 +125,8 @@ class ExportWriter:
         self._image_size: list[int] | None = None
         self._layers: dict[str, dict] = {}  # name -> manifest entry
         self._summaries: dict[str, dict] = {}  # name -> fields the manifest repeats
+        self._geometry: dict | None = None  # the manifest's geometry entry, once written
+        self._geometry_queries = 0
 
     def write_frames(self, frames: np.ndarray, sources: Sequence[str]) -> list[str]:
         """Save the frames exactly as the model saw them, as ``images/frame_XX.png``.
@@ -214,19 +216,7 @@ class ExportWriter:
         layer_dir = self.attn_dir / name
         layer_dir.mkdir(parents=True, exist_ok=True)
         npz_file = layer_dir / NPZ_NAME_BY_DTYPE[full["dtype"]]
-        tmp = npz_file.with_name(npz_file.name + ".tmp")
-        try:
-            if self.compress:
-                with open(tmp, "wb") as handle:
-                    np.savez_compressed(handle, **{key: np.asarray(array) for key, array in arrays.items()})
-            else:
-                with StoredNpzWriter(tmp) as npz:
-                    for key, array in arrays.items():
-                        npz.add(key, array)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, npz_file)
+        write_npz(npz_file, arrays, self.compress)
 
         metadata_name = f"{name}_metadata.json"
         write_json_atomic(self.attn_dir / metadata_name, full)
@@ -324,6 +314,23 @@ class ExportWriter:
             full["num_heads"] = int(full["num_heads"])
         return full
 
+    def write_geometry(self, arrays: dict[str, np.ndarray], meta: dict) -> dict:
+        """Write the export's ``geometry/`` part and list it in the manifest to come.
+
+        See :func:`vggt.attn_format.geometry.write_geometry` for ``arrays`` and ``meta``; the arrays'
+        frame count and size must be those of :meth:`write_frames`. Returns the manifest entry.
+        """
+        if self._image_size is None or self._sources is None:
+            raise FormatError("call write_frames before write_geometry")
+        depth_shape = list(np.shape(arrays.get("depth")))
+        if depth_shape != [len(self._sources), *self._image_size]:
+            raise FormatError(
+                f"geometry depth is {depth_shape}, the frames are {[len(self._sources), *self._image_size]}"
+            )
+        self._geometry = write_geometry(self.root, arrays, meta, self.compress)
+        self._geometry_queries = len(arrays["query_points"])
+        return dict(self._geometry)
+
     def write_manifest(self, manifest: dict) -> Path:
         """Write ``attn_maps/layers_manifest.json``.
 
@@ -347,6 +354,10 @@ class ExportWriter:
             raise FormatError("write at least one layer before the manifest")
         layers = sorted(self._layers.values(), key=lambda e: layer_sort_key(e["kind"], e["index"]))
         first = self._summaries[layers[0]["name"]]
+        if self._geometry is not None and self._geometry_queries != first["Q"]:
+            raise FormatError(
+                f"geometry holds {self._geometry_queries} query points, the layers {first['Q']}"
+            )
         full: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "format": FORMAT_NAME}
         full.update({k: v for k, v in manifest.items() if k not in ("schema_version", "format", "layers")})
         full.setdefault(
@@ -374,6 +385,7 @@ class ExportWriter:
         full.setdefault(
             "rollout", {"discard_ratio": rollout[0]["rollout_discard_ratio"]} if rollout else None
         )
+        full.setdefault("geometry", self._geometry)
         full["layers"] = [dict(layer) for layer in layers]
         path = self.attn_dir / MANIFEST_NAME
         write_json_atomic(path, full)

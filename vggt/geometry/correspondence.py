@@ -1,4 +1,5 @@
-"""True correspondences of the query cells, for frames that come from a scene with known geometry.
+"""Where the query points of frame 0 lie in every frame: truly, for frames that come from a scene with
+known geometry, or by a prediction of depth and cameras.
 
 A **scene folder** holds ``cameras.json`` and ``depth/`` beside ``images/`` (as ``examples/synthetic_room``
 does; the file layout is described in its README). The frames of an export are matched to the scene's
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,8 @@ DEPTH_DIR_NAME = "depth"
 # Relative depth tolerance of the occlusion test: a point is hidden in a view where that view's depth
 # map holds a surface more than 2% nearer than the point.
 OCCLUSION_REL_TOL = 0.02
+# The same for predicted depth, which is less exact: hidden where more than 5% nearer.
+PREDICTED_OCCLUSION_REL_TOL = 0.05
 _ROTATING_EXIF_ORIENTATIONS = (5, 6, 7, 8)  # orientations that swap width and height
 
 
@@ -160,17 +163,81 @@ def true_correspondences(
     source_x, source_y = placements[0].to_source(points[:, 0], points[:, 1])
     xy = np.full((len(cameras), len(points), 2), np.nan, dtype=np.float32)
     visible = np.zeros((len(cameras), len(points)), dtype=bool)
-    for frame, placement in enumerate(placements):
-        x, y, z, seen = project_pixel(
-            source_x, source_y, 0, frame, cameras, depths, OCCLUSION_REL_TOL, return_depth=True
-        )
-        frame_x, frame_y = placement.to_frame(x, y)
-        with np.errstate(invalid="ignore"):
-            located = on_content & (z > 0) & np.isfinite(frame_x) & np.isfinite(frame_y)
-        if frame == 0:
-            # Frame 0 sees its own points: no occlusion test, which is ambiguous for a point that lies
-            # exactly between pixels on a depth edge.
-            frame_x, frame_y, seen = points[:, 0], points[:, 1], located
+    views = _points_in_views(source_x, source_y, cameras, depths, OCCLUSION_REL_TOL, hidden_only=False)
+    for frame, (x, y, located, seen) in enumerate(views):
+        frame_x, frame_y = placements[frame].to_frame(x, y)
+        located &= on_content
         xy[frame, located] = np.stack([frame_x, frame_y], axis=-1)[located]
-        visible[frame] = located & seen & placement.shows(frame_x, frame_y)
+        visible[frame] = located & seen & placements[frame].shows(frame_x, frame_y)
     return xy, visible
+
+
+def predicted_correspondences(
+    query_points: np.ndarray,
+    depth: np.ndarray,
+    extrinsic: np.ndarray,
+    intrinsic: np.ndarray,
+    rel_tol: float = PREDICTED_OCCLUSION_REL_TOL,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Where each query point of frame 0 lies in every frame by a prediction of depth and cameras.
+
+    The point is unprojected with frame 0's depth (sampled as :func:`vggt.geometry.scene.sample_depth`
+    does: bilinear on a surface, nearest across depth edges) and camera, and projected into each frame.
+
+    Parameters
+    ----------
+    query_points : np.ndarray
+        ``[Q, 2]`` pixel ``(x, y)`` in frame 0.
+    depth : np.ndarray
+        ``[S, H, W]`` depth (camera z) per pixel of each frame.
+    extrinsic, intrinsic : np.ndarray
+        ``[S, 3, 4]`` world-to-camera ``[R | t]`` and ``[S, 3, 3]`` intrinsics in frame pixels.
+    rel_tol : float
+        Occlusion tolerance: a point is hidden in a frame where that frame's depth is more than
+        ``rel_tol`` (relative) nearer than the point.
+
+    Returns
+    -------
+    xy : np.ndarray
+        ``[S, Q, 2]`` float32 frame pixels (NaN where frame 0's depth is not positive or the point is
+        behind a frame's camera); frame 0's row holds the query points.
+    visible : np.ndarray
+        ``[S, Q]`` bool: in front of the camera, inside the frame and not hidden.
+    """
+    frames, height, width = depth.shape
+    cameras = [
+        Camera(np.asarray(intrinsic[s], np.float64), np.asarray(extrinsic[s], np.float64), width, height)
+        for s in range(frames)
+    ]
+    depths = np.asarray(depth, np.float32)
+    points = np.asarray(query_points, np.float64)
+    xy = np.full((frames, len(points), 2), np.nan, dtype=np.float32)
+    visible = np.zeros((frames, len(points)), dtype=bool)
+    views = _points_in_views(points[:, 0], points[:, 1], cameras, depths, rel_tol, hidden_only=True)
+    for frame, (x, y, located, seen) in enumerate(views):
+        xy[frame, located] = np.stack([x, y], axis=-1)[located]
+        visible[frame] = located & seen
+    return xy, visible
+
+
+def _points_in_views(
+    x: np.ndarray,
+    y: np.ndarray,
+    cameras: Sequence[Camera],
+    depths: Sequence[np.ndarray] | np.ndarray,
+    rel_tol: float,
+    hidden_only: bool,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """For each view: pixels ``x, y`` of view 0 projected there through view 0's depth, whether they are
+    located (a positive depth in view 0 and in front of this view's camera) and whether they are seen
+    (:func:`vggt.geometry.scene.project_pixel`'s visibility). View 0 sees its own points: no occlusion
+    test there, which would be ambiguous for a point exactly between pixels on a depth edge."""
+    for view in range(len(cameras)):
+        u, v, z, seen = project_pixel(
+            x, y, 0, view, cameras, depths, rel_tol, return_depth=True, hidden_only=hidden_only
+        )
+        with np.errstate(invalid="ignore"):
+            located = (z > 0) & np.isfinite(u) & np.isfinite(v)
+        if view == 0:
+            u, v, seen = x, y, located
+        yield u, v, located, seen

@@ -108,6 +108,7 @@ def project_pixel(
     depth: np.ndarray | Sequence[np.ndarray],
     rel_tol: float = 0.02,
     return_depth: bool = False,
+    hidden_only: bool = False,
 ) -> tuple[np.ndarray, ...]:
     """Map pixels of one view to where the same scene points appear in another view.
 
@@ -125,14 +126,18 @@ def project_pixel(
         Relative depth tolerance of the occlusion test.
     return_depth
         Also return the points' depth ``z2`` in the destination camera (negative behind it).
+    hidden_only
+        Count a point as unseen only where a surface more than ``rel_tol`` nearer hides it; by
+        default also where it lies more than ``rel_tol`` in front of the depth map (exact depth
+        has no such points; predicted depth does).
 
     Returns
     -------
     tuple[np.ndarray, ...]
         ``u2``, ``v2`` (float, [...]) in ``dst_view`` and ``visible`` (bool, [...]): the point
         has valid source depth, lies in front of the destination camera, inside its image,
-        and is not hidden behind a nearer surface there; with ``return_depth``, ``z2`` (float,
-        [...]) after ``u2`` and ``v2``.
+        and its depth there agrees with the destination depth map within ``rel_tol``; with
+        ``return_depth``, ``z2`` (float, [...]) after ``u2`` and ``v2``.
     """
     cams = cameras_from_meta(cameras) if isinstance(cameras, Mapping) else list(cameras)
     src, dst = cams[src_view], cams[dst_view]
@@ -140,7 +145,8 @@ def project_pixel(
     u2, v2, z2 = project(unproject(u, v, z, src), dst)
     seen = sample_depth(np.asarray(depth[dst_view]), u2, v2, rel_tol)
     with np.errstate(invalid="ignore"):
-        visible = (z > 0) & (z2 > 0) & (np.abs(z2 - seen) <= rel_tol * seen)
+        behind = z2 - seen
+        visible = (z > 0) & (z2 > 0) & ((behind if hidden_only else np.abs(behind)) <= rel_tol * seen)
     if return_depth:
         return u2, v2, z2, np.asarray(visible)
     return u2, v2, np.asarray(visible)

@@ -20,10 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from vggt.attn_format import ExportWriter, layer_name, query_grid_shape, special_token_names
-from vggt.attn_format.grid import query_patches
+from vggt.attn_format.geometry import TRACK_VISIBILITY_THRESHOLD
+from vggt.attn_format.grid import cell_centres, in_frame, query_patches
 from vggt.attn_format.quantization import encode_layer
 from vggt.attn_format.schema import ROLLOUT_KIND
 from vggt.attn_format.writer import layer_fields
+from vggt.geometry.correspondence import PREDICTED_OCCLUSION_REL_TOL, predicted_correspondences
+from vggt.geometry.scene import Camera, unproject
 
 _QUERY_CHUNK = 256
 
@@ -141,6 +144,65 @@ def _chunked_probabilities(
     return pooled, special
 
 
+def synthetic_geometry(
+    num_frames: int, H_p: int, W_p: int, stride_h: int, stride_w: int, patch_size: int = 14
+) -> dict[str, np.ndarray]:
+    """The arrays of a ``geometry/`` part for a plane seen by cameras moving sideways.
+
+    The truth moves every query point one patch to the right per frame (where the synthetic maps of the
+    first layer put their blobs); the predicted depth is 10% too far, so the points given by depth and
+    cameras move 1/1.1 patch per frame; the track head's points are the truth shifted by (+3, -2)
+    pixels, with a visibility score below the threshold for the last query in the last frame.
+
+    Returns
+    -------
+    dict
+        The members of :data:`vggt.attn_format.geometry.ARRAY_SPECS`, all three sources included.
+    """
+    height, width = H_p * patch_size, W_p * patch_size
+    points = cell_centres(H_p, W_p, stride_h, stride_w, patch_size)
+    focal, plane_depth = float(width), 2.0
+    baseline = patch_size * plane_depth / focal  # one patch of image motion per frame
+    camera_matrix = [[focal, 0, (width - 1) / 2], [0, focal, (height - 1) / 2], [0, 0, 1]]
+    intrinsic = np.repeat(np.array([camera_matrix], np.float32), num_frames, axis=0)
+    frames = np.arange(num_frames)
+    extrinsic = np.zeros((num_frames, 3, 4), np.float32)
+    extrinsic[:, :, :3] = np.eye(3, dtype=np.float32)
+    extrinsic[:, 0, 3] = frames * baseline
+    predicted_depth = np.full((num_frames, height, width), plane_depth * 1.1, np.float32)
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float64)
+    world_points = np.stack(
+        [
+            unproject(cols, rows, predicted_depth[s], Camera(intrinsic[s], extrinsic[s], width, height))
+            for s in frames
+        ]
+    )
+    truth_xy = points[None] + np.stack([frames * patch_size, 0 * frames], axis=-1)[:, None, :]
+    truth_xy = truth_xy.astype(np.float32)
+    track_xy = truth_xy + np.float32([3, -2])
+    track_visibility = np.full(truth_xy.shape[:2], 0.9, np.float32)
+    track_visibility[-1, -1] = 0.1
+    depth_xy, depth_visible = predicted_correspondences(points, predicted_depth, extrinsic, intrinsic)
+    return {
+        "extrinsic": extrinsic,
+        "intrinsic": intrinsic,
+        "depth": predicted_depth,
+        "depth_conf": np.full(predicted_depth.shape, 2.0, np.float32),
+        "world_points": world_points,
+        "world_points_conf": np.full(predicted_depth.shape, 3.0, np.float32),
+        "query_points": points,
+        "truth_xy": truth_xy,
+        "truth_visible": in_frame(truth_xy, (height, width)),
+        "track_xy": track_xy,
+        "track_visible": in_frame(track_xy, (height, width))
+        & (track_visibility >= TRACK_VISIBILITY_THRESHOLD),
+        "track_visibility": track_visibility,
+        "track_confidence": np.full(truth_xy.shape[:2], 0.8, np.float32),
+        "depth_xy": depth_xy,
+        "depth_visible": depth_visible,
+    }
+
+
 def write_synthetic_export(
     root: Path,
     num_frames: int = 3,
@@ -160,6 +222,7 @@ def write_synthetic_export(
     rollout: bool = False,
     rollout_discard: float = 0.9,
     token_queries: bool = True,
+    geometry: bool = False,
 ) -> Path:
     """Write a complete export folder at ``root`` and return ``root``.
 
@@ -177,6 +240,8 @@ def write_synthetic_export(
     token_queries : bool
         Write each layer's token queries (``token_heatmaps``, ``token_special_mass``), as the exporter
         does; without them the layers look like those of an export without token maps.
+    geometry : bool
+        Also write a ``geometry/`` part (:func:`synthetic_geometry`).
     """
     rng = np.random.default_rng(seed)
     token_rng = np.random.default_rng([seed, 1])  # token maps do not change the patch maps' draws
@@ -229,6 +294,13 @@ def write_synthetic_export(
     if rollout:
         meta = {"rollout_discard_ratio": float(rollout_discard), "rollout_layers": 2 * num_layers}
         write(ROLLOUT_KIND, num_layers, False, meta)
+    if geometry:
+        tolerances = {
+            "depth_occlusion_rel_tol": PREDICTED_OCCLUSION_REL_TOL,
+            "truth_occlusion_rel_tol": None,
+            "scene": None,
+        }
+        writer.write_geometry(synthetic_geometry(num_frames, *grid), tolerances)
     model = {"id": "synthetic", "random_weights": random_weights, "random_seed": seed}
     writer.write_manifest({"image_set_name": "synthetic", "model": model, "preprocess_mode": "crop"})
     return root
