@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from vggt.export import ExportOptions, export_attention
 from vggt.export_cli import main
-from vggt.models.config import AggregatorConfig
+from vggt.models.config import AggregatorConfig, VGGTConfig
 from vggt.models.vggt import VGGT
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -39,6 +39,21 @@ def tiny_model(tiny_config, tiny_reference) -> VGGT:
     weights = {k: v for k, v in tiny_reference.items() if k.startswith("aggregator.")}
     model.load_state_dict(weights, strict=True)
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_heads_config() -> VGGTConfig:
+    """The tiny full VGGT (all four heads) of ``tiny_vggt_heads_reference``."""
+    return VGGTConfig.from_reference_json(
+        json.loads((FIXTURES / "tiny_vggt_heads_reference.json").read_text())
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_heads_state_dict() -> dict[str, torch.Tensor]:
+    """Its weights under upstream's state-dict names (a full checkpoint)."""
+    tensors = load_file(FIXTURES / "tiny_vggt_heads_reference.safetensors")
+    return {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
 
 
 @pytest.fixture()

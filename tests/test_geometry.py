@@ -203,7 +203,7 @@ def test_scene_errors_are_one_line(tmp_path):
     (broken / "cameras.json").write_text("{")
     with pytest.raises(SceneError, match="cannot read cameras.json"):
         true_correspondences(broken, ["view_00.png"], "crop", (392, 518), grid)
-    assert scene_of_image_dir(SCENE / "images") == SCENE.resolve()
+    assert scene_of_image_dir(SCENE / "images") == SCENE
     assert scene_of_image_dir(tmp_path) is None
 
 

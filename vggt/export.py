@@ -49,6 +49,8 @@ from vggt.capture import (
 )
 from vggt.device import autocast_context
 from vggt.device_quantize import DeviceEncodedMaps, encode_layer_on_device
+from vggt.export_geometry import check_heads, predict_geometry, query_points_of, truth_arrays
+from vggt.geometry.correspondence import SceneError, geometry_meta
 from vggt.layer_queue import LayerWriteQueue
 from vggt.models.hooks import StopAfter
 from vggt.preprocess import to_uint8_frames
@@ -85,6 +87,10 @@ class ExportOptions:
         Also export the attention rollout through all frame and global layers (kind ``rollout``).
     rollout_discard : float
         Share of each transition-matrix row's smallest entries zeroed in the rollout, in ``[0, 1)``.
+    geometry : bool
+        Also run VGGT's camera, depth, point and track heads on the pass's tokens and store what they
+        predict, and the true correspondences where a scene is given (``geometry/``,
+        :mod:`vggt.export_geometry`). The pass then runs the whole aggregator.
     """
 
     per_head: bool = False
@@ -96,6 +102,7 @@ class ExportOptions:
     blocks: tuple[str, ...] = ("global",)
     rollout: bool = False
     rollout_discard: float = DEFAULT_DISCARD_RATIO
+    geometry: bool = False
 
     def __post_init__(self) -> None:
         """Every option is checked here, where options are made; ``blocks`` is put in export order."""
@@ -222,6 +229,7 @@ def export_attention(
     overwrite: bool = False,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
+    scene: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Run the aggregator once over ``images`` and write the attention export to ``out_dir``.
 
@@ -248,6 +256,10 @@ def export_attention(
         probabilities are always computed in float32 from the hooked queries and keys.
     progress : bool
         Show tqdm bars.
+    scene : path, optional
+        With ``options.geometry``: the scene folder the frames come from (``cameras.json``, ``depth/``),
+        matched through ``sources``; the export then also holds the true correspondences. Needs
+        ``manifest["preprocess_mode"]``.
 
     Returns
     -------
@@ -269,8 +281,24 @@ def export_attention(
         raise ExportError(f"{num_frames} frames but {len(sources)} source names")
     if out_dir.exists() and not overwrite:
         raise ExportError(f"{out_dir} already exists (use --overwrite to replace it)")
+    if options.geometry:
+        try:
+            check_heads(model)
+        except ValueError as err:
+            raise ExportError(str(err)) from None
+    elif scene is not None:
+        raise ExportError("a scene is used only with geometry (ExportOptions(geometry=True))")
 
     grid = QueryGrid(height // patch_size, width // patch_size, options.stride_h, options.stride_w)
+    truth = None
+    if scene is not None:  # before the pass: a scene that does not fit fails at once
+        mode = (manifest or {}).get("preprocess_mode")
+        if mode is None:
+            raise ExportError("true geometry needs the preprocessing mode (manifest preprocess_mode)")
+        try:
+            truth = truth_arrays(scene, sources, mode, (height, width), grid, patch_size)
+        except SceneError as err:
+            raise ExportError(str(err)) from None
     # Heads of each kind; the rollout averages the heads of the aggregator's layers.
     heads = {kind: attention_blocks(aggregator, kind)[0].attn.num_heads for kind in BLOCK_KINDS}
     heads[ROLLOUT_KIND] = heads["global"]
@@ -311,9 +339,19 @@ def export_attention(
                 write(captured)
                 return None
 
-            rollout = _forward_with_capture(
+            rollout, head_inputs = _forward_with_capture(
                 model, images, grid, layers, options, on_layer, autocast_dtype, progress
             )
+            geometry = None
+            if head_inputs is not None:
+                # The heads run while the layers are written.
+                with tqdm(total=1, desc="geometry heads", unit="pass", disable=not progress) as heads_bar:
+                    geometry = predict_geometry(
+                        model, *head_inputs, query_points_of(grid, patch_size), autocast_dtype
+                    )
+                    heads_bar.update(1)
+                del head_inputs
+                geometry |= truth or {}
             if rollout is not None:
                 rollout_meta = {
                     "rollout_discard_ratio": options.rollout_discard,
@@ -321,6 +359,8 @@ def export_attention(
                 }
                 write(rollout.result(), rollout_meta)
             queue.finish()
+        if geometry is not None:
+            writer.write_geometry(geometry, geometry_meta(scene))
         fields = {"image_set_name": out_dir.name, "model": getattr(model, "weights_source", None)}
         writer.write_manifest(fields | dict(manifest or {}))
         _move_into_place(staging, out_dir, overwrite)
@@ -375,14 +415,16 @@ def _forward_with_capture(
     on_layer: Callable[[CapturedLayer], Future | None],
     autocast_dtype: torch.dtype | None,
     progress: bool,
-) -> RolloutCapture | None:
+) -> tuple[RolloutCapture | None, tuple[list[Tensor | None], int, Tensor] | None]:
+    """The export's one forward pass: the rollout (when asked for) and, with geometry, what the heads
+    need (the kept aggregator outputs, ``patch_start_idx`` and the batched images)."""
     aggregator = model.aggregator
     device = next(aggregator.parameters()).device
     num_frames = images.shape[0]
     model.eval()
     blocks = aggregator.global_blocks
     # Nothing after the last captured layer's attention probabilities is needed: the pass stops there.
-    last = _last_layer(layers, options.rollout, len(blocks))
+    last = _last_layer(layers, options.rollout or options.geometry, len(blocks))
     rollout = None
     with ExitStack() as stack:
         bar = stack.enter_context(
@@ -410,16 +452,21 @@ def _forward_with_capture(
             )
         stack.enter_context(torch.inference_mode())
         stack.enter_context(autocast_context(device, autocast_dtype))
+        batch = images.to(device)[None]
+        if options.geometry:  # the whole pass, keeping the outputs the heads read
+            tokens, patch_start_idx = aggregator(batch, keep_outputs=model.head_layers())
+            return rollout, (tokens, patch_start_idx, batch)
         # Entered last: its hook runs after the captures' hooks on the same hook point.
         with StopAfter(qk_hook_point(aggregator, last)):
-            aggregator(images.to(device)[None], keep_outputs=False)
+            aggregator(batch, keep_outputs=False)
         bar.update(bar.total - bar.n)  # the block the pass stopped in
-    return rollout
+    return rollout, None
 
 
-def _last_layer(layers: Sequence[LayerRef], rollout: bool, depth: int) -> LayerRef:
-    """The captured layer the forward pass reaches last (the rollout needs every global layer)."""
-    if rollout:
+def _last_layer(layers: Sequence[LayerRef], whole_pass: bool, depth: int) -> LayerRef:
+    """The captured layer the forward pass reaches last (the rollout and the heads need every global
+    layer)."""
+    if whole_pass:
         return LayerRef("global", depth - 1)
     return max(layers, key=lambda ref: ref.forward_position)
 

@@ -33,6 +33,8 @@ from vggt.export import (
     layer_depths,
     parse_layers,
 )
+from vggt.export_geometry import GEOMETRY_TIME_SHARE, geometry_bytes, head_outputs_bytes, truth_arrays
+from vggt.geometry.correspondence import SceneError, is_scene_dir, scene_of_image_dir
 from vggt.models.config import VGGTConfig
 from vggt.models.vggt import VGGT
 from vggt.preprocess import ImageLoadError, list_images, load_and_preprocess_images
@@ -106,6 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_DISCARD_RATIO,
         help="share of each row's smallest entries zeroed per layer in the rollout; 0 disables "
         "(default %(default)s)",
+    )
+    add(
+        "geometry",
+        action="store_true",
+        help="also run VGGT's camera, depth, point and track heads on the same pass and store their "
+        "predictions and where each query point lies in every frame (true positions too, when the images "
+        "belong to a scene)",
+    )
+    add(
+        "scene",
+        help="with --geometry: a scene folder (cameras.json and depth/) whose views the images are, for true "
+        "correspondences (default: the image folder's parent, when it is one)",
     )
     add("precision", choices=("uint8", "float16"), default="uint8", help="uint8 codes or raw float16")
     add("compress", action="store_true", help="deflate NPZ files (smaller to share, not memory-mappable)")
@@ -214,6 +228,9 @@ class Plan:
     disk_bytes: int
     rollout_bytes: int
     weights_bytes: int
+    scene: Path | None = None
+    geometry_bytes: int = 0
+    head_outputs_bytes: int = 0
 
     def describe(self, args: argparse.Namespace, config: VGGTConfig) -> str:
         grid, options = self.grid, self.options
@@ -239,6 +256,17 @@ class Plan:
                 f"discard ratio {options.rollout_discard}, "
                 f"extra memory {_format_bytes(self.rollout_bytes)}"
             )
+        if options.geometry:
+            truth = f"true positions from scene {self.scene}" if self.scene else "no scene: no true positions"
+            lines.append(
+                f"  geometry: camera, depth, point and track heads on this pass, {grid.num_queries} query "
+                f"points tracked; {truth}"
+            )
+            size, kept = _format_bytes(self.geometry_bytes), _format_bytes(self.head_outputs_bytes)
+            lines.append(
+                f"    about +{GEOMETRY_TIME_SHARE:.0%} of the forward's time, {size} on disk, {kept} of "
+                "aggregator outputs kept for the heads"
+            )
         weights = (
             f"random (seed {args.seed})"
             if args.random_weights
@@ -261,6 +289,7 @@ def make_plan(args: argparse.Namespace, model: VGGT, device: torch.device) -> Pl
     options = ExportOptions(
         args.save_per_head, stride_h, stride_w, None, args.precision, args.compress,
         blocks=args.blocks, rollout=args.rollout, rollout_discard=args.rollout_discard,
+        geometry=args.geometry,
     )  # fmt: skip
     depths = layer_depths(aggregator)
     numbers = parse_layers(args.layers, max(depths[kind] for kind in options.blocks))
@@ -277,17 +306,36 @@ def make_plan(args: argparse.Namespace, model: VGGT, device: torch.device) -> Pl
         resolve_checkpoint(checkpoint=args.checkpoint)  # a missing local file is named before the plan
     # The inputs are checked before the output, so that a mistyped folder is named as such.
     choice = choose_images(image_dir, args.image_extension, args.num_images, args.first_image_idx)
+    if args.scene is not None and not args.geometry:
+        raise UsageError("--scene gives true geometry: use it with --geometry")
+    scene = None
+    if args.geometry:
+        scene = Path(args.scene) if args.scene is not None else scene_of_image_dir(image_dir)
+        if scene is not None and not is_scene_dir(scene):
+            raise UsageError(f"--scene {scene} is not a scene folder (it needs cameras.json and depth/)")
     if out_dir.exists() and not args.overwrite:
         raise UsageError(f"output folder {out_dir} already exists (use --overwrite to replace it)")
     images = load_and_preprocess_images(choice.paths, mode=args.preprocess)
     grid = QueryGrid(images.shape[-2] // config.patch_size, images.shape[-1] // config.patch_size,
                      stride_h, stride_w)  # fmt: skip
     num_frames = len(choice.paths)
-    disk = estimate_export_bytes(aggregator, num_frames, tuple(images.shape[-2:]), grid, layers, options)
+    image_size = tuple(images.shape[-2:])
+    disk = estimate_export_bytes(aggregator, num_frames, image_size, grid, layers, options)
     extra = rollout_bytes(aggregator, grid, num_frames) if options.rollout else 0
     # Weights held in host memory: float32 on the CPU; on a GPU they live in its own memory.
     weights = 4 * sum(p.numel() for p in model.parameters()) if device.type == "cpu" else 0
-    return Plan(choice, images, grid, options, layers, out_dir, disk, extra, weights)
+    geometry = outputs = 0
+    if options.geometry:
+        if scene is not None:  # the scene is checked against the frames now, before the weights load
+            try:
+                truth_arrays(scene, [p.name for p in choice.paths], args.preprocess, image_size, grid,
+                             config.patch_size)  # fmt: skip
+            except SceneError as err:
+                raise UsageError(str(err)) from None
+        geometry = geometry_bytes(num_frames, image_size, grid.num_queries, scene is not None)
+        outputs = head_outputs_bytes(model, num_frames, image_size)
+    return Plan(choice, images, grid, options, layers, out_dir, disk + geometry, extra, weights, scene,
+                geometry, outputs)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -295,7 +343,8 @@ def run(args: argparse.Namespace) -> Path:
     progress = not args.quiet
     config = _model_config(args.model_config)
     with torch.device("meta"):
-        model = VGGT.from_config(config, heads=False)  # attention needs the aggregator alone
+        # Attention needs the aggregator alone; --geometry the heads too.
+        model = VGGT.from_config(config, heads=args.geometry)
     try:
         device, autocast_dtype = select_device_and_dtype(args.device, args.dtype)
     except ValueError as err:
@@ -340,6 +389,7 @@ def run(args: argparse.Namespace) -> Path:
         overwrite=args.overwrite,
         autocast_dtype=autocast_dtype,
         progress=progress,
+        scene=plan.scene,
     )
     if progress:
         print(f"Wrote {out_dir} in {time.perf_counter() - started:.1f} s. View it with:\n"

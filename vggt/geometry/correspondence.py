@@ -46,7 +46,7 @@ def is_scene_dir(path: str | os.PathLike[str]) -> bool:
 
 def scene_of_image_dir(image_dir: str | os.PathLike[str]) -> Path | None:
     """The scene an image folder belongs to (its parent, when that is a scene folder), else ``None``."""
-    parent = Path(image_dir).resolve().parent
+    parent = Path(image_dir).absolute().parent
     return parent if is_scene_dir(parent) else None
 
 
@@ -241,3 +241,13 @@ def _points_in_views(
         if view == 0:
             u, v, seen = x, y, located
         yield u, v, located, seen
+
+
+def geometry_meta(scene: str | os.PathLike[str] | None) -> dict:
+    """The geometry metadata's fields that say how the correspondences were made: the occlusion
+    tolerances and the scene's folder name (``None`` without true geometry)."""
+    return {
+        "depth_occlusion_rel_tol": PREDICTED_OCCLUSION_REL_TOL,
+        "truth_occlusion_rel_tol": OCCLUSION_REL_TOL if scene is not None else None,
+        "scene": Path(scene).resolve().name if scene is not None else None,
+    }

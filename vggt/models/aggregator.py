@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from torch import Tensor, nn
 
@@ -117,20 +119,24 @@ class Aggregator(nn.Module):
         special = torch.zeros(batch * frames, self.patch_start_idx, 2, dtype=pos.dtype, device=pos.device)
         return torch.cat((special, pos), dim=1)
 
-    def forward(self, images: Tensor, keep_outputs: bool = True) -> tuple[list[Tensor], int]:
+    def forward(
+        self, images: Tensor, keep_outputs: bool | Collection[int] = True
+    ) -> tuple[list[Tensor | None], int]:
         """Run all blocks.
 
         Parameters
         ----------
         images : Tensor
             ``[B, S, 3, H, W]`` in [0, 1].
-        keep_outputs : bool
+        keep_outputs : bool or collection of int
             When False, per-block outputs are not kept (the list holds only the last one): for
-            callers that only read activations through hook points.
+            callers that only read activations through hook points. A collection of block indices
+            keeps those and the last; the list then has one entry per block pair, ``None`` for the
+            others (what the heads need: they index the list by block).
 
         Returns
         -------
-        outputs : list[Tensor]
+        outputs : list[Tensor | None]
             One ``[B, S, P, 2C]`` tensor per block pair: frame-block output and global-block output
             concatenated on the last axis.
         patch_start_idx : int
@@ -147,8 +153,8 @@ class Aggregator(nn.Module):
         pos: Tensor | None,
         first_block: int = 0,
         from_global: bool = False,
-        keep_outputs: bool = True,
-    ) -> list[Tensor]:
+        keep_outputs: bool | Collection[int] = True,
+    ) -> list[Tensor | None]:
         """Run the block pairs ``first_block..depth-1`` from given tokens.
 
         Parameters
@@ -160,13 +166,14 @@ class Aggregator(nn.Module):
             ``[B*S, P, 2]`` per-frame RoPE positions, as :meth:`embed` returns them.
         first_block : int
         from_global : bool
-        keep_outputs : bool
+        keep_outputs : bool or collection of int
             As in :meth:`forward`.
 
         Returns
         -------
-        list[Tensor]
-            The outputs of block pairs ``first_block..`` (``[B, S, P, 2C]`` each), or only the last.
+        list[Tensor | None]
+            The outputs of block pairs ``first_block..`` (``[B, S, P, 2C]`` each), or only the last, or
+            those kept (``None`` for the others).
         """
         batch, frames, tokens_per_frame, dim = tokens.shape
         frame_pos = pos
@@ -182,6 +189,12 @@ class Aggregator(nn.Module):
                 tokens.reshape(batch, frames * tokens_per_frame, dim), pos=global_pos
             )
             global_out = tokens.view(batch, frames, tokens_per_frame, dim)
-            if keep_outputs or index == self.depth - 1:
+            if (
+                keep_outputs is True
+                or index == self.depth - 1
+                or (keep_outputs is not False and index in keep_outputs)
+            ):
                 outputs.append(torch.cat((frame_out, global_out), dim=-1))
+            elif keep_outputs is not False:
+                outputs.append(None)
         return outputs

@@ -160,21 +160,32 @@ class VGGT(nn.Module):
         """
         if images.dim() == 4:
             images = images.unsqueeze(0)
-        tokens, patch_start_idx = self.aggregator(images)
+        tokens, patch_start_idx = self.aggregator(images, keep_outputs=self.head_layers())
         return self.run_heads(tokens, images, patch_start_idx, query_points)
+
+    def head_layers(self) -> tuple[int, ...]:
+        """The aggregator block pairs whose outputs the built heads read (the last one always): pass
+        them as ``keep_outputs`` to keep only those."""
+        layers = {self.aggregator.depth - 1}
+        for head in (self.depth_head, self.point_head, self.track_head):
+            if head is not None:
+                layers.update(getattr(head, "feature_extractor", head).intermediate_layer_idx)
+        return tuple(sorted(layers))
 
     def run_heads(
         self,
-        aggregated_tokens_list: list[Tensor],
+        aggregated_tokens_list: list[Tensor | None],
         images: Tensor,
         patch_start_idx: int,
         query_points: Tensor | None = None,
     ) -> dict[str, Tensor | list[Tensor]]:
         """The heads' part of :meth:`forward`, on the outputs of an aggregator pass already made.
 
-        ``aggregated_tokens_list`` must hold every block's output (``keep_outputs=True``) and
-        ``images`` be ``[B, S, 3, H, W]``. Under CUDA autocast the camera, depth and point heads run in
-        float32 and the track head in the autocast dtype, as upstream's; likewise under CPU autocast.
+        ``aggregated_tokens_list`` holds one entry per block pair, at least those of
+        :meth:`head_layers` (``keep_outputs=True``, or ``keep_outputs=self.head_layers()`` with ``None``
+        for the others), and ``images`` is ``[B, S, 3, H, W]``. Under CUDA autocast the camera, depth and
+        point heads run in float32 and the track head in the autocast dtype, as upstream's; likewise
+        under CPU autocast.
         """
         if query_points is not None and query_points.dim() == 2:
             query_points = query_points.unsqueeze(0)

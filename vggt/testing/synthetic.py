@@ -25,7 +25,7 @@ from vggt.attn_format.grid import cell_centres, in_frame, query_patches
 from vggt.attn_format.quantization import encode_layer
 from vggt.attn_format.schema import ROLLOUT_KIND
 from vggt.attn_format.writer import layer_fields
-from vggt.geometry.correspondence import PREDICTED_OCCLUSION_REL_TOL, predicted_correspondences
+from vggt.geometry.correspondence import geometry_meta, predicted_correspondences
 from vggt.geometry.scene import Camera, unproject
 
 _QUERY_CHUNK = 256
@@ -295,12 +295,7 @@ def write_synthetic_export(
         meta = {"rollout_discard_ratio": float(rollout_discard), "rollout_layers": 2 * num_layers}
         write(ROLLOUT_KIND, num_layers, False, meta)
     if geometry:
-        tolerances = {
-            "depth_occlusion_rel_tol": PREDICTED_OCCLUSION_REL_TOL,
-            "truth_occlusion_rel_tol": None,
-            "scene": None,
-        }
-        writer.write_geometry(synthetic_geometry(num_frames, *grid), tolerances)
+        writer.write_geometry(synthetic_geometry(num_frames, *grid), geometry_meta(None))
     model = {"id": "synthetic", "random_weights": random_weights, "random_seed": seed}
     writer.write_manifest({"image_set_name": "synthetic", "model": model, "preprocess_mode": "crop"})
     return root
