@@ -168,7 +168,7 @@ def test_an_extraction_does_not_hold_up_other_readers(
     tmp_path: Path, private_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """While one session's NPZ of zip A is being extracted, another session opens zip B and reads zip
-    A's other files."""
+    A's other files, and the same reader reads its other layers and frames."""
     slow = _zipped_export(tmp_path / "a")
     other = _zipped_export(tmp_path / "b")
     started, release = threading.Event(), threading.Event()
@@ -192,6 +192,8 @@ def test_an_extraction_does_not_hold_up_other_readers(
         with open_export(slow) as same:  # the same zip: its other files are read meanwhile
             same.frame(1)
             same.query_maps("layer_02", 0)
+        first.frame(0)  # and the same reader's other layers and frames
+        first.query_maps("layer_02", 1)
         assert worker.is_alive()
     finally:
         release.set()

@@ -109,7 +109,8 @@ class AttnExport:
         self._inflated: OrderedDict[tuple[str, str], int] = OrderedDict()  # decompressed arrays, bytes
         self._frames: dict[int, np.ndarray] = {}
         self._geometry: ExportGeometry | None | bool = False  # False: not opened yet
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # held briefly, around the caches
+        self._load_locks: dict[object, threading.Lock] = {}
         for name in self.layer_names:
             self._meta[name] = self._load_layer_meta(name)
         first = self._meta[self.layer_names[0]]
@@ -270,20 +271,29 @@ class AttnExport:
             self._members[name] = table
         return table
 
+    def _loading(self, item: object) -> threading.Lock:
+        """The lock held while ``item`` (an array or a frame) is read: one reader of each item at a time,
+        while other items of the export are read meanwhile."""
+        with self._lock:
+            return self._load_locks.setdefault(item, threading.Lock())
+
     def _array(self, name: str, key: str) -> np.ndarray | None:
         cache_key = (name, key)
         array = self._arrays.get(cache_key)
         if array is not None:
             return array
-        with self._lock:
+        with self._loading(cache_key):
             array = self._arrays.get(cache_key)
-            if array is None:
-                member = self._member_table(name).get(key)
-                if member is None:
-                    return None
-                if not member.stored:
+            if array is not None:
+                return array
+            member = self._member_table(name).get(key)
+            if member is None:
+                return None
+            if not member.stored:
+                with self._lock:
                     self._make_room(member.nbytes)
-                array = load_member(self._npz_file(name), member, f"layer {name}")
+            array = load_member(self._npz_file(name), member, f"layer {name}")
+            with self._lock:
                 self._arrays[cache_key] = array
                 if not member.stored:
                     self._inflated[cache_key] = member.nbytes
@@ -483,16 +493,18 @@ class AttnExport:
         index = _index(index, "frame index")
         if not 0 <= index < len(self.frame_paths):
             raise FormatError(f"frame {index} out of range 0..{len(self.frame_paths) - 1}")
-        with self._lock:
-            frame = self._frames.pop(index, None)
+        with self._loading(("frame", index)):
+            with self._lock:
+                frame = self._frames.pop(index, None)
             if frame is None:
                 frame = self._decode_frame(index, self.frame_paths[index])
                 frame.flags.writeable = False
-            self._frames[index] = frame  # most recently read last
-            while len(self._frames) > 1 and sum(f.nbytes for f in self._frames.values()) > (
-                limits.MAX_DECODED_FRAMES_BYTES
-            ):
-                del self._frames[next(iter(self._frames))]
+            with self._lock:
+                self._frames[index] = frame  # most recently read last
+                while len(self._frames) > 1 and sum(f.nbytes for f in self._frames.values()) > (
+                    limits.MAX_DECODED_FRAMES_BYTES
+                ):
+                    del self._frames[next(iter(self._frames))]
         return frame
 
     def _decode_frame(self, index: int, location: Path | None) -> np.ndarray:
