@@ -103,6 +103,12 @@ def view_with_reader(case: Case, temporary: Path, result: dict) -> list[str]:
             export.token_special_mass(name)
         for index in range(len(export.frame_paths)):
             export.frame(index)
+        geometry = export.geometry()
+        if geometry is not None:
+            for key in ("extrinsic", "intrinsic", "depth", "depth_conf", "world_points", "query_points"):
+                geometry.array(key)
+            for source in geometry.sources:
+                geometry.correspondence(source)
         shown.extend(export.warnings)
         return shown
     finally:

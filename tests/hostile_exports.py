@@ -197,13 +197,16 @@ def _blank_png(width: int, height: int) -> bytes:
 class _Corpus:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.base = write_synthetic_export(folder / "_base" / "export", per_head=True, num_layers=2)
+        self.base = write_synthetic_export(
+            folder / "_base" / "export", per_head=True, num_layers=2, geometry=True
+        )
         self.outside = folder / "outside"
         self.outside.mkdir()
         shutil.copy(_attn(self.base) / "layers_manifest.json", self.outside / "secret_manifest.json")
         shutil.copy(_attn(self.base) / "layer_01_metadata.json", self.outside / "secret_metadata.json")
         shutil.copy(_attn(self.base) / "layer_01/heatmaps_uint8.npz", self.outside / "secret.npz")
         shutil.copy(self.base / "images/frame_00.png", self.outside / "secret.png")
+        shutil.copy(self.base / "geometry/geometry_metadata.json", self.outside / "secret_geometry.json")
         shutil.copytree(_attn(self.base), self.outside / "secret_attn_maps")
         self.cases: list[Case] = []
 
@@ -604,10 +607,44 @@ def _zips(c: _Corpus) -> None:
     )
 
 
+def _geometry(c: _Corpus) -> None:
+    """The geometry part (the shared JSON and NPZ checks apply to it too)."""
+    geometry = "geometry/geometry_metadata.json"
+    root = c.export("geometry_metadata_symlink_outside")
+    (root / geometry).unlink()
+    (root / geometry).symlink_to(c.outside / "secret_geometry.json")
+    c.add("geometry_metadata_symlink_outside", root, ERROR, "points outside")
+
+    root = c.export("geometry_path_traversal")
+    _edit(
+        _attn(root) / "layers_manifest.json", geometry={"metadata_path": "../../outside/secret_geometry.json"}
+    )
+    c.add("geometry_path_traversal", root, ERROR, "points outside")
+
+    root = c.export("geometry_frames_disagree")
+    _edit(root / geometry, S=100_000_000)
+    c.add("geometry_frames_disagree", root, ERROR, "the export has 3")
+
+    root = c.export("geometry_deep_json")
+    (root / geometry).write_text('{"S": ' + "[" * 5000 + "]" * 5000 + "}")
+    c.add("geometry_deep_json", root, ERROR, "nested")
+
+    root = c.export("geometry_header_claims_more")
+    npz = root / "geometry/geometry.npz"
+    entries = _zip_entries_of_npz(npz)
+    for entry in entries:
+        if entry["name"] == "depth.npy":
+            shape = f"({3}, {56}, {70})".encode()
+            assert entry["payload"].count(shape) == 1
+            entry["payload"] = entry["payload"].replace(shape, b"(9, 56, 70)")
+    npz.write_bytes(raw_zip(entries))
+    c.add("geometry_header_claims_more", root, ERROR, "declares")
+
+
 def build_corpus(folder: Path) -> list[Case]:
     """Write every hostile case under ``folder`` (a fresh, empty folder) and return the cases."""
     corpus = _Corpus(folder)
-    for group in (_caps, _json, _paths, _npz, _images, _zips):
+    for group in (_caps, _json, _paths, _npz, _images, _zips, _geometry):
         group(corpus)
     return corpus.cases
 
