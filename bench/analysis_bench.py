@@ -68,6 +68,7 @@ def child(mode: str, root: str, out: str | None) -> None:
     import numpy as np
 
     from vggt.analysis import run_analysis
+    from vggt.analysis.cli import default_workers
     from vggt.analysis.output import write_outputs
     from vggt.attn_format import open_export
 
@@ -88,7 +89,7 @@ def child(mode: str, root: str, out: str | None) -> None:
                 np.multiply(stored[start : start + 64], scale, dtype=np.float32).sum(axis=(-2, -1))
             export.release(name)
     else:
-        result = run_analysis(export, correspondence=correspondence)
+        result = run_analysis(export, correspondence=correspondence, workers=default_workers())
         if out:
             seconds = time.perf_counter() - started
             started = time.perf_counter()
@@ -97,7 +98,15 @@ def child(mode: str, root: str, out: str | None) -> None:
             started -= seconds
     seconds = time.perf_counter() - started - (write_seconds or 0.0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"seconds": seconds, "extra_bytes": peak - start_rss, "write_seconds": write_seconds}))
+    # Worker processes count whole, each as large as the largest one (an upper bound).
+    workers = default_workers() if mode == "analysis" else 0
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 * workers
+    extra = peak - start_rss + children
+    print(
+        json.dumps(
+            {"seconds": seconds, "extra_bytes": extra, "write_seconds": write_seconds, "workers": workers}
+        )
+    )
 
 
 def _measure(mode: str, root: Path, out: Path | None = None) -> dict:
@@ -155,8 +164,8 @@ def run(root: Path, repeats: int, label: str, out: Path) -> None:
     _measure("sum", root)
     first = _measure("analysis", root, out)
     print(
-        f"  warm-up: analysis {first['seconds']:.2f} s; writing the CSV, NPZ, summary and figures "
-        f"{first['write_seconds']:.2f} s"
+        f"  warm-up: analysis {first['seconds']:.2f} s with {first['workers']} worker process(es) "
+        f"({os.cpu_count()} cores); writing the CSV, NPZ, summary and figures {first['write_seconds']:.2f} s"
     )
     ratios, dequantized_ratios, sums, analyses, extras = [], [], [], [], []
     for index in range(repeats):

@@ -425,3 +425,18 @@ def test_without_positions_the_correspondence_columns_are_empty(tmp_path: Path) 
         assert math.isnan(record["pck_0"]) and math.isnan(record["corr_mass"]) and record["corr_source"] == ""
     assert [r["head"] for r in records[:5]] == ["avg", "1", "2", "3", "4"]
     assert list(records[0]) == list(COLUMNS)
+
+
+def test_worker_processes_give_the_same_analysis(tmp_path: Path) -> None:
+    root = write_synthetic_export(tmp_path / "export", num_layers=3, per_head=True, kinds=("global", "frame"))
+    export = open_export(root)
+    correspondence = _positions(export, seed=2)
+    alone = run_analysis(export, correspondence=correspondence)
+    seen = []
+    shared = run_analysis(root, correspondence=correspondence, workers=2, progress=lambda *a: seen.append(a))
+    assert len(seen) == len(export.layer_names) and seen[-1][:2] == (6, 6)
+    assert [r["layer"] for r in shared.records] == [r["layer"] for r in alone.records]
+    for key, values in alone.per_query.items():
+        np.testing.assert_array_equal(shared.per_query[key], values, err_msg=key)
+    with pytest.raises(AnalysisError, match="workers"):
+        run_analysis(export, workers=0)

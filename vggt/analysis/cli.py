@@ -14,8 +14,10 @@ from pathlib import Path
 from vggt.analysis.output import check_writable, write_outputs
 from vggt.analysis.table import DEFAULT_MASSES, SCOPES, AnalysisError, run_analysis
 from vggt.attn_format import FormatError, open_export
+from vggt.attn_format.quantization import worker_threads
 
 ANALYSIS_DIR = "analysis"
+MAX_WORKERS = 4
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,9 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
         default="query",
         help="a mask per query (default) or one mask over all queries, as the seed fork computes it",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help="processes analysing layers side by side (default: %(default)s, the cores available, at most "
+        f"{MAX_WORKERS})",
+    )
     parser.add_argument("--no_figures", action="store_true", help="write the tables only")
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
     return parser
+
+
+def default_workers() -> int:
+    """The cores this process may use, at most :data:`MAX_WORKERS` (each worker holds a layer's working
+    memory)."""
+    return min(worker_threads(), MAX_WORKERS)
 
 
 def _masses(text: str) -> list[float]:
@@ -83,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.radius < 0:
             raise AnalysisError(f"--radius must be 0 or more cells, got {args.radius}")
+        if args.workers < 1:
+            raise AnalysisError(f"--workers must be 1 or more, got {args.workers}")
         masses = _masses(args.masses)
         export = open_export(args.attn_dir)
         out = Path(args.out).expanduser() if args.out else default_output(args.attn_dir, export.root)
@@ -100,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             radius=args.radius,
             stability_scope=args.stability_scope,
             scene=args.scene,
+            workers=args.workers,
             progress=progress,
         )
         if not args.quiet:

@@ -57,17 +57,21 @@ class Stability:
     Attributes
     ----------
     levels : np.ndarray
-        ``[n, N]`` uint8: in how many of the reference's masks each shared cell lies (masses ascending:
-        a cell in the mask of mass ``j`` has level at least ``M - j``).
+        ``[n / group, N]`` uint8: in how many of the reference's masks each shared cell lies (masses
+        ascending: a cell in the mask of mass ``j`` has level at least ``M - j``); row ``i`` of the block
+        takes row ``i // group`` (the heads of a query share the query's).
     positions : np.ndarray
         Positions along the layer's K axis of the shared frames.
     masses : np.ndarray
         ``[M]`` mass shares, ascending.
+    group : int
+        Consecutive rows of the block that share one row of levels.
     """
 
     levels: np.ndarray
     positions: np.ndarray
     masses: np.ndarray
+    group: int = 1
 
 
 @dataclass
@@ -86,13 +90,16 @@ class BlockMetrics:
     tnr: np.ndarray  # [n, M]
 
 
-def _runs(rows: np.ndarray, levels: np.ndarray | None, num_levels: int) -> tuple[Runs, np.ndarray | None]:
-    """Runs of rows ``[n, N]``; for uint8 rows also the histograms split by level ``[n, L, 256]`` (codes
-    descending), which give the mask agreement without another pass."""
-    if rows.dtype == np.uint8:
-        histograms = code_histograms(rows, levels, num_levels)[..., ::-1]
-        return Runs(code_runs(histograms[:, 0]).values, histograms.sum(axis=1)), histograms
-    return sorted_runs(rows), None
+def _runs(rows: np.ndarray, stability: Stability | None) -> tuple[Runs, np.ndarray | None]:
+    """Runs of rows ``[n, N]``; for uint8 rows with the reference's levels also the histograms split by
+    level ``[n, L, 256]`` (codes descending), which give the mask agreement without another pass."""
+    if rows.dtype != np.uint8:
+        return sorted_runs(rows), None
+    if stability is None:
+        return code_runs(code_histograms(rows)[:, 0]), None
+    histograms = code_histograms(rows, stability.levels, stability.masses.size + 1, stability.group)
+    by_level = histograms[..., ::-1]
+    return Runs(code_runs(by_level[:, 0]).values, by_level.sum(axis=1)), by_level
 
 
 def mask_agreement(
@@ -107,7 +114,7 @@ def mask_agreement(
     stability : Stability
         The reference's levels for these rows' cells.
     runs : tuple, optional
-        ``_runs(rows, stability.levels, M + 1)`` when already computed.
+        ``_runs(rows, stability)`` when already computed.
 
     Returns
     -------
@@ -117,7 +124,7 @@ def mask_agreement(
     masses = stability.masses
     num_masses = masses.size
     levels = stability.levels
-    ranked, by_level = runs if runs is not None else _runs(rows, levels, num_masses + 1)
+    ranked, by_level = runs if runs is not None else _runs(rows, stability)
     threshold, in_mask, _ = crossings(ranked, masses)
     needed = num_masses - np.arange(num_masses)  # reference mask j: levels >= M - j
     if by_level is not None:
@@ -134,11 +141,13 @@ def mask_agreement(
     else:
         hits = np.empty((rows.shape[0], num_masses), dtype=np.int64)
         reference = np.empty_like(hits)
-        values = rows.astype(np.float64, copy=False)
+        group = stability.group
+        values = rows.astype(np.float64, copy=False).reshape(-1, group, rows.shape[-1])
         for j in range(num_masses):
-            in_reference = levels >= needed[j]
-            hits[:, j] = np.count_nonzero((values >= threshold[:, j : j + 1]) & in_reference, axis=-1)
-            reference[:, j] = np.count_nonzero(in_reference, axis=-1)
+            in_reference = (levels >= needed[j])[:, None, :]
+            taken = values >= threshold[:, j].reshape(-1, group, 1)
+            hits[:, j] = np.count_nonzero(taken & in_reference, axis=-1).reshape(-1)
+            reference[:, j] = np.repeat(np.count_nonzero(in_reference, axis=-1), group, axis=0).reshape(-1)
     cells = rows.shape[-1]
     with np.errstate(divide="ignore", invalid="ignore"):
         recall = np.where(reference > 0, hits / reference, 1.0)
@@ -202,10 +211,7 @@ def block_metrics(
     # same cells.
     whole = frames.reshape(n, -1)
     same_cells = stability is not None and stability.positions.size == num_keys
-    if same_cells:
-        runs = _runs(whole, stability.levels, stability.masses.size + 1)
-    else:
-        runs = _runs(whole, None, 1)
+    runs = _runs(whole, stability if same_cells else None)
     ranked = runs[0]
 
     total = frame_mass.sum(axis=-1) + special_flat.sum(axis=-1)

@@ -48,7 +48,7 @@ class Runs:
 
 def sorted_runs(values: np.ndarray) -> Runs:
     """Runs of float rows ``[n, N]``: their values in descending order, one cell each."""
-    return Runs(-np.sort(-np.asarray(values, dtype=np.float64), axis=-1), None)
+    return Runs(np.sort(np.asarray(values, dtype=np.float64), axis=-1)[:, ::-1], None)
 
 
 _CODE_VALUES = np.arange(CODES - 1, -1, -1)
@@ -60,7 +60,9 @@ def code_runs(histograms: np.ndarray) -> Runs:
     return Runs(_CODE_VALUES, np.ascontiguousarray(histograms[..., ::-1]))
 
 
-def code_histograms(codes: np.ndarray, levels: np.ndarray | None = None, num_levels: int = 1) -> np.ndarray:
+def code_histograms(
+    codes: np.ndarray, levels: np.ndarray | None = None, num_levels: int = 1, group: int = 1
+) -> np.ndarray:
     """Histogram of each row's codes, split by a small label per cell.
 
     Parameters
@@ -68,9 +70,12 @@ def code_histograms(codes: np.ndarray, levels: np.ndarray | None = None, num_lev
     codes : np.ndarray
         ``[n, N]`` uint8 rows.
     levels : np.ndarray, optional
-        ``[n, N]`` (or broadcastable) uint8 labels in ``[0, num_levels)``; all 0 when not given.
+        ``[n / group, N]`` uint8 labels in ``[0, num_levels)``, row ``i`` taking those of ``i // group``
+        (the heads of one query share its labels); all 0 when not given.
     num_levels : int
         Number of labels.
+    group : int
+        Consecutive rows that share one row of labels.
 
     Returns
     -------
@@ -78,23 +83,26 @@ def code_histograms(codes: np.ndarray, levels: np.ndarray | None = None, num_lev
         ``[n, num_levels, 256]`` int64: cells of row ``r`` with label ``l`` and code ``c``.
     """
     n, cells = codes.shape
-    rows_per_call = max(1, CODES // num_levels)  # label and row share the high byte of a 16-bit key
+    # A 16-bit key per cell: the code in its low byte, (row in the call, label) in its high byte.
+    groups_per_call = max(1, CODES // (num_levels * group))
+    rows_per_call = min(n, groups_per_call * group)
     out = np.empty((n, num_levels, CODES), dtype=np.int64)
-    keys = np.empty((min(n, rows_per_call), cells), dtype=np.uint16)
-    key_bytes = keys.view(np.uint8).reshape(keys.shape[0], cells, 2)
+    keys = np.empty((rows_per_call, cells), dtype=np.uint16)
+    key_bytes = keys.view(np.uint8).reshape(rows_per_call, cells, 2)
     low, high = (0, 1) if np.little_endian else (1, 0)
-    row_ids = (np.arange(keys.shape[0], dtype=np.uint8) * np.uint8(num_levels))[:, None]
+    row_ids = (np.arange(rows_per_call, dtype=np.uint8) * np.uint8(num_levels))[:, None]
+    if levels is None:
+        key_bytes[:, :, high] = row_ids
     for start in range(0, n, rows_per_call):
         stop = min(start + rows_per_call, n)
         count = stop - start
         key_bytes[:count, :, low] = codes[start:stop]
-        if levels is None:
-            key_bytes[:count, :, high] = row_ids[:count]
-        else:
+        if levels is not None:
+            labels = levels[start // group : -(-stop // group)]
             np.add(
-                row_ids[:count],
-                np.broadcast_to(levels, codes.shape)[start:stop],
-                out=key_bytes[:count, :, high],
+                row_ids[:count].reshape(-1, group, 1),
+                labels[:, None, :],
+                out=key_bytes[:count, :, high].reshape(-1, group, cells),
             )
         counted = np.bincount(keys[:count].reshape(-1), minlength=count * num_levels * CODES)
         out[start:stop] = counted.reshape(count, num_levels, CODES)
@@ -129,8 +137,12 @@ def crossings(runs: Runs, fractions: np.ndarray) -> tuple[np.ndarray, np.ndarray
     target = total[:, None] * fractions[None, :]  # [n, F]
     # First run whose running mass reaches the target (the fork's searchsorted 'left').
     run = np.empty((n, fractions.size), dtype=np.int64)
-    for f in range(fractions.size):
-        run[:, f] = np.count_nonzero(running < target[:, f : f + 1], axis=-1)
+    if runs.counts is None:
+        for row in range(n):  # one row's runs at a time: a binary search, not a pass over the row
+            run[row] = np.searchsorted(running[row], target[row], side="left")
+    else:
+        for f in range(fractions.size):
+            run[:, f] = np.count_nonzero(running < target[:, f : f + 1], axis=-1)
     np.minimum(run, width - 1, out=run)
     values = np.broadcast_to(runs.values, running.shape)
     run_value = np.take_along_axis(values, run, axis=-1).astype(np.float64)
@@ -139,9 +151,8 @@ def crossings(runs: Runs, fractions: np.ndarray) -> tuple[np.ndarray, np.ndarray
     )
     if runs.counts is None:
         # One cell per run: later cells tied with the threshold value are in the mask too.
-        in_mask = np.stack(
-            [np.count_nonzero(values >= run_value[:, f : f + 1], axis=-1) for f in range(fractions.size)], -1
-        )
+        ascending = runs.values[:, ::-1]
+        in_mask = np.stack([width - np.searchsorted(ascending[row], run_value[row]) for row in range(n)])
         smallest = run + 1.0
     else:
         run_count = np.take_along_axis(runs.counts, run, axis=-1)

@@ -8,9 +8,12 @@ head), the same metrics per query, and what ``summary.json`` says about them.
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -145,11 +148,17 @@ def _mean(values: np.ndarray) -> float:
     return float(finite.mean()) if finite.size else math.nan
 
 
-@dataclass(frozen=True)
-class _Reference:
-    name: str
-    key_frames: list[int]
-    maps: np.ndarray  # [Q, K_ref, cells] float64 head average
+@dataclass
+class _Options:
+    """What every layer's analysis needs besides the export (sent to worker processes as it is)."""
+
+    reference: str
+    reference_frames: list[int]
+    masses: np.ndarray
+    radius: int
+    scope: str
+    correspondence: Correspondence | None
+    levels: dict[tuple[int, ...], np.ndarray]  # the reference's levels by the frames a layer shares
 
 
 def resolve_reference(export: AttnExport, spec: str | int | None) -> str:
@@ -245,57 +254,58 @@ def reference_levels(values: np.ndarray, masses: np.ndarray) -> np.ndarray:
     return levels
 
 
+def _reference_levels(
+    export: AttnExport, name: str, frame_sets: set[tuple[int, ...]], masses: np.ndarray, scope: str
+) -> dict[tuple[int, ...], np.ndarray]:
+    """The reference layer's levels (:func:`reference_levels` of its head average) over each set of
+    shared frames: ``{frames: [Q, len(frames) * cells] uint8}``; one mask per query or, with scope
+    ``all``, one over all queries."""
+    layer = _Layer(export, name)
+    cells = layer.meta["H_ds"] * layer.meta["W_ds"]
+    num_queries = layer.meta["Q"]
+    maps = np.empty((num_queries, len(layer.key_frames), cells), dtype=np.float64)
+    for block in _query_blocks(num_queries, layer.bytes_per_query):
+        average, scale, _ = layer.average_rows(block)
+        maps[block] = average.reshape(average.shape[0], average.shape[1], -1) * scale[:, None, None]
+    export.release(name)
+    levels = {}
+    for frames in frame_sets:
+        values = maps[:, [layer.key_frames.index(f) for f in frames]].reshape(num_queries, -1)
+        if scope == "all":
+            levels[frames] = reference_levels(values.reshape(1, -1), masses).reshape(values.shape)
+        else:
+            levels[frames] = reference_levels(values, masses)
+    return levels
+
+
 class _Analyzer:
-    def __init__(
-        self,
-        export: AttnExport,
-        reference: str,
-        masses: np.ndarray,
-        radius: int,
-        scope: str,
-        correspondence: Correspondence | None,
-        progress: Progress | None,
-    ) -> None:
+    """The analysis of one layer (or baseline) at a time, in this process or a worker process."""
+
+    def __init__(self, export: AttnExport, options: _Options) -> None:
         self.export = export
-        self.masses = masses
-        self.radius = radius
-        self.scope = scope
-        self.progress = progress
+        self.options = options
+        self.masses = options.masses
+        self.radius = options.radius
+        self.scope = options.scope
         first = export.layer_meta(export.layer_names[0])
         self.grid = Grid.of(first)
         self.num_frames = int(first["S"])
         self.query_frame = int(first["query_frame"])
         self.num_queries = self.grid.cells
-        self.correspondence = correspondence
-        self.targets = Targets.of(correspondence, self.grid, self.query_frame) if correspondence else None
-        self.window_radius = max(max(PCK_RADII), radius)
+        self.correspondence = options.correspondence
+        self.targets = (
+            Targets.of(self.correspondence, self.grid, self.query_frame) if self.correspondence else None
+        )
+        self.window_radius = max(max(PCK_RADII), self.radius)
         self.windows = self.targets.windows(self.window_radius) if self.targets is not None else None
-        self.reference = self._load_reference(reference)
-        self._levels: dict[tuple[int, ...], np.ndarray] = {}
 
-    # ---- the reference layer ---------------------------------------------------------------------------
-
-    def _load_reference(self, name: str) -> _Reference:
-        layer = _Layer(self.export, name)
-        maps = np.empty((self.num_queries, len(layer.key_frames), self.grid.cells), dtype=np.float64)
-        for block in _query_blocks(self.num_queries, layer.bytes_per_query):
-            average, scale, _ = layer.average_rows(block)
-            maps[block] = average.reshape(average.shape[0], average.shape[1], -1) * scale[:, None, None]
-        self.export.release(name)
-        return _Reference(name, layer.key_frames, maps)
+    def shared_frames(self, key_frames: Sequence[int]) -> list[int]:
+        """The key frames a layer shares with the reference layer, in the layer's order."""
+        return [f for f in key_frames if f in self.options.reference_frames]
 
     def levels_for(self, frames: Sequence[int]) -> np.ndarray:
         """The reference's levels over ``frames`` (shared with it, in that order): ``[Q, len * cells]``."""
-        key = tuple(frames)
-        if key not in self._levels:
-            positions = [self.reference.key_frames.index(f) for f in frames]
-            values = self.reference.maps[:, positions].reshape(self.num_queries, -1)
-            if self.scope == "all":
-                levels = reference_levels(values.reshape(1, -1), self.masses).reshape(values.shape)
-            else:
-                levels = reference_levels(values, self.masses)
-            self._levels[key] = levels
-        return self._levels[key]
+        return self.options.levels[tuple(frames)]
 
     # ---- one layer (or baseline) -----------------------------------------------------------------------
 
@@ -313,12 +323,12 @@ class _Analyzer:
         )
         return windows, frames
 
-    def _stability(self, key_frames: list[int], queries: np.ndarray) -> Stability | None:
-        shared = [f for f in key_frames if f in self.reference.key_frames]
+    def _stability(self, key_frames: list[int], queries: np.ndarray, group: int) -> Stability | None:
+        shared = self.shared_frames(key_frames)
         if self.scope != "query" or not shared:
             return None
         positions = np.array([key_frames.index(f) for f in shared], dtype=np.int64)
-        return Stability(self.levels_for(shared)[queries], positions, self.masses)
+        return Stability(self.levels_for(shared)[queries[::group]], positions, self.masses, group)
 
     def _block(
         self,
@@ -330,10 +340,12 @@ class _Analyzer:
         scale,
         special,
     ) -> None:
+        """Analyse a block of rows: ``group`` consecutive rows (the heads) per query."""
+        group = queries.size // np.unique(queries).size
         windows, frames = self._windows(key_frames, queries)
         metrics = block_metrics(
             maps, scale, special, key_frames.index(self.query_frame), windows, self.radius,
-            self._stability(key_frames, queries),
+            self._stability(key_frames, queries, group),
         )  # fmt: skip
         rows.store(row_ids, queries, metrics, frames)
 
@@ -341,7 +353,7 @@ class _Analyzer:
         self, rows: _Rows, index: int, key_frames: list[int], shared_values: np.ndarray
     ) -> None:
         """Scope ``all``: one mask over every query's shared cells of row ``index``."""
-        shared = [f for f in key_frames if f in self.reference.key_frames]
+        shared = self.shared_frames(key_frames)
         levels = self.levels_for(shared).reshape(1, -1)
         stability = Stability(levels, np.arange(len(shared)), self.masses)
         recall, tnr = mask_agreement(shared_values.reshape(1, -1), stability)
@@ -353,7 +365,7 @@ class _Analyzer:
         has_cross = any(f != self.query_frame for f in layer.key_frames)
         source = self.correspondence.source if (self.correspondence and has_cross) else ""
         rows = _Rows(name, heads, self.num_queries, self.num_frames, self.masses.size, source)
-        shared = [f for f in layer.key_frames if f in self.reference.key_frames]
+        shared = self.shared_frames(layer.key_frames)
         shared_positions = [layer.key_frames.index(f) for f in shared]
         keep_all = self.scope == "all" and bool(shared)
         kept: list[list[np.ndarray]] = [[] for _ in heads]
@@ -392,7 +404,7 @@ class _Analyzer:
         grid = self.grid
         tokens = len(key_frames) * (grid.H_p * grid.W_p + n_special)
         pooled = grid.patches_per_cell().astype(np.float64) / tokens
-        shared = [f for f in key_frames if f in self.reference.key_frames]
+        shared = self.shared_frames(key_frames)
         for block in _query_blocks(self.num_queries, len(key_frames) * grid.cells * 8):
             queries = np.arange(block.start, block.stop)
             maps = np.broadcast_to(pooled, (queries.size, len(key_frames), *pooled.shape))
@@ -435,6 +447,7 @@ def run_analysis(
     stability_scope: str = "query",
     scene: str | os.PathLike[str] | None = None,
     correspondence: Correspondence | None = None,
+    workers: int = 1,
     progress: Progress | None = None,
 ) -> Analysis:
     """Analyse every layer (and head) of an export; see ``docs/analysis.md`` for the definitions.
@@ -458,6 +471,9 @@ def run_analysis(
     correspondence : Correspondence, optional
         True positions of the queries' points, given directly (instead of ``scene``). Without either, the
         correspondence columns are empty.
+    workers : int
+        Processes that analyse layers side by side (1: all in this process). Each holds one layer's
+        working memory (a few hundred MB for a per-head VGGT-1B export at stride 1).
     progress : callable, optional
         Called as ``progress(done, total, what)`` after each layer.
 
@@ -475,6 +491,8 @@ def run_analysis(
     masses_sorted = _check_masses(masses)
     if isinstance(radius, bool) or not isinstance(radius, int | np.integer) or radius < 0:
         raise AnalysisError(f"radius must be a whole number of cells >= 0, got {radius!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int | np.integer) or workers < 1:
+        raise AnalysisError(f"workers must be a whole number >= 1, got {workers!r}")
     if stability_scope not in SCOPES:
         raise AnalysisError(f"stability scope must be one of {', '.join(SCOPES)}, got {stability_scope!r}")
     first = export.layer_meta(export.layer_names[0])
@@ -491,26 +509,34 @@ def run_analysis(
                 f"fit the export's {list(expected)}"
             )
     reference = resolve_reference(export, reference_layer)
-    analyzer = _Analyzer(
-        export, reference, masses_sorted, int(radius), stability_scope, correspondence, progress
-    )
-
-    results: list[_Rows] = []
-    total = len(export.layer_names)
-    for done, name in enumerate(export.layer_names, start=1):
-        results.append(analyzer.layer(name))
-        if progress is not None:
-            progress(done, total, name)
-    results.append(analyzer.same_uv())
-    specials = {}
+    reference_frames = export.key_frames(reference)
+    all_frames = list(range(int(first["S"])))
+    query_frame = int(first["query_frame"])
+    # The baselines' key frames and special tokens: every frame (as global layers) and, when the export
+    # has layers of one frame (frame, DINOv2), frame 0 alone.
+    specials: dict[str, int] = {}
     for name in export.layer_names:
         meta = export.layer_meta(name)
-        kind = "all" if len(meta["key_frames"]) == analyzer.num_frames else "one"
-        specials.setdefault(kind, len(meta["special_tokens"]))
-    all_frames = list(range(analyzer.num_frames))
-    results.append(analyzer.uniform("uniform", all_frames, specials.get("all", specials.get("one", 0))))
+        specials.setdefault(
+            "all" if len(meta["key_frames"]) == len(all_frames) else "one", len(meta["special_tokens"])
+        )
+    baselines = [("uniform", all_frames, specials.get("all", specials.get("one", 0)))]
     if "one" in specials:
-        results.append(analyzer.uniform("uniform_within_frame", [analyzer.query_frame], specials["one"]))
+        baselines.append(("uniform_within_frame", [query_frame], specials["one"]))
+    frame_sets = {
+        tuple(f for f in frames if f in reference_frames)
+        for frames in [export.key_frames(n) for n in export.layer_names] + [b[1] for b in baselines]
+    }
+    frame_sets.discard(())
+    options = _Options(
+        reference, reference_frames, masses_sorted, int(radius), stability_scope, correspondence,
+        _reference_levels(export, reference, frame_sets, masses_sorted, stability_scope),
+    )  # fmt: skip
+    analyzer = _Analyzer(export, options)
+    results = _layers(export, options, analyzer, workers, progress)
+    results.append(analyzer.same_uv())
+    for name, frames, n_special in baselines:
+        results.append(analyzer.uniform(name, frames, n_special))
 
     records = [record for rows in results for record in rows.records()]
     per_query = _per_query_arrays(results, analyzer, masses_sorted)
@@ -518,6 +544,54 @@ def run_analysis(
         export, analyzer, records, masses_sorted, stability_scope, radius, time.perf_counter() - started
     )
     return Analysis(records, per_query, summary)
+
+
+_WORKER: _Analyzer | None = None  # the analyzer of a worker process
+
+
+def _start_worker(root: str, options: _Options) -> None:
+    global _WORKER
+    _WORKER = _Analyzer(open_export(root), options)
+
+
+def _analyse_in_worker(name: str) -> _Rows:
+    assert _WORKER is not None
+    return _WORKER.layer(name)
+
+
+def _layers(
+    export: AttnExport, options: _Options, analyzer: _Analyzer, workers: int, progress: Progress | None
+) -> list[_Rows]:
+    """Every layer's rows, in manifest order: here, or in ``workers`` processes that each open the export."""
+    names = list(export.layer_names)
+    total = len(names)
+    if workers == 1 or total == 1:
+        results = []
+        for done, name in enumerate(names, start=1):
+            results.append(analyzer.layer(name))
+            if progress is not None:
+                progress(done, total, name)
+        return results
+    # fork starts at once and runs from any script; with other threads about (a web server) a fork could
+    # copy a held lock, so a fresh interpreter starts the workers instead.
+    methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods and threading.active_count() == 1:
+        context = multiprocessing.get_context("fork")
+    else:
+        context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    by_name: dict[str, _Rows] = {}
+    with ProcessPoolExecutor(
+        min(workers, total),
+        mp_context=context,
+        initializer=_start_worker,
+        initargs=(str(export.root), options),
+    ) as pool:
+        futures = {pool.submit(_analyse_in_worker, name): name for name in names}
+        for done, future in enumerate(as_completed(futures), start=1):
+            by_name[futures[future]] = future.result()
+            if progress is not None:
+                progress(done, total, futures[future])
+    return [by_name[name] for name in names]
 
 
 def analyze(export: AttnExport | str | os.PathLike[str], *, dataframe: bool = False, **options):
@@ -597,7 +671,7 @@ def _summary(
         },
         "num_frames": analyzer.num_frames,
         "options": {
-            "reference_layer": analyzer.reference.name,
+            "reference_layer": analyzer.options.reference,
             "masses": [float(m) for m in masses],
             "radius": radius,
             "stability_scope": scope,
