@@ -9,6 +9,7 @@ spell an argument differently: ``checkpoint="model.pt"`` and ``random_weights=Tr
 
 from __future__ import annotations
 
+import argparse
 import re
 from collections.abc import Callable, Mapping
 
@@ -57,3 +58,18 @@ class SpelledError(Exception):
     def spelled(self, spelling: Spelling) -> str:
         """The message with its arguments written out by ``spelling``."""
         return spell(super().__str__(), spelling)
+
+
+EXIT_USAGE = 2  # a bad argument or input: the commands' exit status
+
+
+class UsageError(Exception):
+    """A one-line user error; a command prints it and exits with :data:`EXIT_USAGE`."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose own errors (an unknown flag, a bad value) are :class:`UsageError`, so that
+    a command reports them on one line like every other bad input."""
+
+    def error(self, message: str) -> None:
+        raise UsageError(message)

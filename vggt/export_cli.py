@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vggt import __version__
-from vggt.arguments import SpelledError, command_line_spelling
+from vggt.arguments import EXIT_USAGE, OneLineParser, SpelledError, UsageError, command_line_spelling
 from vggt.attn_format import FormatError, layer_name
 from vggt.capture import LayerRef, QueryGrid
 from vggt.device import select_device_and_dtype
@@ -41,7 +41,6 @@ from vggt.preprocess import ImageLoadError, list_images, load_and_preprocess_ima
 from vggt.rollout import DEFAULT_DISCARD_RATIO, rollout_bytes
 from vggt.weights import DEFAULT_MODEL_ID, WeightsError, assign_weights, resolve_checkpoint
 
-EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 DEFAULT_IMAGE_SET = "synthetic_room"
 DEFAULT_PREFIX = "attn_first2all_"
@@ -58,17 +57,8 @@ class _ProgressFriendlyHandler(logging.Handler):
         tqdm.write(self.format(record), file=sys.stderr)
 
 
-class UsageError(Exception):
-    """A one-line user error; the CLI prints it and exits with code 2."""
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's own errors, on one line too
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog="compute_layerwise_attentions.py",
         description="Export VGGT's attention from the query frame's patches to every frame, from one forward "
         "pass: every global layer by default; frame and DINOv2 layers (--blocks) and the attention rollout "

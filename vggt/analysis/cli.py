@@ -13,6 +13,7 @@ from pathlib import Path
 
 from vggt.analysis.output import check_writable, write_outputs
 from vggt.analysis.table import DEFAULT_MASSES, SCOPES, AnalysisError, run_analysis
+from vggt.arguments import EXIT_USAGE, OneLineParser, UsageError
 from vggt.attn_format import FormatError, open_export
 from vggt.attn_format.quantization import worker_threads
 
@@ -20,14 +21,8 @@ ANALYSIS_DIR = "analysis"
 MAX_WORKERS = 4
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit 2, as argparse does, without the usage block
-        sys.stderr.write(f"error: {message}\n")
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="analyze_attention.py",
         description="Per layer and head: where attention goes, whether it finds the true correspondence, "
         "how concentrated and how stable it is. Writes layer_head_metrics.csv, per_query.npz, summary.json "
@@ -94,8 +89,8 @@ def default_output(attn_dir: str, export_root: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         if args.radius < 0:
             raise AnalysisError(f"--radius must be 0 or more cells, got {args.radius}")
         if args.workers < 1:
@@ -123,12 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             print(f"\r  analysed {len(export.layer_names)} layers in {time.perf_counter() - started:.1f} s")
         written = write_outputs(result, out, figures=not args.no_figures)
-    except (AnalysisError, FormatError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (UsageError, AnalysisError, FormatError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_USAGE
     except OSError as exc:
         print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if not args.quiet:
         options = result.summary["options"]
         source = result.summary["correspondence"]["source"] or "none (correspondence columns empty)"

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +39,7 @@ from vggt.analysis.metrics import (
 from vggt.analysis.ranks import crossings, sorted_runs
 from vggt.attn_format import AttnExport, FormatError, open_export
 from vggt.attn_format.grid import cell_centres
+from vggt.attn_format.paths import FolderFiles
 
 DEFAULT_MASSES = (0.3, 0.5, 0.7)
 SCOPES = ("query", "all")
@@ -549,9 +551,12 @@ def run_analysis(
 _WORKER: _Analyzer | None = None  # the analyzer of a worker process
 
 
-def _start_worker(root: str, options: _Options) -> None:
+def _start_worker(root: str, names: list[str], options: _Options) -> None:
     global _WORKER
-    _WORKER = _Analyzer(open_export(root), options)
+    export = open_export(root)
+    if export.layer_names != names:  # changed on disk since the analysis began
+        raise FormatError(f"the export in {root} changed while it was being analysed")
+    _WORKER = _Analyzer(export, options)
 
 
 def _analyse_in_worker(name: str) -> _Rows:
@@ -565,7 +570,9 @@ def _layers(
     """Every layer's rows, in manifest order: here, or in ``workers`` processes that each open the export."""
     names = list(export.layer_names)
     total = len(names)
-    if workers == 1 or total == 1:
+    # Workers open the export folder themselves; a zip's members are extracted as they are read, by the
+    # one reader that opened it, so a zipped export is analysed here.
+    if workers == 1 or total == 1 or not isinstance(export.files, FolderFiles):
         results = []
         for done, name in enumerate(names, start=1):
             results.append(analyzer.layer(name))
@@ -584,13 +591,18 @@ def _layers(
         min(workers, total),
         mp_context=context,
         initializer=_start_worker,
-        initargs=(str(export.root), options),
+        initargs=(str(export.root), names, options),
     ) as pool:
         futures = {pool.submit(_analyse_in_worker, name): name for name in names}
-        for done, future in enumerate(as_completed(futures), start=1):
-            by_name[futures[future]] = future.result()
-            if progress is not None:
-                progress(done, total, futures[future])
+        try:
+            for done, future in enumerate(as_completed(futures), start=1):
+                by_name[futures[future]] = future.result()
+                if progress is not None:
+                    progress(done, total, futures[future])
+        except BrokenProcessPool:
+            raise AnalysisError(
+                f"a worker process stopped abruptly (out of memory?); try fewer workers than {workers}"
+            ) from None
     return [by_name[name] for name in names]
 
 
