@@ -1,8 +1,9 @@
 """Figures of the analysis (matplotlib, imported only here): a layer x head heatmap per metric, per-layer
 curves with the baselines, and the stability bars as the seed fork draws them. PNG and SVG each.
 
-:func:`layer_head_table` and :func:`draw_heatmap` take any layers x heads table, so that other tables
-(e.g. an intervention sweep's) are drawn on the same axes.
+:func:`draw_heatmap` takes any layers x heads table (:func:`vggt.analysis.table.layer_head_table` makes
+one from analysis records), so that other tables (an intervention sweep's, say) are drawn on the same
+axes.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from vggt.analysis.columns import METRICS
-from vggt.analysis.table import BASELINES, Analysis
+from vggt.analysis.table import BASELINES, Analysis, layer_head_table
 
 # Shares in [0, 1]: drawn on a fixed scale so that figures of different exports compare.
 _UNIT_RANGE = set(METRICS)
@@ -28,35 +29,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def layer_head_table(records: Sequence[dict], metric: str) -> tuple[np.ndarray, list[str], list[str]]:
-    """A metric as a layers x heads table from analysis records (baselines left out).
-
-    Returns
-    -------
-    values : np.ndarray
-        ``[layers, heads]`` float64, NaN where a layer lacks a head (the rollout has only its average).
-    layers : list of str
-        Layer names, in the records' order.
-    heads : list of str
-        ``"avg"`` then the head numbers found.
-    """
-    layers: list[str] = []
-    heads: list[str] = ["avg"]
-    for record in records:
-        if record["layer"] in BASELINES:
-            continue
-        if record["layer"] not in layers:
-            layers.append(record["layer"])
-        if record["head"] not in heads:
-            heads.append(record["head"])
-    values = np.full((len(layers), len(heads)), np.nan)
-    for record in records:
-        if record["layer"] in BASELINES:
-            continue
-        values[layers.index(record["layer"]), heads.index(record["head"])] = record[metric]
-    return values, layers, heads
 
 
 def draw_heatmap(

@@ -58,6 +58,11 @@ def csv_text(records: list[dict]) -> str:
     return buffer.getvalue()
 
 
+def _stored(values: np.ndarray) -> np.ndarray:
+    """Per-query floats as float32 on disk (the metrics' precision is that of the stored maps)."""
+    return values.astype(np.float32) if values.dtype == np.float64 else values
+
+
 def write_outputs(result: Analysis, folder: Path, figures: bool = True) -> list[Path]:
     """Write the analysis into ``folder``; returns the files written."""
     folder = Path(folder)
@@ -68,7 +73,7 @@ def write_outputs(result: Analysis, folder: Path, figures: bool = True) -> list[
     written.append(path)
     path = folder / NPZ_NAME
     buffer = io.BytesIO()
-    np.savez(buffer, **result.per_query)
+    np.savez(buffer, **{key: _stored(values) for key, values in result.per_query.items()})
     _replace(path, buffer.getvalue())
     written.append(path)
     if figures:

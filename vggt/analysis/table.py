@@ -88,7 +88,6 @@ class _Rows:
     num_queries: int
     num_frames: int
     num_masses: int
-    corr_source: str = ""
     scalars: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -123,25 +122,6 @@ class _Rows:
         if metrics.recall.shape[1]:
             self.recall[rows, :, queries] = metrics.recall
             self.tnr[rows, :, queries] = metrics.tnr
-
-    def records(self) -> list[dict]:
-        out = []
-        for i, head in enumerate(self.heads):
-            record: dict = {"layer": self.layer, "head": head}
-            for name, values in self.scalars.items():
-                record[name] = _mean(values[i])
-            for j, radius in enumerate(PCK_RADII):
-                record[f"pck_{radius}"] = _mean(self.pck[i, j])
-            record["corr_mass"] = _mean(self.corr_mass[i])
-            record["corr_source"] = self.corr_source if np.isfinite(self.pck[i]).any() else ""
-            if np.isfinite(self.overall_recall[i]).any():
-                record["mask_recall"] = float(np.mean(self.overall_recall[i]))
-                record["mask_tnr"] = float(np.mean(self.overall_tnr[i]))
-            else:
-                record["mask_recall"] = _mean(self.recall[i].mean(axis=0))
-                record["mask_tnr"] = _mean(self.tnr[i].mean(axis=0))
-            out.append({name: record.get(name, math.nan) for name in COLUMNS})
-        return out
 
 
 def _mean(values: np.ndarray) -> float:
@@ -364,9 +344,7 @@ class _Analyzer:
     def layer(self, name: str) -> _Rows:
         layer = _Layer(self.export, name)
         heads = ["avg"] + ([str(h + 1) for h in range(layer.num_heads)] if layer.per_head else [])
-        has_cross = any(f != self.query_frame for f in layer.key_frames)
-        source = self.correspondence.source if (self.correspondence and has_cross) else ""
-        rows = _Rows(name, heads, self.num_queries, self.num_frames, self.masses.size, source)
+        rows = _Rows(name, heads, self.num_queries, self.num_frames, self.masses.size)
         shared = self.shared_frames(layer.key_frames)
         shared_positions = [layer.key_frames.index(f) for f in shared]
         keep_all = self.scope == "all" and bool(shared)
@@ -400,9 +378,7 @@ class _Analyzer:
 
     def uniform(self, name: str, key_frames: list[int], n_special: int) -> _Rows:
         """Attention spread evenly over every token of ``key_frames`` (patches and special tokens)."""
-        has_cross = any(f != self.query_frame for f in key_frames)
-        source = self.correspondence.source if (self.correspondence and has_cross) else ""
-        rows = _Rows(name, ["avg"], self.num_queries, self.num_frames, self.masses.size, source)
+        rows = _Rows(name, ["avg"], self.num_queries, self.num_frames, self.masses.size)
         grid = self.grid
         tokens = len(key_frames) * (grid.H_p * grid.W_p + n_special)
         pooled = grid.patches_per_cell().astype(np.float64) / tokens
@@ -427,8 +403,7 @@ class _Analyzer:
 
     def same_uv(self) -> _Rows:
         """Predicting each query's own cell in every frame: the pairs whose true cell is within r of it."""
-        source = self.correspondence.source if self.correspondence else ""
-        rows = _Rows("same_uv", ["avg"], self.num_queries, self.num_frames, self.masses.size, source)
+        rows = _Rows("same_uv", ["avg"], self.num_queries, self.num_frames, self.masses.size)
         if self.targets is None:
             return rows
         own = Targets.same_uv(self.grid, self.num_frames, self.query_frame)
@@ -540,8 +515,8 @@ def run_analysis(
     for name, frames, n_special in baselines:
         results.append(analyzer.uniform(name, frames, n_special))
 
-    records = [record for rows in results for record in rows.records()]
     per_query = _per_query_arrays(results, analyzer, masses_sorted)
+    records = records_from_arrays(per_query, correspondence.source if correspondence else None)
     summary = _summary(
         export, analyzer, records, masses_sorted, stability_scope, radius, time.perf_counter() - started
     )
@@ -614,39 +589,104 @@ def analyze(export: AttnExport | str | os.PathLike[str], *, dataframe: bool = Fa
 
 
 def _per_query_arrays(results: list[_Rows], analyzer: _Analyzer, masses: np.ndarray) -> dict[str, np.ndarray]:
-    layers = [rows.layer for rows in results for _ in rows.heads]
-    heads = [head for rows in results for head in rows.heads]
+    """The rows' per-query metrics as the arrays of ``per_query.npz`` (float64 here; float32 on disk)."""
     arrays: dict[str, np.ndarray] = {
-        "layer": np.array(layers, dtype=str),
-        "head": np.array(heads, dtype=str),
-        "masses": masses.astype(np.float32),
+        "layer": np.array([rows.layer for rows in results for _ in rows.heads], dtype=str),
+        "head": np.array([head for rows in results for head in rows.heads], dtype=str),
+        "masses": masses.astype(np.float64),
         "query_points": cell_centres(*analyzer.grid.shape, analyzer.grid.patch_size),
     }
     for name in results[0].scalars:
-        arrays[name] = np.concatenate([rows.scalars[name] for rows in results]).astype(np.float32)
+        arrays[name] = np.concatenate([rows.scalars[name] for rows in results])
     pck = np.concatenate([rows.pck for rows in results])  # [R, radii, S, Q]
     corr = np.concatenate([rows.corr_mass for rows in results])  # [R, S, Q]
-    with np.errstate(invalid="ignore"):
-        for i, radius in enumerate(PCK_RADII):
-            arrays[f"pck_{radius}"] = _nanmean(pck[:, i], axis=1).astype(np.float32)
-            arrays[f"pck_{radius}_per_frame"] = pck[:, i].astype(np.float32)
-        arrays["corr_mass"] = _nanmean(corr, axis=1).astype(np.float32)
-        arrays["corr_mass_per_frame"] = corr.astype(np.float32)
+    for i, radius in enumerate(PCK_RADII):
+        arrays[f"pck_{radius}"] = _nanmean(pck[:, i], axis=1)
+        arrays[f"pck_{radius}_per_frame"] = pck[:, i]
+    arrays["corr_mass"] = _nanmean(corr, axis=1)
+    arrays["corr_mass_per_frame"] = corr
     recall = np.concatenate([rows.recall for rows in results])  # [R, M, Q]
     tnr = np.concatenate([rows.tnr for rows in results])
-    arrays["mask_recall"] = recall.mean(axis=1).astype(np.float32)
-    arrays["mask_tnr"] = tnr.mean(axis=1).astype(np.float32)
-    arrays["mask_recall_per_mass"] = recall.astype(np.float32)
-    arrays["mask_tnr_per_mass"] = tnr.astype(np.float32)
-    arrays["mask_recall_overall"] = np.concatenate([rows.overall_recall for rows in results]).astype(
-        np.float32
-    )
-    arrays["mask_tnr_overall"] = np.concatenate([rows.overall_tnr for rows in results]).astype(np.float32)
+    arrays["mask_recall"] = recall.mean(axis=1)
+    arrays["mask_tnr"] = tnr.mean(axis=1)
+    arrays["mask_recall_per_mass"] = recall
+    arrays["mask_tnr_per_mass"] = tnr
+    arrays["mask_recall_overall"] = np.concatenate([rows.overall_recall for rows in results])
+    arrays["mask_tnr_overall"] = np.concatenate([rows.overall_tnr for rows in results])
     if analyzer.targets is not None:
         arrays["target_rows"] = analyzer.targets.rows.astype(np.int32)
         arrays["target_cols"] = analyzer.targets.cols.astype(np.int32)
         arrays["target_valid"] = analyzer.targets.valid
     return arrays
+
+
+def records_from_arrays(arrays: dict[str, np.ndarray], corr_source: str | None) -> list[dict]:
+    """The table (one record per row, the columns of :data:`COLUMNS`) from the per-query arrays: every
+    column is the mean of its per-query values, except ``pck_r`` and ``corr_mass`` (means over the row's
+    (query, frame) pairs) and the stability columns with scope ``all`` (means over the masses)."""
+    records = []
+    for i, (layer, head) in enumerate(zip(arrays["layer"].tolist(), arrays["head"].tolist(), strict=True)):
+        record: dict = {"layer": layer, "head": head}
+        for name in ("cross_view_mass", "query_frame_mass", "camera_mass", "register_mass", "entropy"):
+            record[name] = _mean(arrays[name][i])
+        for share in CELL_SHARES:
+            record[f"cells_{round(share * 100)}"] = _mean(arrays[f"cells_{round(share * 100)}"][i])
+        for radius in PCK_RADII:
+            record[f"pck_{radius}"] = _mean(arrays[f"pck_{radius}_per_frame"][i])
+        record["corr_mass"] = _mean(arrays["corr_mass_per_frame"][i])
+        has_pairs = np.isfinite(arrays[f"pck_{PCK_RADII[0]}_per_frame"][i]).any()
+        record["corr_source"] = corr_source if (corr_source and has_pairs) else ""
+        if np.isfinite(arrays["mask_recall_overall"][i]).any():
+            record["mask_recall"] = float(np.mean(arrays["mask_recall_overall"][i]))
+            record["mask_tnr"] = float(np.mean(arrays["mask_tnr_overall"][i]))
+        else:
+            record["mask_recall"] = _mean(arrays["mask_recall"][i])
+            record["mask_tnr"] = _mean(arrays["mask_tnr"][i])
+        records.append({name: record[name] for name in COLUMNS})
+    return records
+
+
+def layer_head_table(records: Sequence[dict], metric: str) -> tuple[np.ndarray, list[str], list[str]]:
+    """A metric as a layers x heads table from analysis records (baselines left out).
+
+    Returns
+    -------
+    values : np.ndarray
+        ``[layers, heads]`` float64, NaN where a layer lacks a head (the rollout has only its average).
+    layers : list of str
+        Layer names, in the records' order.
+    heads : list of str
+        ``"avg"`` then the head numbers found.
+    """
+    layers: list[str] = []
+    heads: list[str] = ["avg"]
+    for record in records:
+        if record["layer"] in BASELINES:
+            continue
+        if record["layer"] not in layers:
+            layers.append(record["layer"])
+        if record["head"] not in heads:
+            heads.append(record["head"])
+    values = np.full((len(layers), len(heads)), np.nan)
+    for record in records:
+        if record["layer"] in BASELINES:
+            continue
+        values[layers.index(record["layer"]), heads.index(record["head"])] = record[metric]
+    return values, layers, heads
+
+
+def fingerprint(export: AttnExport) -> dict:
+    """What ties an analysis to its export: the export's creation time, layers, grid, heads, precision."""
+    first = export.layer_meta(export.layer_names[0])
+    return {
+        "created": export.manifest.get("created"),
+        "layers": list(export.layer_names),
+        "grid": {k: int(first[k]) for k in ("H_p", "W_p", "stride_h", "stride_w", "H_ds", "W_ds")},
+        "frames": int(first["S"]),
+        "per_head_data": bool(first["per_head_data"]),
+        "num_heads": first["num_heads"],
+        "precision": first["dtype"],
+    }
 
 
 def _nanmean(values: np.ndarray, axis: int) -> np.ndarray:
@@ -673,6 +713,7 @@ def _summary(
     valid_pairs = int(analyzer.targets.valid.sum()) if analyzer.targets is not None else 0
     return {
         "export": str(export.root),
+        "fingerprint": fingerprint(export),
         "random_weights": export.random_weights,
         "layers": list(export.layer_names),
         "per_head_data": bool(first["per_head_data"]),
