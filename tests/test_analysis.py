@@ -440,3 +440,26 @@ def test_worker_processes_give_the_same_analysis(tmp_path: Path) -> None:
         np.testing.assert_array_equal(shared.per_query[key], values, err_msg=key)
     with pytest.raises(AnalysisError, match="workers"):
         run_analysis(export, workers=0)
+
+
+def test_the_exports_own_geometry_gives_the_positions(tmp_path: Path) -> None:
+    from vggt.attn_format.grid import cell_of_pixel
+
+    root = write_synthetic_export(tmp_path / "export", H_p=6, W_p=8, num_layers=2, geometry=True)
+    export = open_export(root)
+    geometry = export.geometry()
+    assert geometry.sources == ("truth", "track", "depth")
+    result = run_analysis(export)
+    xy, visible = geometry.correspondence("truth")
+    rows, cols = cell_of_pixel(xy, 6, 8, 1, 1)
+    assert result.summary["correspondence"] == {"source": "truth", "pairs": int(visible[1:].sum())}
+    np.testing.assert_array_equal(result.per_query["target_rows"], rows)
+    np.testing.assert_array_equal(result.per_query["target_cols"], cols)
+    _check_every_row(export, result, Correspondence("truth", xy, visible))
+    # The first layer's blobs sit one patch to the right per frame, where the truth moves the points.
+    first = next(r for r in result.records if r["layer"] == "layer_01")
+    assert first["corr_source"] == "truth" and first["pck_1"] == 1.0
+    # An explicit correspondence (the track head's) takes precedence.
+    xy, visible = geometry.correspondence("track")
+    tracked = run_analysis(export, correspondence=Correspondence("track", xy, visible))
+    assert tracked.summary["correspondence"]["source"] == "track"

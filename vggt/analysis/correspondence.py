@@ -18,6 +18,7 @@ from vggt.attn_format.grid import cell_of_pixel
 from vggt.geometry.correspondence import SceneError, true_correspondences
 
 SOURCES = ("scene", "truth", "track")  # in the order they are preferred
+EXPORT_SOURCES = ("truth", "track")  # the export's own positions, in the order they are preferred
 PREPROCESS_MODES = ("crop", "pad")
 
 
@@ -159,3 +160,16 @@ def scene_correspondence(export: AttnExport, scene_dir: str | os.PathLike[str]) 
     except (SceneError, ValueError) as exc:
         raise CorrespondenceError(str(exc)) from None
     return Correspondence("scene", xy, visible)
+
+
+def export_correspondence(export: AttnExport) -> Correspondence | None:
+    """The export's own positions: its true geometry, else its track head's predictions; None when it
+    has neither (no ``geometry/`` part, or one without those sources)."""
+    geometry = export.geometry()
+    if geometry is None:
+        return None
+    for source in EXPORT_SOURCES:
+        if source in geometry.sources:
+            xy, visible = geometry.correspondence(source)
+            return Correspondence(source, xy, visible)
+    return None

@@ -25,6 +25,7 @@ from vggt.analysis.correspondence import (
     CorrespondenceError,
     Grid,
     Targets,
+    export_correspondence,
     scene_correspondence,
 )
 from vggt.analysis.metrics import (
@@ -447,6 +448,7 @@ def run_analysis(
         beside ``images/``).
     correspondence : Correspondence, optional
         True positions of the queries' points, given directly (instead of ``scene``). Without either, the
+        export's own: its true geometry, else its track head's predictions; without those, the
         correspondence columns are empty.
     workers : int
         Processes that analyse layers side by side (1: all in this process). Each holds one layer's
@@ -478,6 +480,8 @@ def run_analysis(
             correspondence = scene_correspondence(export, scene)
         except CorrespondenceError as exc:
             raise AnalysisError(str(exc)) from None
+    elif correspondence is None:
+        correspondence = export_correspondence(export)
     if correspondence is not None:
         expected = (int(first["S"]), int(first["Q"]))
         if tuple(np.asarray(correspondence.visible).shape) != expected:
