@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vggt.viewer.app import build_app
+from vggt.viewer.app import build_app, launch
 from vggt.viewer.messages import error_text
 from vggt.viewer.serving import PathRule, ServingError, check_serving, exit_on_sigterm, parse_auth
 from vggt.viewer.state import CACHE
@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()
     demo = build_app(args.attn_dir)
     try:
-        demo.queue().launch(
+        launch(
+            demo,
             server_name=args.server_name,
             server_port=args.server_port,
             share=args.share,

@@ -1,8 +1,15 @@
-"""The viewer's Gradio handlers, called as Gradio calls them, on real exports written to disk."""
+"""The viewer's Gradio handlers, called as Gradio calls them, on real exports written to disk.
+
+The handlers answer with the values the page's attention views draw (:mod:`vggt.viewer.payload`): the
+colour codes of every cell are checked here against the stored maps; how the page colours them is
+checked in a real browser (``tests/test_viewer_browser.py``).
+"""
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import json
 import re
 import shutil
@@ -14,6 +21,7 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.test_format import _write_seed_export
 from vggt.attn_format import open_export
@@ -26,9 +34,9 @@ from visualize_attn_gradio import main, parse_args
 REPO = Path(__file__).resolve().parents[1]
 
 
-def click(x: float, y: float) -> gr.SelectData:
-    """The event Gradio passes to a ``.select`` handler for a click at image pixel (x, y)."""
-    return gr.SelectData(None, {"index": [x, y], "value": None, "selected": True})
+def click(x: float, y: float) -> gr.EventData:
+    """The event the page triggers for a click at frame pixel (x, y) of a picker."""
+    return gr.EventData(None, {"x": x, "y": y})
 
 
 @pytest.fixture(autouse=True)
@@ -56,13 +64,67 @@ def raw_export(tmp_path: Path) -> Path:
     return write_synthetic_export(tmp_path / "raw", precision="float16", per_head=True, num_layers=2)
 
 
-def load(path: Path | str) -> handlers.Loaded:
+# ---- calling the handlers and reading their values ------------------------------------------------------
+
+
+def load(path: Path | str) -> handlers.MainView:
     return handlers.on_load(str(path), Session())
 
 
 def select(session: Session, x: float, y: float, layer: str, head: str = "Average", opacity: float = 0.6,
-           all_layers: bool = False, all_heads: bool = False) -> handlers.Rendered:  # fmt: skip
-    return handlers.on_query_select(session, layer, head, opacity, all_layers, all_heads, click(x, y))
+           frame: int = 0) -> handlers.MainView:  # fmt: skip
+    return handlers.on_query_select(session, layer, head, opacity, frame, click(x, y))
+
+
+def rerender(session: Session, layer: str, head: str = "Average", opacity: float = 0.6, frame: int = 0):
+    return handlers.on_settings_change(session, layer, head, opacity, frame)
+
+
+def in_mode(session: Session, mode: str, layer: str, head: str = "Average", frame: int = 0):
+    return handlers.on_mode(mode)(session, layer, head, 0.6, frame)
+
+
+def panel(session: Session, name: str, layer: str, head: str = "Average", token: str | None = None,
+          reverse_frame: int = 0) -> handlers.Panels:  # fmt: skip
+    """The secondary panel ``name`` ("tokens", "camera", "reverse") brought up to date."""
+    return handlers.on_panels(session.with_changes(panel=name), layer, head, 0.6, 0, token, reverse_frame)
+
+
+def codes(cell: dict) -> np.ndarray:
+    """A cell's colour codes as sent: ``[H_ds, W_ds] uint8``."""
+    return np.frombuffer(base64.b64decode(cell["codes"]), dtype=np.uint8)
+
+
+def cells(value: dict) -> list[list[dict | None]]:
+    """The rows of cells of a view's value, each cell's codes decoded to ``[H_ds, W_ds] uint8``."""
+    shape = (value["grid"]["rows"], value["grid"]["cols"])
+    rows = []
+    for row in value["view"]["rows"]:
+        rows.append([None if c is None else c | {"codes": codes(c).reshape(shape)} for c in row["cells"]])
+    return rows
+
+
+def captions(value: dict) -> list[str]:
+    return [cell["caption"] for cell in value["view"]["rows"][0]["cells"] if cell is not None]
+
+
+def text(value: dict) -> str:
+    """The readout (and notes) of a value, one line each."""
+    return "\n".join([*value.get("readout", []), *value.get("notes", [])])
+
+
+def codes_of(values: np.ndarray, scale: float) -> np.ndarray:
+    return np.rint(np.clip(values / scale, 0, 1) * 255).astype(np.uint8)
+
+
+def reported(out: tuple, match: str) -> str:
+    """Assert that a handler reported a failure the viewer's way: every output but the message left as
+    it was (``gr.skip()``), and the message one escaped line matching ``match``; returns the message."""
+    *others, message = out
+    assert all(isinstance(value, dict) and value.get("__type__") == "update" for value in others), others
+    assert re.search(match, html.unescape(message)), message
+    assert "\n" not in message and 'class="viewer-message viewer-error"' in message
+    return message
 
 
 def expected_overlay(
@@ -86,6 +148,7 @@ def test_load_every_entry_point(per_head_export: Path, tmp_path: Path) -> None:
     archive = shutil.make_archive(
         str(tmp_path / "sent"), "zip", root_dir=per_head_export.parent, base_dir="per_head"
     )
+    frames = np.stack(open_export(per_head_export).frames())
     for entry in (
         per_head_export,
         per_head_export / "attn_maps",
@@ -93,22 +156,37 @@ def test_load_every_entry_point(per_head_export: Path, tmp_path: Path) -> None:
         archive,
     ):
         loaded = load(entry)
+        assert loaded.message == ""
         assert loaded.layer.value == "layer_03"  # default: the last global layer
         assert loaded.layer.choices == [("Global 01", "layer_01"), ("Global 02", "layer_02"),
                                         ("Global 03", "layer_03")]  # fmt: skip
         assert [c[1] for c in loaded.head.choices] == ["Average", "Head 1", "Head 2", "Head 3", "Head 4"]
-        assert loaded.query_image.shape == (5 * 14 * 5, 7 * 14 * 5, 3)  # small frames shown 5x larger
-        assert loaded.gallery == [] and loaded.reverse_result is None
-        assert "Random weights" in loaded.banner
-        assert [c[1] for c in loaded.reverse_frame.choices] == [0, 1, 2]
+        picker = loaded.query_view
+        assert picker["size"] == [7 * 14, 5 * 14] and picker["picker"]["cell"] is None
+        assert picker["grid"] == {"rows": 3, "cols": 3, "cell": [42, 28]}
+        # the frames, sent once, exactly as the model saw them
+        sent = [np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))) for url in
+                picker["frames"]]  # fmt: skip
+        np.testing.assert_array_equal(np.stack(sent), frames)
+        assert loaded.overlays["empty"] == handlers.CLICK_PROMPT and "view" not in loaded.overlays
+        assert any(line.startswith("Random weights") for line in picker["notes"])
+        assert "3 frames of 98 x 70 px (W x H)" in picker["notes"][0]
+        assert [c[1] for c in loaded.grid_frame.choices] == [0, 1, 2]
+        assert str(per_head_export) not in json.dumps([picker, loaded.overlays])  # no path in the page
     lone = load(per_head_export / "attn_maps" / "layer_02_metadata.json")
     assert [c[1] for c in lone.layer.choices] == ["layer_02"] and lone.layer.value == "layer_02"
 
 
-def test_no_banner_for_trained_weights_and_no_heads_without_per_head_data(averaged_export: Path) -> None:
+def test_no_banner_for_trained_weights_and_controls_that_do_not_apply(averaged_export: Path) -> None:
     loaded = load(averaged_export)
-    assert loaded.banner == ""
-    assert [c[1] for c in loaded.head.choices] == ["Average"]
+    assert not any("Random weights" in line for line in loaded.query_view["notes"])
+    assert [c[1] for c in loaded.head.choices] == ["Average"] and loaded.head.interactive is False
+    # no per-head maps: the views of heads are disabled, and refused if asked for anyway
+    assert loaded.mode_frames.interactive and loaded.mode_layers.interactive
+    assert loaded.mode_heads.interactive is False and loaded.mode_layers_heads.interactive is False
+    assert loaded.grid_frame.interactive is False
+    session = select(loaded.session, 5, 5, "layer_02").session
+    reported(in_mode(session, "heads", "layer_02"), "needs per-head maps")
 
 
 def test_attn_dir_cli_defaults() -> None:
@@ -131,49 +209,53 @@ def test_an_unexpected_failure_is_reported_too(per_head_export: Path, monkeypatc
     def broken(*args: object) -> None:
         raise KeyError("boom")
 
-    monkeypatch.setattr(handlers.views, "gallery_for", broken)
+    monkeypatch.setattr(handlers.views, "view_for", broken)
     reported(select(loaded.session, 5, 5, "layer_01"), r"failed on this request \(KeyError\)")
 
 
-# ---- 3. clicks, highlight, overlays ---------------------------------------------------------------------
+# ---- 3. clicks and the maps of the clicked cell ---------------------------------------------------------
 
 
 def test_click_maps_exactly_to_the_cell_under_the_pointer(per_head_export: Path) -> None:
     loaded = load(per_head_export)
     geometry = CACHE.get(loaded.session.export_key).geometry
     assert (geometry.H_ds, geometry.W_ds) == (3, 3)
-    grid_image = loaded.query_image
     for row in range(3):
         for col in range(3):
             y0, y1, x0, x1 = geometry.cell_box(row, col)
             for x, y in ((x0, y0), (x1 - 1, y1 - 1), (x1 - 0.5, y0 + 0.4)):
                 out = select(loaded.session, x, y, "layer_03")
                 assert out.session.query == (row, col), (x, y)
-            changed = np.any(out.query_image != grid_image, axis=-1)
-            inside = np.zeros_like(changed)
-            inside[y0:y1, x0:x1] = True
-            assert changed[inside].all() and not changed[~inside].any()
-    # ragged last cells: 5 patch rows with stride 2 -> the last cell row is one patch (70 px) tall
-    assert geometry.cell_box(2, 2) == (280, 350, 420, 490)
+                assert out.query_view["picker"]["cell"] == [row, col]
+    # ragged last cells: 5 patch rows with stride 2 -> the last cell row is one patch (14 px) tall
+    assert geometry.cell_box(2, 2) == (56, 70, 84, 98)
+    for bad in ({"x": "nan", "y": 1}, {"x": 1}, None, {"x": [1], "y": 2}, {"x": 1e300, "y": 0}):
+        event = gr.EventData(None, bad)
+        reported(
+            handlers.on_query_select(loaded.session, "layer_03", "Average", 0.6, 0, event), "unexpected click"
+        )
 
 
-def test_one_overlay_per_frame_with_exact_cell_blocks(averaged_export: Path) -> None:
+def test_one_map_per_frame_with_the_stored_codes(averaged_export: Path) -> None:
     loaded = load(averaged_export)
     export = open_export(averaged_export)
-    out = select(loaded.session, 100, 60, "layer_02", opacity=0.7)
-    assert [caption for _, caption in out.gallery] == [
+    out = select(loaded.session, 60, 30, "layer_02", opacity=0.7)
+    assert out.session.query == (2, 4)
+    assert captions(out.overlays) == [
         "frame 0 · view_000.png",
         "frame 1 · view_001.png",
         "frame 2 · view_002.png",
     ]
-    cached = CACHE.get(loaded.session.export_key)
-    qi = out.session.query[0] * 6 + out.session.query[1]
-    codes = np.asarray(export.heatmaps("layer_02")[qi])  # layer-normalized uint8: the codes themselves
-    label_rows = 30  # the frame label is drawn over the top-left corner
-    for frame in (1, 2):
-        image = np.asarray(out.gallery[frame][0])
-        reference = expected_overlay(cached.frames[frame], codes[frame], cached.geometry, 0.7)
-        assert np.abs(image[label_rows:].astype(float) - reference[label_rows:]).max() <= 1.0
+    assert out.overlays["opacity"] == 0.7
+    qi = 2 * 6 + 4
+    stored = np.asarray(export.heatmaps("layer_02")[qi])  # layer-normalized uint8: the codes themselves
+    row = cells(out.overlays)[0]
+    for frame in range(3):
+        np.testing.assert_array_equal(row[frame]["codes"], stored[frame])
+    assert row[0]["outline"] == [2, 4] and row[1]["outline"] is None  # the query cell, on frame 0
+    scale = export.layer_meta("layer_02")["layer_vmax99"]
+    assert out.overlays["colorbar"]["max"] == pytest.approx(scale)
+    assert f"Full colour (dark red) = probability {scale:.4g}" in text(out.query_view)
 
 
 def test_average_over_heads_renormalizes_the_raw_average(per_head_export: Path) -> None:
@@ -185,111 +267,147 @@ def test_average_over_heads_renormalizes_the_raw_average(per_head_export: Path) 
     raw = stored / 255.0 * np.asarray(meta["per_head_vmax99"])[:, None, None, None]
     average = raw.mean(axis=0)
     scale = np.percentile(average, 99)
-    assert f"{scale:.4g}" in out.readout
-    codes = np.rint(np.clip(average / scale, 0, 1) * 255).astype(np.uint8)
-    cached = CACHE.get(loaded.session.export_key)
-    reference = expected_overlay(cached.frames[2], codes[2], cached.geometry, 0.6)
-    assert np.abs(np.asarray(out.gallery[2][0])[40:].astype(float) - reference[40:]).max() <= 1.0
+    assert f"{scale:.4g}" in text(out.query_view)
+    assert "the colours use the average's own 99th percentile" in text(out.query_view)
+    sent = np.stack([cell["codes"] for cell in cells(out.overlays)[0]]).astype(int)
+    assert np.abs(sent - codes_of(average, scale)).max() <= 1  # float32 against float64 rounding
 
 
 def test_controls_rerender_without_a_new_click(per_head_export: Path) -> None:
     loaded = load(per_head_export)
-    session = select(loaded.session, 300, 200, "layer_03").session
-    base = handlers.on_settings_change(session, "layer_03", "Average", 0.6, False, False)
-    other_layer = handlers.on_settings_change(session, "layer_01", "Average", 0.6, False, False)
-    one_head = handlers.on_settings_change(session, "layer_03", "Head 2", 0.6, False, False)
-    invisible = handlers.on_settings_change(session, "layer_03", "Head 2", 0.0, False, False)
+    session = select(loaded.session, 60, 40, "layer_03").session
+    base = rerender(session, "layer_03")
+    other_layer = handlers.on_layer_change(session, "layer_01", "Head 2", 0.6, 0)
+    one_head = rerender(session, "layer_03", "Head 2")
     for out in (other_layer, one_head):
-        assert len(out.gallery) == 3 and out.session.query == session.query
-        assert not np.array_equal(np.asarray(out.gallery[1][0]), np.asarray(base.gallery[1][0]))
-    assert "layer_01" in other_layer.readout
-    cached = CACHE.get(session.export_key)
-    without_label = np.asarray(invisible.gallery[1][0])[40:]
-    np.testing.assert_array_equal(without_label, cached.frames[1][40:])  # opacity 0: the frame itself
+        assert len(captions(out.overlays)) == 3 and out.session.query == session.query
+        assert not np.array_equal(cells(out.overlays)[0][1]["codes"], cells(base.overlays)[0][1]["codes"])
+    assert "layer_01" in text(other_layer.query_view)
+    assert other_layer.head.value == "Head 2"  # kept: the new layer has it
+    export = open_export(per_head_export)
+    qi = session.query[0] * 3 + session.query[1]
+    np.testing.assert_array_equal(
+        cells(one_head.overlays)[0][1]["codes"], export.heatmaps("layer_03")[qi, 1, 1]
+    )
 
 
 def test_value_readout(per_head_export: Path, averaged_export: Path, raw_export: Path) -> None:
     meta = open_export(per_head_export).layer_meta("layer_03")
     loaded = load(per_head_export)
     session = select(loaded.session, 5, 5, "layer_03").session
-    head3 = handlers.on_settings_change(session, "layer_03", "Head 3", 0.6, False, False).readout
-    average = handlers.on_settings_change(session, "layer_03", "Average", 0.6, False, False).readout
-    assert f"Head 3 vmax99 = **{meta['per_head_vmax99'][2]:.4g}**" in head3
-    assert f"layer vmax99 = **{meta['layer_vmax99']:.4g}**" in head3
+    head3 = text(rerender(session, "layer_03", "Head 3").query_view)
+    average = text(rerender(session, "layer_03").query_view)
+    assert f"Head 3 vmax99 = {meta['per_head_vmax99'][2]:.4g} (the colours' scale)" in head3
+    assert f"layer vmax99 = {meta['layer_vmax99']:.4g}" in head3
     lo, hi = min(meta["per_head_vmax99"]), max(meta["per_head_vmax99"])
-    assert f"head vmax99 range **{lo:.4g} – {hi:.4g}**" in average
+    assert f"Average of 4 heads (head vmax99 from {lo:.4g} to {hi:.4g})" in average
 
     averaged_meta = open_export(averaged_export).layer_meta("layer_01")
     loaded = load(averaged_export)
     out = select(loaded.session, 5, 5, "layer_01")
-    assert f"Full colour (dark red) = probability **{averaged_meta['layer_vmax99']:.4g}**" in out.readout
+    assert f"Full colour (dark red) = probability {averaged_meta['layer_vmax99']:.4g}" in text(out.query_view)
 
     loaded = load(raw_export)
-    out = handlers.on_settings_change(select(loaded.session, 5, 5, "layer_02").session, "layer_02", "Head 1",
-                                      0.6, False, False)  # fmt: skip
-    assert "raw float16 probabilities" in out.readout
+    out = rerender(select(loaded.session, 5, 5, "layer_02").session, "layer_02", "Head 1")
+    assert "raw float16 probabilities" in text(out.query_view)
 
 
 # ---- 5. composites ------------------------------------------------------------------------------------
 
 
-def test_all_layers_and_all_heads_composites(per_head_export: Path) -> None:
+def test_all_layers_all_heads_and_layers_by_heads(per_head_export: Path) -> None:
     loaded = load(per_head_export)
-    cached = CACHE.get(loaded.session.export_key)
+    export = open_export(per_head_export)
     session = select(loaded.session, 50, 50, "layer_03").session
-    height, width = cached.geometry.display_height, cached.geometry.display_width
-    layers = handlers.on_settings_change(session, "layer_02", "Head 1", 0.6, True, False)
-    titles = [caption.split("  ")[0] for _, caption in layers.gallery]
-    assert titles == ["Global 01", "Global 02", "Global 03"]  # the layers' labels
-    assert all(image.shape == (render.TITLE_HEIGHT + 3 * height, width, 3) for image, _ in layers.gallery)
-    heads = handlers.on_settings_change(session, "layer_02", "Average", 0.6, False, True)
-    vmax = open_export(per_head_export).layer_meta("layer_02")["per_head_vmax99"]
-    assert [caption for _, caption in heads.gallery] == [
-        f"Head {h + 1}  (vmax99 {vmax[h]:.4g})" for h in range(4)
-    ]
-    # the strip of head 2 holds the same overlays as the single view of head 2
-    single = handlers.on_settings_change(session, "layer_02", "Head 2", 0.6, False, False)
-    strip = np.asarray(heads.gallery[1][0])
-    frame2 = strip[render.TITLE_HEIGHT + 2 * height : render.TITLE_HEIGHT + 3 * height]
-    np.testing.assert_array_equal(frame2[40:], np.asarray(single.gallery[2][0])[40:])
-    both = handlers.on_settings_change(session, "layer_02", "Average", 0.6, True, True)
-    assert len(both.gallery) == 3 and "uncheck it to see all heads" in both.readout
+    qi = session.query[0] * 3 + session.query[1]
+
+    layers = in_mode(session, "layers", "layer_02", "Head 1")
+    assert layers.session.mode == "layers" and layers.mode_layers.variant == "primary"
+    rows = layers.overlays["view"]["rows"]
+    assert [row["label"] for row in rows] == ["Global 01", "Global 02", "Global 03"]  # labels as text
+    assert layers.overlays["view"]["columns"] == ["frame 0 · view_000.png", "frame 1 · view_001.png",
+                                                  "frame 2 · view_002.png"]  # fmt: skip
+    vmax = [export.layer_meta(name)["per_head_vmax99"][0] for name in ("layer_01", "layer_02", "layer_03")]
+    assert [row["note"] for row in rows] == [f"full colour = {v:.4g}" for v in vmax]  # each row's scale
+    assert layers.overlays["colorbar"]["max"] is None
+    for index, name in enumerate(("layer_01", "layer_02", "layer_03")):
+        stored = export.heatmaps(name)[qi, 0]  # head 1, its own scale: the stored codes
+        np.testing.assert_array_equal(np.stack([c["codes"] for c in cells(layers.overlays)[index]]), stored)
+        assert rows[index]["cells"][2]["opens"] == {"layer": name, "head": 0}
+
+    heads = in_mode(session, "heads", "layer_02")
+    vmax = export.layer_meta("layer_02")["per_head_vmax99"]
+    assert [row["label"] for row in heads.overlays["view"]["rows"]] == [f"Head {h + 1}" for h in range(4)]
+    assert [row["note"] for row in heads.overlays["view"]["rows"]] == [f"full colour = {v:.4g}" for v in vmax]
+    single = rerender(heads.session.with_changes(mode="frames"), "layer_02", "Head 2")
+    np.testing.assert_array_equal(cells(heads.overlays)[1][2]["codes"], cells(single.overlays)[0][2]["codes"])
+
+    grid = in_mode(session, "layers_heads", "layer_02", frame=1)
+    assert grid.grid_frame.interactive is True
+    view = grid.overlays["view"]
+    assert view["columns"] == ["Average", "Head 1", "Head 2", "Head 3", "Head 4"]
+    assert [row["label"] for row in view["rows"]] == ["Global 01", "Global 02", "Global 03"]
+    meta = export.layer_meta("layer_03")
+    maps = export.query_maps("layer_03", qi)[:, 1]  # [heads, H_ds, W_ds] on frame 1
+    row_scale = max(meta["per_head_vmax99"])  # one scale per row: its layer's largest head vmax99
+    assert view["rows"][2]["note"] == f"full colour = {row_scale:.4g}"
+    got = np.stack([c["codes"] for c in cells(grid.overlays)[2]]).astype(int)
+    expected = codes_of(np.concatenate([maps.mean(0, keepdims=True), maps]), row_scale).astype(int)
+    assert np.abs(got - expected).max() <= 1
+    assert {c["frame"] for c in view["rows"][0]["cells"]} == {1}
+    assert view["rows"][1]["cells"][3]["opens"] == {"layer": "layer_02", "head": 2}
+    other_frame = rerender(grid.session, "layer_02", frame=2)
+    assert {c["frame"] for c in other_frame.overlays["view"]["rows"][0]["cells"]} == {2}
 
 
-def test_all_heads_without_per_head_data(averaged_export: Path) -> None:
-    loaded = load(averaged_export)
-    session = select(loaded.session, 5, 5, "layer_02").session
-    out = handlers.on_settings_change(session, "layer_02", "Average", 0.6, False, True)
-    assert len(out.gallery) == 3 and "No per-head data" in out.readout
+def test_a_composite_cell_opens_its_layer_and_head(per_head_export: Path) -> None:
+    loaded = load(per_head_export)
+    session = in_mode(select(loaded.session, 50, 50, "layer_03").session, "heads", "layer_03").session
+    out = handlers.on_open_cell(session, 0.6, 0, gr.EventData(None, {"layer": "layer_01", "head": 2}))
+    assert out.session.mode == "frames" and out.mode_frames.variant == "primary"
+    assert out.layer.value == "layer_01" and out.head.value == "Head 3"
+    assert out.overlays["view"]["rows"][0]["label"] == "Global 01 · Head 3"
+    average = handlers.open_layer_head(session, "layer_02", None, 0.6)
+    assert (
+        average.head.value == "Average"
+        and "Global 02 · Average" in average.overlays["view"]["rows"][0]["label"]
+    )
+    for bad in ({"layer": "nope", "head": 1}, {"layer": "layer_01", "head": 9}, {"layer": 3},
+                {"layer": "layer_01", "head": "1"}):  # fmt: skip
+        reported(
+            handlers.on_open_cell(session, 0.6, 0, gr.EventData(None, bad)), "unknown layer|out of range|cell"
+        )
 
 
 # ---- 6. reverse view and special tokens ---------------------------------------------------------------
 
 
-def test_reverse_view_draws_the_column_on_frame_0(averaged_export: Path) -> None:
+def test_reverse_view_shows_the_column_on_frame_0(averaged_export: Path) -> None:
     loaded = load(averaged_export)
     cached = CACHE.get(loaded.session.export_key)
-    chosen = handlers.on_reverse_frame(loaded.session, 2, "layer_02", "Average", 0.6)
-    assert chosen.session.reverse_frame == 2 and chosen.reverse_result is None
-    np.testing.assert_array_equal(chosen.reverse_source, cached.grid_frames[2])
+    chosen = handlers.on_reverse_frame(loaded.session, 2, "layer_02", "Average", 0.6, 0)
+    assert chosen.session.reverse_frame == 2 and "view" not in chosen.reverse_view
+    assert chosen.reverse_view["picker"] == {
+        "frame": 2,
+        "cell": None,
+        "caption": "click a patch of frame 2 · view_002.png",
+    }
     y0, y1, x0, x1 = cached.geometry.cell_box(1, 4)
-    out = handlers.on_reverse_select(chosen.session, 2, "layer_02", "Average", 0.5, click(x0 + 3, y0 + 3))
-    assert out.session.reverse_cell == (1, 4)
-    highlighted = np.any(out.reverse_source != cached.grid_frames[2], axis=-1)
-    assert highlighted[y0:y1, x0:x1].all() and highlighted.sum() == (y1 - y0) * (x1 - x0)
+    out = handlers.on_reverse_select(chosen.session, 2, "layer_02", "Average", 0.5, 0, click(x0 + 3, y0 + 3))
+    assert out.session.reverse_cell == (1, 4) and out.reverse_view["picker"]["cell"] == [1, 4]
     stored = np.asarray(open_export(averaged_export).heatmaps("layer_02"))
-    column_codes = stored[:, 2, 1, 4].reshape(4, 6)  # layer-normalized uint8: the column's codes
-    reference = expected_overlay(cached.frames[0], column_codes, cached.geometry, 0.5)
-    assert np.abs(np.asarray(out.reverse_result)[40:].astype(float) - reference[40:]).max() <= 1.0
-    # changing the layer re-renders the reverse view too
-    again = handlers.on_settings_change(out.session, "layer_01", "Average", 0.5, False, False)
-    assert again.reverse_result is not None
-    assert not np.array_equal(np.asarray(again.reverse_result), np.asarray(out.reverse_result))
+    result = cells(out.reverse_view)[0][0]
+    assert result["frame"] == 0
+    np.testing.assert_array_equal(result["codes"], stored[:, 2, 1, 4].reshape(4, 6))  # the column's codes
+    # the open panel follows the layer
+    again = panel(out.session, "reverse", "layer_01", reverse_frame=2)
+    assert not np.array_equal(cells(again.reverse_view)[0][0]["codes"], result["codes"])
 
 
 def test_special_token_shares(raw_export: Path, per_head_export: Path) -> None:
     loaded = load(raw_export)
-    out = select(loaded.session, 30, 30, "layer_02")
+    session = select(loaded.session, 3, 3, "layer_02").session
+    out = panel(session, "tokens", "layer_02")
     export = open_export(raw_export)
     table = out.shares_table
     assert list(table.columns) == ["frame", "source", "camera", "registers", "patches", "total"]
@@ -300,12 +418,15 @@ def test_special_token_shares(raw_export: Path, per_head_export: Path) -> None:
     assert abs(float(table["total"].iloc[-1]) - 1.0) < 2e-3  # raw probabilities: everything sums to 1
     chart = out.shares_chart
     assert set(chart["token"]) == {"camera", "registers", "patches"} and len(chart) == 9
-    head = handlers.on_settings_change(out.session, "layer_02", "Head 4", 0.6, False, False).shares_table
+    head = panel(session, "tokens", "layer_02", "Head 4").shares_table
     np.testing.assert_allclose(head["camera"][:3].astype(float), export.special_mass("layer_02")[0, 3, :, 0],
                                atol=1e-5)  # fmt: skip
+    # a closed panel is not computed
+    closed = panel(session, "camera", "layer_02")
+    assert closed.shares_table.get("__type__") == "update"
 
     loaded = load(per_head_export)
-    out = select(loaded.session, 30, 30, "layer_01")
+    out = panel(select(loaded.session, 30, 30, "layer_01").session, "tokens", "layer_01")
     assert "lower bound" in out.shares_note
     assert float(out.shares_table["total"].iloc[-1]) <= 1.0 + 1e-3
 
@@ -314,27 +435,18 @@ def test_special_token_shares(raw_export: Path, per_head_export: Path) -> None:
 def test_seed_export_in_the_viewer(tmp_path: Path, form: str) -> None:
     export_dir, _, _ = _write_seed_export(tmp_path, form)
     loaded = load(export_dir / "attn_maps" / "layers_manifest.json")
-    assert "Seed-format export" in loaded.banner
-    out = select(loaded.session, 100, 100, "layer_01")
-    assert len(out.gallery) == 3
-    assert "no special-token mass" in out.shares_note
-    assert out.shares_table["camera"].isna().all()
+    assert any("Seed-format export" in line for line in loaded.query_view["notes"])
+    out = select(loaded.session, 30, 30, "layer_01")
+    assert len(captions(out.overlays)) == 3
+    shares = panel(out.session, "tokens", "layer_01")
+    assert "no special-token mass" in shares.shares_note
+    assert shares.shares_table["camera"].isna().all()
     if form == "head":
-        heads = handlers.on_settings_change(out.session, "layer_01", "Average", 0.6, False, True)
-        assert len(heads.gallery) == 4
+        heads = in_mode(out.session, "heads", "layer_01")
+        assert len(heads.overlays["view"]["rows"]) == 4
 
 
 # ---- 8. safety and sessions ---------------------------------------------------------------------------
-
-
-def reported(out: tuple, match: str) -> str:
-    """Assert that a handler reported a failure the viewer's way: every output but the message left as
-    it was (``gr.skip()``), and the message one escaped line matching ``match``; returns the message."""
-    *others, message = out
-    assert all(isinstance(value, dict) and value.get("__type__") == "update" for value in others), others
-    assert re.search(match, html.unescape(message)), message
-    assert "\n" not in message and 'class="viewer-message viewer-error"' in message
-    return message
 
 
 def _gr_error(path: Path | str, match: str) -> None:
@@ -393,33 +505,46 @@ def test_bad_inputs_give_a_clear_error_and_the_app_keeps_working(
     _gr_error(bad_zip, "points outside the archive root")
 
     reported(select(Session(), 1, 1, "layer_01"), "load an export first")
-    reported(
-        handlers.on_settings_change(good_session, "layer_99", "Average", 0.6, False, False), "unknown layer"
-    )
+    reported(rerender(good_session, "layer_99"), "unknown layer")
+    reported(rerender(good_session, "layer_02", frame=7), "frame 7 out of range")
 
     # the first session still works, and a good export still loads
-    assert (
-        len(handlers.on_settings_change(good_session, "layer_01", "Average", 0.6, False, False).gallery) == 3
-    )
+    assert len(captions(rerender(good_session, "layer_01").overlays)) == 3
     assert load(averaged_export).layer.value == "layer_02"
 
 
 def test_controls_before_any_load_do_nothing() -> None:
-    out = handlers.on_settings_change(Session(), None, "Average", 0.6, False, False)
-    assert all(isinstance(value, dict) and value.get("__type__") == "update" for value in out[:-1])
-    assert out.message == ""
+    panels = handlers.on_panels(Session(), None, None, 0.6, 0, None, 0)
+    layer = handlers.on_layer_change(None, None, "Average", 0.6, 0)
+    for out in (rerender(Session(), None), layer, in_mode(Session(), "layers", None), panels):
+        assert all(isinstance(value, dict) and value.get("__type__") == "update" for value in out[:-1])
+        assert out.message == ""
 
 
 def test_two_sessions_do_not_share_state(per_head_export: Path, averaged_export: Path) -> None:
     first = load(per_head_export)
     second = load(averaged_export)
     first_click = select(first.session, 10, 10, "layer_03")
-    second_click = select(second.session, 400, 300, "layer_02")
+    second_click = select(second.session, 80, 50, "layer_02")
     assert first_click.session.export_key != second_click.session.export_key
     assert first_click.session.query == (0, 0) and second_click.session.query == (3, 5)
-    again = handlers.on_settings_change(first_click.session, "layer_01", "Head 1", 0.6, False, False)
-    assert again.session.query == (0, 0) and again.query_image.shape == first.query_image.shape
-    assert second_click.query_image.shape == (4 * 14 * 5, 6 * 14 * 5, 3)
+    again = rerender(first_click.session, "layer_01", "Head 1")
+    assert again.session.query == (0, 0) and again.query_view["size"] == [98, 70]
+    assert second_click.query_view["size"] == [84, 56]
+
+
+def test_strings_from_the_export_reach_the_page_as_text(tmp_path: Path) -> None:
+    """Export strings travel as JSON strings for textContent (the page never parses them as markup);
+    what Python renders as HTML itself (the message area) is escaped."""
+    root = write_synthetic_export(tmp_path / "e", num_layers=1)
+    manifest_path = root / "attn_maps/layers_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["image_set_name"] = "<img src=x onerror=alert(1)> **bold** ![](http://example.invalid/x.png)"
+    manifest_path.write_text(json.dumps(manifest))
+    loaded = load(root)
+    assert manifest["image_set_name"] in loaded.query_view["notes"][0]  # verbatim, for textContent
+    bad = reported(load(tmp_path / "<b>missing</b>"), "no such file")
+    assert "<b>" not in bad and "&lt;b&gt;" in bad
 
 
 def test_viewer_and_reader_never_import_torch() -> None:
@@ -440,7 +565,7 @@ def test_percentile_helper_matches_numpy() -> None:
 
 
 @pytest.mark.parametrize("bad_value", ["x", -1, None, [], {}, [{"metadata_path": 3}], True])
-def test_any_corrupt_manifest_field_gives_gr_error_or_loads(per_head_export: Path, bad_value: object) -> None:
+def test_any_corrupt_manifest_field_is_reported_or_loads(per_head_export: Path, bad_value: object) -> None:
     manifest_path = per_head_export / "attn_maps/layers_manifest.json"
     original = json.loads(manifest_path.read_text())
     for key in original:
@@ -450,7 +575,33 @@ def test_any_corrupt_manifest_field_gives_gr_error_or_loads(per_head_export: Pat
             reported(loaded, ".")
         else:
             out = select(loaded.session, 5, 5, loaded.layer.value)
-            assert len(out.gallery) == 3
+            assert len(captions(out.overlays)) == 3
+
+
+# ---- figures ------------------------------------------------------------------------------------------
+
+
+def test_save_figure_writes_png_and_svg_with_text(per_head_export: Path) -> None:
+    pytest.importorskip("matplotlib")
+    loaded = load(per_head_export)
+    reported(handlers.on_save_figure(loaded.session, "layer_03", "Average", 0.6, 0), "click a patch")
+    session = select(loaded.session, 50, 30, "layer_03").session
+    saved = handlers.on_save_figure(session, "layer_02", "Head 2", 0.6, 0)
+    files = [item["path"] if isinstance(item, dict) else item for item in saved.figure_files.value]
+    png, svg = (Path(path) for path in files)
+    assert png.suffix == ".png" and svg.suffix == ".svg" and saved.message == ""
+    with Image.open(png) as image:
+        assert image.info["dpi"][0] == pytest.approx(300, abs=1) and image.width >= 1500
+    drawing = svg.read_text()
+    for words in (
+        "synthetic",
+        "Global 02 · Head 2",
+        "query cell (1, 1)",
+        "frame 2 · view_002.png",
+        "probability",
+    ):
+        assert f">{html.escape(words, quote=False)}<" in drawing.replace("\n", " ") or words in drawing, words
+    assert "<text" in drawing
 
 
 # ---- the tiny reference model's real global attention -------------------------------------------------
@@ -524,23 +675,28 @@ def test_tiny_model_attention_in_the_viewer(tmp_path: Path, precision: str, stri
     for row in range(geometry.H_ds):
         for col in range(geometry.W_ds):
             y0, _, x0, _ = geometry.cell_box(row, col)
-            table = select(loaded.session, x0 + 1, y0 + 1, "layer_02", head=f"Head {head + 1}").shares_table
+            session = select(loaded.session, x0 + 1, y0 + 1, "layer_02", head=f"Head {head + 1}").session
+            table = panel(session, "tokens", "layer_02", f"Head {head + 1}").shares_table
             qi = row * geometry.W_ds + col
             np.testing.assert_allclose(table["camera"][:3].astype(float), special[qi, head, :, 0], atol=1e-3)
             registers = special[qi, head, :, 1:].sum(-1)
             np.testing.assert_allclose(table["registers"][:3].astype(float), registers, atol=2e-3)
             expected_patches = np.minimum(pooled[qi, head], clip).sum(axis=(-2, -1))
-            cells = geometry.H_ds * geometry.W_ds
+            count = geometry.H_ds * geometry.W_ds
             np.testing.assert_allclose(
-                table["patches"][:3].astype(float), expected_patches, atol=cells * step / 2
+                table["patches"][:3].astype(float), expected_patches, atol=count * step / 2
             )
             if precision == "float16":
                 assert abs(float(table["total"].iloc[-1]) - 1.0) < 3e-3  # all of the query's attention
 
     # reverse view: the column of the exported maps is the model's attention into that key cell
-    out = handlers.on_reverse_select(loaded.session, 1, "layer_02", f"Head {head + 1}", 0.6, click(1, 1))
+    out = handlers.on_reverse_select(loaded.session, 1, "layer_02", f"Head {head + 1}", 0.6, 0, click(1, 1))
     assert out.session.reverse_cell == (0, 0)
     column = export.key_maps("layer_02", 1, 0, 0, head=head)
     expected = np.minimum(pooled[:, head, 1, 0, 0], clip).reshape(column.shape)
     assert np.abs(column - expected).max() <= step / 2 + 1e-6
-    assert out.reverse_result.shape == (geometry.display_height, geometry.display_width, 3)
+    sent = cells(out.reverse_view)[0][0]["codes"].astype(int)
+    if precision == "uint8":  # one head on its own scale: the stored codes of the column
+        assert (
+            np.abs(sent - codes_of(column, export.layer_meta("layer_02")["per_head_vmax99"][head])).max() <= 1
+        )

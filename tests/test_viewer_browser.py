@@ -1,27 +1,30 @@
 """End to end in a real browser: Debian's chromium driven by Playwright against the running app.
 
-Set ``VGGT_VIEWER_EXPORT=path`` to drive the app on a given export (for example the bundled example's),
-and ``VGGT_SCREENSHOT=1`` to save the page as ``docs/viewer_screenshot.png``.
+Set ``VGGT_VIEWER_EXPORT=path`` to drive the main test on a given export (for example the bundled
+example's), and ``VGGT_SCREENSHOT=1`` to save the page as ``docs/viewer_screenshot.png``.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import re
 import socket
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.test_viewer import expected_overlay
 from vggt.attn_format import open_export
 from vggt.testing.synthetic import write_synthetic_export
 from vggt.viewer import render
-from vggt.viewer.app import build_app
-from vggt.viewer.state import CACHE, layer_label
+from vggt.viewer.app import build_app, launch
+from vggt.viewer.state import CACHE, load_export
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -35,9 +38,11 @@ CHROMIUM_ARGS = [
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "docs" / "viewer_screenshot.png"
 TIMEOUT_MS = 30_000
+WINDOW = {"width": 1400, "height": 900}
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs Playwright for Python")
+sync_api.expect.set_options(timeout=TIMEOUT_MS)  # a loaded machine answers slowly
 
 
 def _free_port() -> int:
@@ -63,30 +68,40 @@ def export_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def rollout_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An export with a rollout, whatever ``VGGT_VIEWER_EXPORT`` names."""
-    return _write_kinds_export(tmp_path_factory.mktemp("browser") / "rollout")
+def kinds_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An export with every layer kind and the rollout, whatever ``VGGT_VIEWER_EXPORT`` names."""
+    return _write_kinds_export(tmp_path_factory.mktemp("browser") / "kinds")
+
+
+def start_viewer(initial_path: str | None = None) -> tuple[object, str]:
+    """Start the viewer on a free port (as ``visualize_attn_gradio.py`` does); the app and its address."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    port = _free_port()
+    demo = build_app(initial_path)
+    launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    return demo, f"http://127.0.0.1:{port}/"
 
 
 @pytest.fixture(scope="module")
 def app_url() -> Iterator[str]:
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    port = _free_port()
-    demo = build_app(None)
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    demo, url = start_viewer()
     try:
-        yield f"http://127.0.0.1:{port}/"
+        yield url
     finally:
         demo.close()
         CACHE.clear()
 
 
+def chromium(playwright):
+    return playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+
+
 @pytest.fixture()
 def page(app_url: str) -> Iterator[object]:
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = chromium(playwright)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page = browser.new_page(viewport=WINDOW)
             page.set_default_timeout(TIMEOUT_MS)
             page.goto(app_url)
             yield page
@@ -94,171 +109,301 @@ def page(app_url: str) -> Iterator[object]:
             browser.close()
 
 
-def _image_pixels(page, selector: str) -> np.ndarray:
-    """Download the image an ``<img>`` shows, exactly as served: ``[H, W, 3] uint8``."""
-    source = page.locator(f"{selector} img").first.get_attribute("src")
-    response = page.request.get(source)
-    assert response.ok, f"cannot fetch {source}"
-    return np.asarray(Image.open(io.BytesIO(response.body())).convert("RGB"))
+# ---- driving the page -----------------------------------------------------------------------------------
 
 
-def _click_image_pixel(page, selector: str, x: float, y: float, natural: tuple[int, int]) -> None:
-    """Click where image pixel (x, y) is drawn, whatever the <img> is scaled to (object-fit: contain)."""
-    image = page.locator(f"{selector} img").first
-    box = image.bounding_box()
-    ratio = min(box["width"] / natural[1], box["height"] / natural[0])
-    left = (box["width"] - natural[1] * ratio) / 2
-    top = (box["height"] - natural[0] * ratio) / 2
-    image.click(position={"x": left + x * ratio, "y": top + y * ratio})
+def drawn(page, view: str) -> str:
+    """The value an attention view last drew (its ``seq``), or ``""``."""
+    views = page.locator(f"#{view} .av")
+    return (views.first.get_attribute("data-drawn") or "") if views.count() else ""  # a closed tab has none
 
 
-def _pick_layer(page, label: str) -> None:
-    """Choose a layer in the Layer dropdown by the label it shows."""
-    page.locator("#layer-select input").click()
-    page.get_by_role("option", name=label, exact=True).click()
+def wait_drawn(page, view: str, before: str) -> None:
+    """Wait until attention view ``view`` has drawn a value other than ``before``."""
+    script = (
+        "([id, old]) => { const v = document.querySelector(`#${id} .av`); return v?.dataset.drawn !== old; }"
+    )
+    page.wait_for_function(script, arg=[view, before])
 
 
-def _load(page, path: Path) -> None:
-    page.locator("#export-path textarea").fill(str(path))
+def load(page, path: Path) -> None:
+    before = drawn(page, "query-view")
+    page.locator("#export-path textarea, #export-path input").first.fill(str(path))
     page.locator("#load-button").click()
-    sync_api.expect(page.locator("#query-image img")).to_have_count(1)
+    wait_drawn(page, "query-view", before)
+
+
+def click_frame_pixel(page, view: str, x: float, y: float, size: tuple[int, int]) -> None:
+    """Click where frame pixel (x, y) is drawn on the picker of ``view`` (``size`` = frame W, H); wait
+    for the answer."""
+    canvas = page.locator(f"#{view} .av-picker-canvas").first
+    box = canvas.bounding_box()
+    target = "overlays" if view == "query-view" else view
+    before = drawn(page, target)
+    canvas.click(position={"x": (x + 0.5) * box["width"] / size[0], "y": (y + 0.5) * box["height"] / size[1]})
+    wait_drawn(page, target, before)
+
+
+def pick(page, control: str, label: str, view: str = "overlays") -> None:
+    """Choose ``label`` in dropdown ``control`` and wait for ``view`` to redraw."""
+    before = drawn(page, view)
+    page.locator(f"#{control} input").click()
+    page.get_by_role("option", name=label, exact=True).click()
+    wait_drawn(page, view, before)
+
+
+def press(page, button: str, view: str = "overlays") -> None:
+    before = drawn(page, view)
+    page.locator(f"#{button}").click()
+    wait_drawn(page, view, before)
+
+
+def canvas_pixels(locator) -> np.ndarray:
+    """What a canvas holds, exactly: ``[H, W, 3] uint8``."""
+    url = locator.evaluate("canvas => canvas.toDataURL('image/png')")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
+
+
+def texts(page, selector: str) -> list[str]:
+    return [text.strip() for text in page.locator(selector).all_inner_texts()]
+
+
+# ---- the main view --------------------------------------------------------------------------------------
 
 
 def test_open_click_switch_layer_and_composites(page, export_path: Path) -> None:
     expect = sync_api.expect
-    export = open_export(export_path)
+    loaded = load_export(str(export_path))
+    export = loaded.export
+    geometry = loaded.geometry
     layers = export.layer_names
-    num_frames = len(export.frame_paths)
     global_layers = [name for name in layers if export.layer_meta(name)["layer_kind"] == "global"]
     default = (global_layers or layers)[-1]  # the last global layer
-    meta = export.layer_meta(default)
-    labels = [layer_label(name, export.layer_meta(name)) for name in layers]
+    labels = list(loaded.layer_labels.values())
+    size = (geometry.width, geometry.height)
+    readout = page.locator("#query-view .av-readout")
 
-    _load(page, export_path)
-    expect(page.locator("#value-readout")).to_contain_text(default)
-    before = _image_pixels(page, "#query-image")
+    load(page, export_path)
+    expect(readout).to_contain_text(f"{loaded.layer_labels[default]} ({default})")
+    expect(page.locator("#overlays .av-empty")).to_have_text("Click a patch of the query frame.")
 
-    height, width = export.image_size
-    geometry = render.Geometry(
-        height=height,
-        width=width,
-        H_ds=meta["H_ds"],
-        W_ds=meta["W_ds"],
-        stride_h=meta["stride_h"],
-        stride_w=meta["stride_w"],
-        patch_size=meta["patch_size"],
-        scale=render.display_scale(height, width),
-    )
-    assert before.shape == (geometry.display_height, geometry.display_width, 3)
     row, col = geometry.H_ds // 2, geometry.W_ds // 3
     y0, y1, x0, x1 = geometry.cell_box(row, col)
-    _click_image_pixel(page, "#query-image", (x0 + x1) / 2, (y0 + y1) / 2, before.shape[:2])
+    click_frame_pixel(page, "query-view", (x0 + x1) / 2, (y0 + y1) / 2, size)
+    expect(readout).to_contain_text(f"Query cell row {row}, col {col}")
+    # one overlay per frame, its caption as text under it
+    assert texts(page, "#overlays .av-caption") == list(loaded.labels)
+    assert page.locator("#overlays canvas.av-canvas").count() == loaded.num_frames
 
-    # one overlay per frame, labelled with frame number and source file
-    captions = page.locator("#overlays .caption-label")
-    expect(captions).to_have_count(num_frames)
-    expected_captions = [f"frame {i} · {source}" for i, source in enumerate(export.frame_sources)]
-    assert captions.all_inner_texts() == expected_captions
-    expect(page.locator("#value-readout")).to_contain_text(f"Query cell row {row}, col {col}")
-
-    # the pixels under the clicked cell, and only those, are highlighted
-    after = _image_pixels(page, "#query-image")
-    changed = np.any(after != before, axis=-1)
-    assert changed[y0:y1, x0:x1].all()
-    changed[y0:y1, x0:x1] = False
-    assert not changed.any()
+    # a head: the page colours the stored codes exactly as the format says
+    head = "Head 2" if export.layer_meta(default)["per_head_data"] else "Average"
+    pick(page, "head-select", head)
+    qi = row * geometry.W_ds + col
+    maps = export.query_maps(default, qi, 1 if head != "Average" else None)
+    if maps.ndim == 4:
+        maps = maps.mean(0)
+    meta = export.layer_meta(default)
+    scale = float(meta["per_head_vmax99"][1]) if head != "Average" else float(np.percentile(maps, 99))
+    for frame in range(loaded.num_frames):
+        canvas = page.locator("#overlays canvas.av-canvas").nth(frame)
+        pixels = canvas_pixels(canvas)
+        factor = int(float(canvas.get_attribute("data-scale")))
+        scaled = replace(geometry, scale=factor)
+        codes = np.rint(np.clip(maps[frame] / scale, 0, 1) * 255).astype(np.uint8)
+        reference = expected_overlay(render.upscale(loaded.frames[frame], factor), codes, scaled, 0.6)
+        if frame == 0:  # the query cell is outlined on frame 0
+            qy0, qy1, qx0, qx1 = scaled.cell_box(row, col)
+            pixels, reference = pixels.copy(), reference.copy()
+            pixels[qy0:qy1, qx0:qx1] = reference[qy0:qy1, qx0:qx1] = 0
+        difference = np.abs(pixels.astype(float) - reference)
+        assert difference.max() <= 3, (frame, difference.max())  # canvas alpha blending rounds in 8 bits
 
     # switch layer (by its label in the dropdown): the view re-renders for the same query
-    first_overlay = page.locator("#overlays img").first.get_attribute("src")
-    _pick_layer(page, labels[0])
-    expect(page.locator("#value-readout")).to_contain_text(f"{labels[0]} ({layers[0]})")
-    expect(page.locator("#value-readout")).to_contain_text("layer vmax99")
-    expect(page.locator("#value-readout")).to_contain_text(f"Query cell row {row}, col {col}")
-    expect(page.locator("#overlays img").first).not_to_have_attribute("src", first_overlay)
-    expect(captions).to_have_count(num_frames)
-    page.locator("#shares-chart").scroll_into_view_if_needed()
-    expect(page.locator("#shares-table")).to_contain_text("camera")
+    pick(page, "layer-select", labels[0])
+    expect(readout).to_contain_text(f"{labels[0]} ({layers[0]})")
+    expect(readout).to_contain_text(f"Query cell row {row}, col {col}")
     if os.environ.get("VGGT_SCREENSHOT") == "1":
-        page.wait_for_timeout(1500)  # let the bar chart finish drawing
+        pick(page, "layer-select", loaded.layer_labels[default])
         page.evaluate("window.scrollTo(0, 0)")
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SCREENSHOT), full_page=True)
+        page.screenshot(path=str(SCREENSHOT))
 
-    # all layers at once: one strip per layer of every kind, titled with the layer's label
-    page.locator("#all-layers input[type=checkbox]").check()
-    expect(captions.first).to_have_text(re.compile(rf"^{re.escape(labels[0])}\b"))
-    expect(captions).to_have_count(len(layers))
-    titles = captions.all_inner_texts()
-    assert [title.startswith(label) for title, label in zip(titles, labels, strict=True)] == [True] * len(
-        labels
+    # all layers at once: one row per layer of every kind, its label and scale as text outside the
+    # images, one column per frame; each cell at least 160 px wide
+    press(page, "mode-layers")
+    names = texts(page, "#overlays .av-label-name")
+    assert [name.removesuffix(" · average") for name in names] == labels  # the rollout has no head 2
+    assert all(note.startswith("full colour = ") for note in texts(page, "#overlays .av-label-note"))
+    assert (
+        texts(page, "#overlays .av-column")[: loaded.num_frames] == list(loaded.labels)[: loaded.num_frames]
     )
+    widths = [box["width"] for box in (c.bounding_box() for c in page.locator("#overlays canvas").all())]
+    assert widths and min(widths) >= 160
+    assert page.locator("#overlays .av-canvas img, #overlays .av-label img").count() == 0  # no text in images
+
+    # clicking a cell opens its layer and head in the frames view
+    before = drawn(page, "overlays")
+    page.locator("#overlays .av-opens").nth(loaded.num_frames).click()  # second row, first frame
+    wait_drawn(page, "overlays", before)
+    expect(page.locator("#layer-select input")).to_have_value(labels[1])
+    assert page.locator("#overlays .av-label").count() == 0
+    assert page.locator("#mode-frames").get_attribute("class").count("primary") == 1
 
 
-def test_pick_rollout_in_the_layer_choice(page, rollout_export: Path) -> None:
+def test_rollout_and_the_heads_grid(page, kinds_export: Path) -> None:
     expect = sync_api.expect
-    export = open_export(rollout_export)
-    num_frames = len(export.frame_paths)
-    rollout = export.layer_meta("rollout")
-    label = f"Rollout (discard {rollout['rollout_discard_ratio']:g})"
-    readout = page.locator("#value-readout")
-    captions = page.locator("#overlays .caption-label")
-
-    _load(page, rollout_export)
+    loaded = load_export(str(kinds_export))
+    label = f"Rollout (discard {loaded.export.layer_meta('rollout')['rollout_discard_ratio']:g})"
+    readout = page.locator("#query-view .av-readout")
+    load(page, kinds_export)
     expect(readout).to_contain_text("global_04")
-    shape = _image_pixels(page, "#query-image").shape
-    _click_image_pixel(page, "#query-image", shape[1] / 2, shape[0] / 2, shape[:2])
-    expect(captions).to_have_count(num_frames)
-    page.locator("#head-select input").click()
-    page.get_by_role("option", name="Head 2", exact=True).click()
+    click_frame_pixel(page, "query-view", 20, 20, (loaded.geometry.width, loaded.geometry.height))
+    pick(page, "head-select", "Head 2")
     expect(readout).to_contain_text("Head 2 vmax99")
-    global_overlay = page.locator("#overlays img").first.get_attribute("src")
 
-    # the rollout: its discard ratio in the readout, the gallery re-rendered, the Head control on Average
-    _pick_layer(page, label)
+    # layers x heads on frame 0: rows = layers, columns = the average and every head
+    press(page, "mode-layers-heads")
+    assert texts(page, "#overlays .av-column") == ["Average", "Head 1", "Head 2", "Head 3", "Head 4"]
+    assert texts(page, "#overlays .av-label-name") == list(loaded.layer_labels.values())
+    expect(page.locator("#grid-frame input")).to_be_enabled()
+
+    # the rollout: its discard ratio in the readout, the Head control and the heads views disabled
+    press(page, "mode-frames")
+    pick(page, "layer-select", label)
     expect(readout).to_contain_text("discard ratio 0.9")
     expect(readout).to_contain_text("attention rollout")
-    expect(page.locator("#overlays img").first).not_to_have_attribute("src", global_overlay)
-    expect(captions).to_have_count(num_frames)
     expect(page.locator("#head-select input")).to_have_value("Average")
     expect(page.locator("#head-select input")).to_be_disabled()
+    expect(page.locator("#mode-heads")).to_be_disabled()
+    expect(page.locator("#mode-layers-heads")).to_be_enabled()  # other layers have heads
+    expect(page.locator("#grid-frame input")).to_be_disabled()
 
     # its camera-token view: one overlay per frame, the discard ratio in its readout too
-    page.get_by_text("Camera-token view", exact=False).first.click()
-    expect(page.locator("#token-readout")).to_contain_text("discard ratio 0.9")
-    expect(page.locator("#token-overlays .caption-label")).to_have_count(num_frames)
+    before = drawn(page, "token-view")
+    page.get_by_role("tab", name="Camera-token view").click()
+    wait_drawn(page, "token-view", before)
+    expect(page.locator("#token-view .av-readout")).to_contain_text("discard ratio 0.9")
+    expect(page.locator("#token-view .av-caption")).to_have_count(loaded.num_frames)
 
     # a frame layer: frame 0 only, in both views
-    _pick_layer(page, "Frame 01")
+    pick(page, "layer-select", "Frame 01")
     expect(readout).to_contain_text("frame attention")
-    expect(captions).to_have_count(1)
-    expect(page.locator("#token-overlays .caption-label")).to_have_count(1)
+    expect(page.locator("#overlays .av-caption")).to_have_count(1)
+    expect(page.locator("#token-view .av-caption")).to_have_count(1)
     expect(page.locator("#head-select input")).to_be_enabled()
+
+
+def test_an_averaged_export_disables_what_does_not_apply(page, tmp_path: Path) -> None:
+    expect = sync_api.expect
+    root = write_synthetic_export(tmp_path / "averaged", H_p=4, W_p=6, num_layers=2)
+    load(page, root)
+    for control in ("#mode-heads", "#mode-layers-heads", "#head-select input", "#grid-frame input"):
+        expect(page.locator(control)).to_be_disabled()
+    for control in ("#mode-frames", "#mode-layers", "#layer-select input"):
+        expect(page.locator(control)).to_be_enabled()
+
+
+def test_layout_fits_a_1400_by_900_window_and_many_frames_come_in_pages(page, tmp_path: Path) -> None:
+    expect = sync_api.expect
+    three = write_synthetic_export(tmp_path / "three", num_frames=3, H_p=37, W_p=37, stride_h=4, stride_w=4,
+                                   num_layers=1)  # fmt: skip
+    load(page, three)
+    click_frame_pixel(page, "query-view", 200, 200, (518, 518))
+    query = page.locator("#query-view .av-picker-canvas").bounding_box()
+    boxes = [c.bounding_box() for c in page.locator("#overlays canvas.av-canvas").all()]
+    assert len(boxes) == 3
+    assert query["y"] + query["height"] <= WINDOW["height"]  # all visible without scrolling
+    assert all(box["width"] >= 400 and box["y"] + box["height"] <= WINDOW["height"] for box in boxes), boxes
+
+    many = write_synthetic_export(tmp_path / "many", num_frames=32, H_p=4, W_p=5, num_layers=1)
+    load(page, many)
+    click_frame_pixel(page, "query-view", 20, 20, (70, 56))
+    expect(page.locator("#overlays canvas.av-canvas")).to_have_count(8)
+    expect(page.locator("#overlays .av-page-text")).to_have_text("frames 1–8 of 32")
+    boxes = [c.bounding_box() for c in page.locator("#overlays canvas.av-canvas").all()]
+    assert all(box["y"] + box["height"] <= WINDOW["height"] for box in boxes)
+    page.locator("#overlays .av-page-button").nth(1).click()
+    expect(page.locator("#overlays .av-page-text")).to_have_text("frames 9–16 of 32")
+    assert texts(page, "#overlays .av-caption")[0] == "frame 8 · view_008.png"
+
+
+def test_a_bad_path_after_a_good_export_keeps_the_page(page, export_path: Path, tmp_path: Path) -> None:
+    expect = sync_api.expect
+    loaded = load_export(str(export_path))
+    size = (loaded.geometry.width, loaded.geometry.height)
+    load(page, export_path)
+    click_frame_pixel(page, "query-view", 5, 5, size)
+    readout = page.locator("#query-view .av-readout")
+    expect(readout).to_contain_text("Query cell row 0, col 0")
+
+    page.locator("#export-path textarea, #export-path input").first.fill(str(tmp_path / "no_such_export"))
+    page.locator("#load-button").click()
+    message = page.locator("#export-message .viewer-message")
+    expect(message).to_contain_text("no such file")
+    assert "\n" not in message.inner_text().strip()
+    # no component in an error state, no toast: the old export is still open and clickable
+    assert page.get_by_text("Error", exact=True).count() == 0
+    assert page.locator(".toast-body").count() == 0
+    click_frame_pixel(page, "query-view", size[0] - 2, size[1] - 2, size)
+    expect(readout).not_to_contain_text("Query cell row 0, col 0")
+    expect(message).to_have_count(0)  # a successful action clears the message
+
+
+def test_save_figure_gives_png_and_svg(page, export_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    expect = sync_api.expect
+    loaded = load_export(str(export_path))
+    load(page, export_path)
+    click_frame_pixel(page, "query-view", 5, 5, (loaded.geometry.width, loaded.geometry.height))
+    page.locator("#save-figure").click()
+    links = page.locator("#figure-files a")
+    expect(links).to_have_count(2, timeout=60_000)
+    addresses = [link.get_attribute("href") for link in links.all()]
+    assert sorted(Path(address.split("?")[0]).suffix for address in addresses) == [".png", ".svg"]
+    for address in addresses:
+        response = page.request.get(address)
+        assert response.ok
+        if address.split("?")[0].endswith(".png"):
+            image = Image.open(io.BytesIO(response.body()))
+            assert image.width >= 1500 and round(image.info["dpi"][0]) == 300  # print resolution
+        else:
+            drawing = response.text()
+            assert "<text" in drawing and "query frame" in drawing
+            name = str(loaded.export.manifest.get("image_set_name"))
+            assert re.sub(r"\s+", " ", name) in drawing
+
+
+def test_strings_of_the_export_are_shown_as_text(page, tmp_path: Path) -> None:
+    root = write_synthetic_export(tmp_path / "hostile", num_layers=1)
+    manifest = root / "attn_maps" / "layers_manifest.json"
+    name = "<img src=x id=injected> **bold**"
+    manifest.write_text(manifest.read_text().replace('"synthetic"', f'"{name.replace(chr(34), "")}"'))
+    load(page, root)
+    sync_api.expect(page.locator("#query-view .av-note").first).to_contain_text(name)
+    assert page.locator("#injected").count() == 0
 
 
 def test_attn_dir_at_start_and_two_sessions_keep_their_own_export(tmp_path: Path) -> None:
     expect = sync_api.expect
     two_frames = write_synthetic_export(tmp_path / "two", num_frames=2, H_p=4, W_p=4, num_layers=2, seed=1)
     four_frames = write_synthetic_export(tmp_path / "four", num_frames=4, H_p=5, W_p=3, num_layers=3, seed=2)
-    port = _free_port()
-    demo = build_app(str(two_frames))  # what --attn_dir does
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    demo, url = start_viewer(str(two_frames))  # what --attn_dir does
     try:
         with sync_api.sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            browser = chromium(playwright)
             try:
-                first = browser.new_context().new_page()
-                second = browser.new_context().new_page()
+                first = browser.new_context(viewport=WINDOW).new_page()
+                second = browser.new_context(viewport=WINDOW).new_page()
                 for page in (first, second):
                     page.set_default_timeout(TIMEOUT_MS)
-                    page.goto(f"http://127.0.0.1:{port}/")
-                    expect(page.locator("#value-readout")).to_contain_text("layer_02")  # opened at start
-                second.locator("#export-path textarea").fill(str(four_frames))
-                second.locator("#load-button").click()
-                expect(second.locator("#value-readout")).to_contain_text("layer_03")
-                for page, frames in ((first, 2), (second, 4), (first, 2)):
-                    shape = _image_pixels(page, "#query-image").shape
-                    _click_image_pixel(page, "#query-image", 5, 5, shape[:2])
-                    captions = page.locator("#overlays .caption-label")
+                    page.goto(url)
+                    expect(page.locator("#query-view .av-readout")).to_contain_text("layer_02")  # at start
+                load(second, four_frames)
+                expect(second.locator("#query-view .av-readout")).to_contain_text("layer_03")
+                for page, frames, size in ((first, 2, (56, 56)), (second, 4, (42, 70)), (first, 2, (56, 56))):
+                    page.bring_to_front()  # a page in the background draws at its next animation frame
+                    click_frame_pixel(page, "query-view", 5, 5, size)
+                    captions = page.locator("#overlays .av-caption")
                     expect(captions).to_have_count(frames)
                     assert captions.all_inner_texts()[-1].startswith(f"frame {frames - 1} ")
             finally:
@@ -268,21 +413,15 @@ def test_attn_dir_at_start_and_two_sessions_keep_their_own_export(tmp_path: Path
         CACHE.clear()
 
 
-def test_a_bad_path_after_a_good_export_keeps_the_page(page, export_path: Path, tmp_path: Path) -> None:
+def test_the_reverse_view_in_the_page(page, kinds_export: Path) -> None:
     expect = sync_api.expect
-    _load(page, export_path)
-    shape = _image_pixels(page, "#query-image").shape
-    _click_image_pixel(page, "#query-image", 5, 5, shape[:2])
-    expect(page.locator("#value-readout")).to_contain_text("Query cell row 0, col 0")
-
-    page.locator("#export-path textarea").fill(str(tmp_path / "no_such_export"))
-    page.locator("#load-button").click()
-    message = page.locator("#export-message")
-    expect(message).to_contain_text("no such file")
-    assert "\n" not in message.inner_text().strip()
-    # no component in an error state, no toast: the old export is still open and clickable
-    assert page.get_by_text("Error", exact=True).count() == 0
-    assert page.locator(".toast-body").count() == 0
-    _click_image_pixel(page, "#query-image", shape[1] - 5, shape[0] - 5, shape[:2])
-    expect(page.locator("#value-readout")).not_to_contain_text("Query cell row 0, col 0")
-    expect(message).to_have_text("")  # a successful action clears the message
+    loaded = load_export(str(kinds_export))
+    export = open_export(kinds_export)
+    load(page, kinds_export)
+    before = drawn(page, "reverse-view")
+    page.get_by_role("tab", name="Reverse view").click()
+    wait_drawn(page, "reverse-view", before)
+    click_frame_pixel(page, "reverse-view", 3, 3, (loaded.geometry.width, loaded.geometry.height))
+    expect(page.locator("#reverse-view .av-readout")).to_contain_text("Key cell row 0, col 0")
+    assert page.locator("#reverse-view canvas.av-canvas").count() == 1
+    assert export.layer_names  # the page showed the column of the default layer

@@ -227,13 +227,13 @@ class Plan:
         lines = [f"Export of '{args.image_set_name}' -> {self.out_dir}"]
         lines.append(
             f"  frames: {len(self.choice.paths)} of {self.choice.folder_size} images, {args.preprocess} to "
-            f"{self.images.shape[-2]}x{self.images.shape[-1]} px (frame 0 is the query frame)"
+            f"{self.images.shape[-1]} x {self.images.shape[-2]} px (W x H; frame 0 is the query frame)"
         )
         for index, path in enumerate(self.choice.paths):
             lines.append(f"    frame {index:2d}: {path.name}")
         lines.append(
-            f"  grid: {grid.grid_h}x{grid.grid_w} patches, stride {grid.stride_h}x{grid.stride_w} -> "
-            f"{grid.H_ds}x{grid.W_ds} cells, {grid.num_queries} queries"
+            f"  grid: {grid.grid_w} x {grid.grid_h} patches, stride {grid.stride_w} x {grid.stride_h} -> "
+            f"{grid.W_ds} x {grid.H_ds} cells (W x H), {grid.num_queries} queries"
         )
         names = [layer_name(ref.kind, ref.number, options.blocks) for ref in self.layers]
         shown = f"{names[0]} .. {names[-1]}" if len(names) > 3 else ", ".join(names)

@@ -1,18 +1,176 @@
-"""The Gradio Blocks layout of the viewer; behaviour lives in :mod:`vggt.viewer.handlers`."""
+"""The Gradio Blocks layout of the viewer; behaviour lives in :mod:`vggt.viewer.handlers`.
+
+The page, for a 1400 x 900 window: the path box (and the message area beside it), then the query frame
+with the readout and a description of the export beside it and the controls to its right, then the
+overlays (a grid of frames, or a composite, with its colour bar), then the secondary panels in tabs.
+The query frame, the overlays and the camera-token and reverse views are attention views: ``gr.HTML``
+components drawn in the browser by ``static/attention_view.js`` from the values of
+:mod:`vggt.viewer.payload`.
+
+A panel added below (in :func:`build_app`, with ``gr.Tab``) finds the components in :class:`Page`; to
+open a layer and head in the main view it returns :func:`handlers.open_layer_head` with outputs
+``page.main_outputs``.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
 import gradio as gr
 
-from vggt.viewer import handlers
+from vggt.viewer import handlers, views
 from vggt.viewer.state import AVERAGE, Session
 
 TITLE = "VGGT attention viewer"
-INTRO = (
-    "Open an export (its folder, `attn_maps/`, `layers_manifest.json`, one layer's metadata JSON, or a "
-    "`.zip` of the folder), then click a patch of the query frame: each frame shows how much attention "
-    "that patch sends to it, in jet colours (transparent blue = none, dark red = the value in the readout)."
-)
+STATIC = Path(__file__).parent / "static"
+PATH_HINT = "Export path: its folder, attn_maps/, layers_manifest.json, a layer's metadata JSON or a .zip"
+PAGE_CSS = """
+.viewer-error { color: var(--error-text-color); background: var(--error-background-fill);
+  border: 1px solid var(--error-border-color); border-radius: 6px; padding: 4px 10px; }
+.viewer-note { font-size: 13px; }
+"""
+# Dropdowns whose choices change with the export or layer: Gradio would refuse a value sent while the
+# page still shows the old choices (a bare "Error"); the handlers check every value themselves.
+CHANGING = {"allow_custom_value": True}
+# Interactions answer without Gradio's queue (a direct request each) and without a progress overlay.
+FAST = {"queue": False, "show_progress": "hidden"}
+
+
+@cache
+def _static(name: str) -> str:
+    return (STATIC / name).read_text(encoding="utf-8")
+
+
+def attention_view(elem_id: str) -> gr.HTML:
+    """An attention view: a ``gr.HTML`` whose value (:mod:`.payload`) the page draws on canvases."""
+    return gr.HTML(
+        value={},
+        html_template='<div class="av"></div>',
+        css_template=_static("attention_view.css"),
+        js_on_load=_static("attention_view.js"),
+        apply_default_css=False,
+        elem_id=elem_id,
+    )
+
+
+def text_area(elem_id: str, scale: int | None = None) -> gr.HTML:
+    """A ``gr.HTML`` showing escaped text (:func:`messages.lines_html`, :func:`messages.message_html`)."""
+    return gr.HTML(
+        elem_id=elem_id, css_template=PAGE_CSS, apply_default_css=False, js_on_load=None, scale=scale
+    )
+
+
+@dataclass
+class Page:
+    """The components of the page, for the handlers' wiring and for panels added below."""
+
+    session: gr.State
+    path_box: gr.Textbox
+    load_button: gr.Button
+    message: gr.HTML
+    layer: gr.Dropdown
+    head: gr.Dropdown
+    mode_buttons: dict[str, gr.Button]
+    grid_frame: gr.Dropdown
+    opacity: gr.Slider
+    save_figure: gr.Button
+    figure_files: gr.File
+    query_view: gr.HTML
+    overlays: gr.HTML
+    panels: dict[str, gr.Component] = field(default_factory=dict)
+
+    @property
+    def view_inputs(self) -> list:
+        """Inputs of the main view's handlers: session, layer, head, opacity, the layers x heads frame."""
+        return [self.session, self.layer, self.head, self.opacity, self.grid_frame]
+
+    @property
+    def main_outputs(self) -> list:
+        """Outputs in the order of :class:`handlers.MainView`."""
+        return [self.session, self.layer, self.head, *self.mode_buttons.values(), self.grid_frame,
+                self.query_view, self.overlays, self.message]  # fmt: skip
+
+
+def _main_view(initial_path: str | None) -> Page:
+    session = gr.State(Session())
+    with gr.Row(equal_height=True):
+        path_box = gr.Textbox(
+            value=initial_path or "", show_label=False, placeholder=PATH_HINT, container=False, scale=6,
+            elem_id="export-path",
+        )  # fmt: skip
+        load_button = gr.Button("Load", variant="primary", scale=1, min_width=90, elem_id="load-button")
+        message = text_area("export-message", scale=5)  # every failure is said here (reports_errors)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3, min_width=560):
+            query_view = attention_view("query-view")
+        with gr.Column(scale=2, min_width=460):
+            with gr.Row():
+                layer = gr.Dropdown(
+                    label="Layer", **CHANGING, choices=[], scale=2, min_width=140, elem_id="layer-select"
+                )
+                head = gr.Dropdown(label="Head", choices=[AVERAGE], value=AVERAGE, scale=1, min_width=120,
+                                   elem_id="head-select", **CHANGING)  # fmt: skip
+                grid_frame = gr.Dropdown(label="Frame (layers × heads)", choices=[], interactive=False,
+                                         scale=2, min_width=140, elem_id="grid-frame",
+                                         **CHANGING)  # fmt: skip
+            with gr.Row():
+                mode_buttons = {
+                    mode: gr.Button(text, size="sm", min_width=80, elem_id=f"mode-{mode.replace('_', '-')}",
+                                    variant="primary" if mode == "frames" else "secondary", interactive=False)
+                    for mode, text in views.MODES.items()
+                }  # fmt: skip
+            with gr.Row(equal_height=True):
+                opacity = gr.Slider(0.0, 1.0, value=0.6, step=0.05, label="Opacity", scale=3, min_width=140,
+                                    elem_id="opacity")  # fmt: skip
+                save_figure = gr.Button(
+                    "Save figure", size="sm", scale=1, min_width=100, elem_id="save-figure"
+                )
+            figure_files = gr.File(
+                label="Figure", file_count="multiple", visible=False, elem_id="figure-files"
+            )
+    overlays = attention_view("overlays")
+    return Page(session, path_box, load_button, message, layer, head, mode_buttons, grid_frame,
+                opacity, save_figure, figure_files, query_view, overlays)  # fmt: skip
+
+
+def _panels(page: Page) -> dict[str, gr.Tab]:
+    """The secondary panels, as tabs below the main view; their components go into ``page.panels``."""
+    tabs = {}
+    with gr.Tabs(elem_id="panels"):
+        with gr.Tab("Special tokens", id="tokens", elem_id="tab-tokens") as tabs["tokens"]:
+            page.panels["shares_note"] = text_area("shares-note")
+            with gr.Row():
+                page.panels["shares_chart"] = gr.BarPlot(
+                    x="frame", y="share", color="token", y_title="share of attention", elem_id="shares-chart"
+                )
+                page.panels["shares_table"] = gr.Dataframe(
+                    label="Share of the query's attention", elem_id="shares-table"
+                )
+        with gr.Tab("Camera-token view", id="camera", elem_id="tab-camera") as tabs["camera"]:
+            page.panels["token_query"] = gr.Dropdown(
+                label="Token (camera tokens; the class token in DINOv2 layers)",
+                **CHANGING,
+                choices=[],
+                elem_id="token-select",
+            )
+            page.panels["token_view"] = attention_view("token-view")
+        with gr.Tab("Reverse view", id="reverse", elem_id="tab-reverse") as tabs["reverse"]:
+            page.panels["reverse_frame"] = gr.Dropdown(
+                label="Frame", choices=[], **CHANGING, elem_id="reverse-frame"
+            )
+            page.panels["reverse_view"] = attention_view("reverse-view")
+    return tabs
+
+
+def launch(demo: gr.Blocks, **options) -> None:
+    """Start the viewer's server (Gradio's ``launch`` with ``options``) the way the viewer needs it.
+
+    Gradio's run history is off: it would keep every request's inputs and outputs (paths, the frames)
+    in the browser's storage, and writing them there takes longer than drawing a click.
+    """
+    demo.queue().launch(**({"run_history": False} | options))
 
 
 def build_app(initial_path: str | None = None) -> gr.Blocks:
@@ -26,126 +184,65 @@ def build_app(initial_path: str | None = None) -> gr.Blocks:
     Returns
     -------
     gr.Blocks
-        The app, not yet launched.
+        The app, not yet launched (start it with :func:`launch`).
     """
-    with gr.Blocks(title=TITLE) as demo:
-        session = gr.State(Session())
-        gr.Markdown(f"# {TITLE}\n{INTRO}")
-        with gr.Row(equal_height=True):
-            path_box = gr.Textbox(
-                value=initial_path or "",
-                label="Export path",
-                placeholder="attn_first2all_kitchen (or …/attn_maps, …/layers_manifest.json, a .zip)",
-                scale=5,
-                elem_id="export-path",
-            )
-            load_button = gr.Button("Load", variant="primary", scale=1, elem_id="load-button")
-        message = gr.HTML(
-            elem_id="export-message"
-        )  # every failure is reported here (handlers.reports_errors)
-        banner = gr.Markdown(elem_id="banner")
-        info = gr.Markdown(elem_id="export-info")
-        with gr.Row():
-            with gr.Column(scale=2):
-                with gr.Row():
-                    layer = gr.Dropdown(label="Layer", choices=[], elem_id="layer-select")
-                    head = gr.Dropdown(label="Head", choices=[AVERAGE], value=AVERAGE, elem_id="head-select")
-                opacity = gr.Slider(0.0, 1.0, value=0.6, step=0.05, label="Opacity", elem_id="opacity")
-                with gr.Row():
-                    all_layers = gr.Checkbox(label="Show all layers at once", elem_id="all-layers")
-                    all_heads = gr.Checkbox(label="Show all heads at once", elem_id="all-heads")
-                readout = gr.Markdown(elem_id="value-readout")
-                query_image = gr.Image(
-                    label="Query frame (frame 0): click a patch",
-                    type="numpy",
-                    format="png",
-                    interactive=False,
-                    elem_id="query-image",
-                )
-            with gr.Column(scale=3):
-                gallery = gr.Gallery(
-                    label="Attention from the clicked patch to every frame",
-                    columns=3,
-                    format="jpeg",
-                    object_fit="contain",
-                    elem_id="overlays",
-                )
-        with gr.Accordion("Special tokens vs patches, per frame (clicked query)", open=True):
-            shares_note = gr.Markdown(elem_id="shares-note")
-            with gr.Row():
-                shares_chart = gr.BarPlot(
-                    x="frame",
-                    y="share",
-                    color="token",
-                    y_title="share of attention",
-                    elem_id="shares-chart",
-                )
-                shares_table = gr.Dataframe(label="Share of the query's attention", elem_id="shares-table")
-        with gr.Accordion(
-            "Camera-token view: a frame's camera token and its attention to every frame", open=False
-        ):
-            token_readout = gr.Markdown(elem_id="token-readout")
-            token_query = gr.Dropdown(
-                label="Token (camera tokens; the class token in DINOv2 layers)",
-                choices=[],
-                elem_id="token-select",
-            )
-            token_gallery = gr.Gallery(
-                label="Attention from that token to every frame of the layer",
-                columns=3,
-                format="jpeg",
-                object_fit="contain",
-                elem_id="token-overlays",
-            )
-        with gr.Accordion("Reverse view: which query patches attend to a patch of any frame", open=False):
-            reverse_frame = gr.Dropdown(label="Frame", choices=[], elem_id="reverse-frame")
-            with gr.Row():
-                reverse_source = gr.Image(
-                    label="Click a patch of this frame",
-                    type="numpy",
-                    format="png",
-                    interactive=False,
-                    elem_id="reverse-source",
-                )
-                reverse_result = gr.Image(
-                    label="Query frame: attention sent to that patch",
-                    type="numpy",
-                    format="png",
-                    interactive=False,
-                    elem_id="reverse-result",
-                )
-
-        token_outputs = [token_query, token_gallery, token_readout]
-        loaded_outputs = [
-            session, layer, head, banner, info, query_image, gallery, readout,
-            shares_table, shares_chart, shares_note, reverse_frame, reverse_source, reverse_result,
-            *token_outputs, message,
-        ]  # fmt: skip
-        rendered_outputs = [
-            session, query_image, gallery, readout, shares_table, shares_chart, shares_note, reverse_result,
-            message,
-        ]  # fmt: skip
-        layer_outputs = [session, head, *rendered_outputs[1:-1], *token_outputs, message]
-        token_view_outputs = [*token_outputs, message]
-        reverse_outputs = [session, reverse_source, reverse_result, message]
-        view_controls = [layer, head, opacity, all_layers, all_heads]
-        token_inputs = [session, layer, head, opacity, token_query]
-
-        # "minimal": a small spinner, no overlay over the images while a request runs
-        quiet = {"show_progress": "minimal"}
-        load_button.click(handlers.on_load, [path_box, session], loaded_outputs, **quiet)
-        path_box.submit(handlers.on_load, [path_box, session], loaded_outputs, **quiet)
-        if initial_path:
-            demo.load(handlers.on_load, [path_box, session], loaded_outputs, **quiet)
-        layer.input(handlers.on_layer_change, [session, *view_controls, token_query], layer_outputs, **quiet)
-        for control in (head, all_layers, all_heads):
-            control.input(handlers.on_settings_change, [session, *view_controls], rendered_outputs, **quiet)
-        opacity.release(handlers.on_settings_change, [session, *view_controls], rendered_outputs, **quiet)
-        # the camera-token view follows the head and opacity too (the layer change renders it itself)
-        for event in (head.input, opacity.release, token_query.input):
-            event(handlers.on_token_view, token_inputs, token_view_outputs, show_progress="minimal")
-        query_image.select(handlers.on_query_select, [session, *view_controls], rendered_outputs, **quiet)
-        reverse_inputs = [session, reverse_frame, layer, head, opacity]
-        reverse_frame.input(handlers.on_reverse_frame, reverse_inputs, reverse_outputs, **quiet)
-        reverse_source.select(handlers.on_reverse_select, reverse_inputs, reverse_outputs, **quiet)
+    # delete_cache: files handed to the page (figures) are removed after a day, and at a restart
+    with gr.Blocks(title=TITLE, fill_width=True, delete_cache=(3600, 86400)) as demo:
+        page = _main_view(initial_path)
+        tabs = _panels(page)
+        _wire(demo, page, tabs, bool(initial_path))
     return demo
+
+
+def _wire(demo: gr.Blocks, page: Page, tabs: dict[str, gr.Tab], load_at_start: bool) -> None:
+    panels = page.panels
+    panel_inputs = [*page.view_inputs, panels["token_query"], panels["reverse_frame"]]
+    panel_outputs = [panels[name] for name in handlers.Panels._fields[:-1]] + [page.message]
+    loaded_outputs = page.main_outputs
+
+    def then_panels(event) -> None:
+        event.then(handlers.on_panels, panel_inputs, panel_outputs, **FAST)
+
+    load = [page.path_box, page.session]
+    slow = {"show_progress": "minimal", "show_progress_on": page.query_view}  # a spinner on the query frame
+    then_panels(page.load_button.click(handlers.on_load, load, loaded_outputs, **slow))
+    then_panels(page.path_box.submit(handlers.on_load, load, loaded_outputs, **slow))
+    if load_at_start:
+        then_panels(demo.load(handlers.on_load, load, loaded_outputs, **slow))
+
+    main = (page.view_inputs, page.main_outputs)
+    # dropdowns answer `select`: Gradio 6 fires `input` twice for one choice
+    then_panels(page.query_view.select(handlers.on_query_select, *main, **FAST))
+    then_panels(page.layer.select(handlers.on_layer_change, *main, **FAST))
+    then_panels(page.head.select(handlers.on_settings_change, *main, **FAST))
+    page.grid_frame.select(handlers.on_settings_change, *main, **FAST)
+    for mode, button in page.mode_buttons.items():
+        button.click(handlers.on_mode(mode), *main, **FAST)
+    cell_inputs = [page.session, page.opacity, page.grid_frame]
+    then_panels(page.overlays.select(handlers.on_open_cell, cell_inputs, page.main_outputs, **FAST))
+    # the opacity is applied in the page, without a request; the handlers read it when they render
+    page.opacity.input(None, [page.opacity], None, js="(v) => { window.vggtSetOpacity?.(v); return v; }")
+    page.save_figure.click(
+        handlers.on_save_figure, page.view_inputs, [page.figure_files, page.message],
+        show_progress="minimal", show_progress_on=page.figure_files,
+    )  # fmt: skip
+
+    for name, tab in tabs.items():
+        then_panels(tab.select(handlers.on_panel(name), [page.session], [page.session], **FAST))
+    panels["token_query"].select(
+        handlers.on_token_view,
+        [*page.view_inputs, panels["token_query"]],
+        [panels["token_view"], page.message],
+        **FAST,
+    )
+    reverse_inputs = [
+        page.session,
+        panels["reverse_frame"],
+        page.layer,
+        page.head,
+        page.opacity,
+        page.grid_frame,
+    ]
+    reverse_outputs = [page.session, panels["reverse_view"], page.message]
+    panels["reverse_frame"].select(handlers.on_reverse_frame, reverse_inputs, reverse_outputs, **FAST)
+    panels["reverse_view"].select(handlers.on_reverse_select, reverse_inputs, reverse_outputs, **FAST)

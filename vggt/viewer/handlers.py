@@ -1,28 +1,35 @@
-"""Gradio event handlers: thin wrappers over :mod:`vggt.viewer.state` that speak Gradio's types.
+"""Gradio event handlers: thin wrappers over :mod:`vggt.viewer.views` that speak Gradio's types.
 
 Each handler takes the session (``gr.State``) and the controls' values and returns a named tuple in the
 order of the outputs the app wires (so tests can call them directly and read fields by name). Every
 tuple ends with ``message``, the message area under the path box: cleared on success; on any failure
 (:func:`reports_errors`) it says what went wrong and every other output is skipped, so the page, the
 session and the export already open stay as they were.
+
+The main view (query frame, overlays, the controls that choose them) is answered by :class:`MainView`
+from every handler that changes it; :func:`open_layer_head` opens a layer and head there, for any
+panel that wants to (a click on a composite's cell, an analysis heatmap). The secondary panels below it
+are brought up to date by :func:`on_panels` after each change, the open one only.
 """
 
 from __future__ import annotations
 
 import functools
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import gradio as gr
-import numpy as np
 import pandas as pd
 
 from vggt.attn_format import AttnExport
-from vggt.viewer import state, views
-from vggt.viewer.messages import error_text, message_html
-from vggt.viewer.state import CACHE, LoadedExport, Session, Settings, ViewerError
+from vggt.viewer import payload, state, views
+from vggt.viewer.messages import error_text, lines_html, message_html
+from vggt.viewer.state import CACHE, LoadedExport, Session, Settings, ViewerError, plural
 
 CHART_COLUMNS = ["frame", "token", "share"]
+CLICK_PROMPT = "Click a patch of the query frame."
 Outputs = TypeVar("Outputs", bound=tuple)
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
@@ -52,68 +59,36 @@ def reports_errors(outputs: type[NamedTuple]) -> Callable[[Handler], Handler]:
     return decorate
 
 
-class Rendered(NamedTuple):
-    """Outputs of every re-render of the clicked query's view (click, head, opacity, toggles)."""
+# ---- outputs ------------------------------------------------------------------------------------------
+
+
+class MainView(NamedTuple):
+    """Outputs of every change of the main view: the controls (``gr.skip()`` where unchanged), the query
+    frame (a picker with the readout beside it) and the overlays (a grid); see :mod:`.payload`."""
 
     session: Session
-    query_image: np.ndarray
-    gallery: list
-    readout: str
-    shares_table: pd.DataFrame
-    shares_chart: pd.DataFrame | None
-    shares_note: str
-    reverse_result: np.ndarray | None
+    layer: Any
+    head: Any
+    mode_frames: Any
+    mode_layers: Any
+    mode_heads: Any
+    mode_layers_heads: Any
+    grid_frame: Any
+    query_view: dict
+    overlays: dict
     message: str
 
 
-class TokenView(NamedTuple):
-    """Outputs of the camera-token view: the layer's token queries, one overlay per key frame, readout."""
+class Panels(NamedTuple):
+    """Outputs of the secondary panels; only the open one (``session.panel``) is computed."""
 
-    token_query: gr.Dropdown
-    token_gallery: list
-    token_readout: str
-    message: str
-
-
-class LayerChanged(NamedTuple):
-    """Outputs of a layer change: the Head control for the new layer, the re-rendered query view and
-    the camera-token view of the new layer."""
-
-    session: Session
-    head: gr.Dropdown
-    query_image: np.ndarray
-    gallery: list
-    readout: str
-    shares_table: pd.DataFrame
-    shares_chart: pd.DataFrame | None
-    shares_note: str
-    reverse_result: np.ndarray | None
-    token_query: gr.Dropdown
-    token_gallery: list
-    token_readout: str
-    message: str
-
-
-class Loaded(NamedTuple):
-    """Outputs of Load: the controls reset for the new export, then an empty view."""
-
-    session: Session
-    layer: gr.Dropdown
-    head: gr.Dropdown
-    banner: str
-    info: str
-    query_image: np.ndarray
-    gallery: list
-    readout: str
-    shares_table: pd.DataFrame
-    shares_chart: pd.DataFrame | None
-    shares_note: str
-    reverse_frame: gr.Dropdown
-    reverse_source: np.ndarray
-    reverse_result: np.ndarray | None
-    token_query: gr.Dropdown
-    token_gallery: list
-    token_readout: str
+    shares_table: Any
+    shares_chart: Any
+    shares_note: Any
+    token_query: Any
+    token_view: Any
+    reverse_frame: Any
+    reverse_view: Any
     message: str
 
 
@@ -121,89 +96,53 @@ class Reverse(NamedTuple):
     """Outputs of the reverse view's frame choice and clicks."""
 
     session: Session
-    reverse_source: np.ndarray
-    reverse_result: np.ndarray | None
+    reverse_view: dict
     message: str
 
 
-def _empty_table() -> pd.DataFrame:
-    return pd.DataFrame(columns=views.SHARE_COLUMNS)
+MODE_FIELDS = {
+    "frames": "mode_frames",
+    "layers": "mode_layers",
+    "heads": "mode_heads",
+    "layers_heads": "mode_layers_heads",
+}
 
 
-def _empty_chart() -> None:
-    # None, not an empty DataFrame: after an empty frame Gradio's BarPlot draws no bars for later data.
-    return None
+# ---- helpers ------------------------------------------------------------------------------------------
+
+
+def _loaded(session: Session | None) -> LoadedExport:
+    if session is None or session.export_key is None:
+        raise ViewerError("load an export first")
+    return CACHE.get(session.export_key)
+
+
+def _frame(loaded: LoadedExport, frame: Any) -> int:
+    try:
+        index = int(frame or 0)
+    except (TypeError, ValueError):
+        raise ViewerError(f"unknown frame {frame!r}") from None
+    if not 0 <= index < loaded.num_frames:
+        raise ViewerError(f"frame {index} out of range 0..{loaded.num_frames - 1}")
+    return index
 
 
 def _settings(
-    loaded: LoadedExport, layer: str, head: str | None, opacity: float, all_layers: bool, all_heads: bool
+    loaded: LoadedExport, session: Session, layer: str, head: str | None, opacity: float, frame: Any
 ) -> Settings:
     layer = state.check_layer(loaded, layer)
+    mode = session.mode if views.mode_available(loaded, layer, session.mode) else "frames"
     return Settings(
         layer=layer,
         head=state.parse_head(head, loaded, layer),
         opacity=float(opacity),
-        all_layers=bool(all_layers),
-        all_heads=bool(all_heads),
+        mode=mode,
+        frame=_frame(loaded, frame),
     )
 
 
-def _click_xy(evt: gr.SelectData) -> tuple[float, float]:
-    index = evt.index
-    if not isinstance(index, list | tuple) or len(index) != 2:
-        raise ViewerError(f"unexpected click position {index!r}")
-    return float(index[0]), float(index[1])
-
-
-def _model_info(export: AttnExport) -> dict:
-    model = export.manifest.get("model")
-    return model if isinstance(model, dict) else {}
-
-
-def _banner(loaded: LoadedExport) -> str:
-    export = loaded.export
-    lines = []
-    if export.random_weights:
-        seed = _model_info(export).get("random_seed")
-        lines.append(
-            f"⚠️ **Random weights**: this export was made with seeded random weights (seed {seed}), not a "
-            "trained model. The maps show the pipeline, not what VGGT attends to."
-        )
-    if export.is_seed:
-        lines.append("Seed-format export: no special-token mass; frames are the copied source images.")
-    lines.extend(f"Note: {warning}" for warning in dict.fromkeys(export.warnings))
-    return "\n\n".join(lines)
-
-
-def _info(loaded: LoadedExport) -> str:
-    export = loaded.export
-    manifest = export.manifest
-    meta = export.layer_meta(export.layer_names[0])
-    model = _model_info(export)
-    per_head = f"per head ({meta['num_heads']} heads)" if meta["per_head_data"] else "averaged over heads"
-    return (
-        f"**{manifest.get('image_set_name') or export.root.name}** · {state.kinds_summary(loaded)} · "
-        f"{meta['S']} frames of {export.image_size[1]}x{export.image_size[0]} px (W x H) · query grid "
-        f"{meta['H_ds']}x{meta['W_ds']} (patch grid {meta['H_p']}x{meta['W_p']}, stride "
-        f"{meta['stride_h']}x{meta['stride_w']}) · {per_head} · {meta['dtype']} · model "
-        f"{_model_text(model)} · `{export.root}`"
-    )
-
-
-def _model_text(model: dict) -> str:
-    """What the manifest says of the weights: random (seed), the hub id and revision, or the file."""
-    if model.get("random_weights"):
-        return f"random weights (seed {model.get('random_seed')})"
-    if model.get("id"):
-        revision = model.get("revision")
-        return f"`{model['id']}`" + (f" @ `{str(revision)[:12]}`" if revision else "")
-    if model.get("checkpoint_file"):
-        return f"`{model['checkpoint_file']}`"
-    return "unknown"
-
-
-def _frame_choices(loaded: LoadedExport) -> list[tuple[str, int]]:
-    return [(label, index) for index, label in enumerate(loaded.labels)]
+def _head_choice(head: int | None) -> str:
+    return state.AVERAGE if head is None else f"Head {head + 1}"
 
 
 def _kept_head(loaded: LoadedExport, layer: str, current: str | None) -> str:
@@ -212,14 +151,247 @@ def _kept_head(loaded: LoadedExport, layer: str, current: str | None) -> str:
 
 
 def _head_dropdown(loaded: LoadedExport, layer: str, current: str | None = None) -> gr.Dropdown:
-    """The Head control for ``layer``: Average plus its heads, keeping ``current`` when still valid."""
+    """The Head control for ``layer``: Average plus its heads, keeping ``current`` when still valid;
+    disabled where the layer has no per-head maps (an averaged export, the rollout)."""
     choices = state.head_choices(loaded, layer)
     return gr.Dropdown(
         choices=choices, value=_kept_head(loaded, layer, current), interactive=len(choices) > 1
     )
 
 
-def _token_view(loaded: LoadedExport, settings: Settings, choice: str | None) -> TokenView:
+def _mode_buttons(loaded: LoadedExport, layer: str, mode: str) -> dict[str, gr.Button]:
+    """The view-mode buttons: the current one highlighted, those that do not apply disabled."""
+    return {
+        field: gr.Button(
+            variant="primary" if name == mode else "secondary",
+            interactive=views.mode_available(loaded, layer, name),
+        )
+        for name, field in MODE_FIELDS.items()
+    }
+
+
+def _views(loaded: LoadedExport, session: Session, settings: Settings) -> tuple[dict, dict, Session]:
+    """The query frame's and the overlays' values for the session's clicked query (or the prompt), the
+    frames with them where the page does not hold them yet (and the session noting that it does)."""
+    picker = views.query_picker(loaded, session.query)
+    opacity = settings.opacity
+    notes = describe(loaded)
+    frames = session.frames_token != loaded.token
+    if session.query is None:
+        readout = views.value_readout(loaded, settings, None, None)
+        query_view = payload.view_value(
+            loaded, opacity, picker=picker, readout=readout, notes=notes, frames=frames
+        )
+        overlays = payload.view_value(loaded, opacity, empty=CLICK_PROMPT)
+    else:
+        grid = views.view_for(loaded, settings, session.query)
+        query_view = payload.view_value(
+            loaded, opacity, picker=picker, readout=grid.readout, notes=notes, frames=frames
+        )
+        overlays = payload.view_value(loaded, opacity, grid=grid)
+    return query_view, overlays, session.with_changes(frames_token=loaded.token)
+
+
+def _main_view(
+    loaded: LoadedExport,
+    session: Session,
+    settings: Settings,
+    controls: bool = False,
+    head: str | None = None,
+) -> MainView:
+    """The main view for ``settings``; with ``controls``, the layer, head, mode and frame controls
+    set to match it (``head`` is the Head control's choice to keep where the layer has it)."""
+    query_view, overlays, session = _views(loaded, session.with_changes(mode=settings.mode), settings)
+    updates: dict[str, Any] = {
+        name: gr.skip() for name in ("layer", "head", "grid_frame", *MODE_FIELDS.values())
+    }
+    if controls:
+        updates["layer"] = gr.Dropdown(choices=state.layer_choices(loaded), value=settings.layer)
+        updates["head"] = _head_dropdown(loaded, settings.layer, head or _head_choice(settings.head))
+        updates |= _mode_buttons(loaded, settings.layer, settings.mode)
+        updates["grid_frame"] = gr.Dropdown(interactive=settings.mode == "layers_heads")
+    return MainView(session=session, query_view=query_view, overlays=overlays, message="", **updates)
+
+
+# ---- Load ---------------------------------------------------------------------------------------------
+
+
+def _model_info(export: AttnExport) -> dict:
+    model = export.manifest.get("model")
+    return model if isinstance(model, dict) else {}
+
+
+def _model_text(model: dict) -> str:
+    """What the manifest says of the weights: random (seed), the hub id and revision, or the file."""
+    if model.get("random_weights"):
+        return f"random weights (seed {model.get('random_seed')})"
+    if model.get("id"):
+        revision = model.get("revision")
+        return f"{model['id']}" + (f" @ {str(revision)[:12]}" if revision else "")
+    if model.get("checkpoint_file"):
+        return f"{model['checkpoint_file']}"
+    return "unknown"
+
+
+def describe(loaded: LoadedExport) -> list[str]:
+    """What the export is (one line), then what to be warned of (random weights, seed format, notes)."""
+    export = loaded.export
+    meta = export.layer_meta(export.layer_names[0])
+    height, width = export.image_size
+    per_head = (
+        f"per head ({plural(meta['num_heads'], 'head')})" if meta["per_head_data"] else "averaged over heads"
+    )
+    info = (
+        f"{export.manifest.get('image_set_name') or export.root.name} · {state.kinds_summary(loaded)} · "
+        f"{plural(meta['S'], 'frame')} of {width} x {height} px (W x H) · query grid {meta['W_ds']} x "
+        f"{meta['H_ds']} cells (patch grid {meta['W_p']} x {meta['H_p']}, stride {meta['stride_w']} x "
+        f"{meta['stride_h']}) · {per_head} · {meta['dtype']} · model {_model_text(_model_info(export))}"
+    )
+    lines = [info]
+    if export.random_weights:
+        seed = _model_info(export).get("random_seed")
+        lines.append(
+            f"Random weights: this export was made with seeded random weights (seed {seed}), not a trained "
+            "model. The maps show the pipeline, not what VGGT attends to."
+        )
+    if export.is_seed:
+        lines.append("Seed-format export: no special-token mass; frames are the copied source images.")
+    lines.extend(f"Note: {warning}" for warning in dict.fromkeys(export.warnings))
+    return lines
+
+
+@reports_errors(MainView)
+def on_load(path: str, session: Session | None) -> MainView:
+    """Load button (and ``--attn_dir`` at start): open an export and reset the view for it."""
+    loaded = CACHE.open(path or "", reload=True)
+    held = session.frames_token if isinstance(session, Session) else None  # the page keeps its frames
+    session = Session(export_key=CACHE.key_for(path), frames_token=held)
+    layer = state.default_layer(loaded)
+    settings = Settings(layer=layer, head=None)
+    query_view, overlays, session = _views(loaded, session, settings)
+    return MainView(
+        session=session,
+        layer=gr.Dropdown(choices=state.layer_choices(loaded), value=layer),
+        head=_head_dropdown(loaded, layer),
+        **_mode_buttons(loaded, layer, "frames"),
+        grid_frame=gr.Dropdown(
+            choices=[(label, index) for index, label in enumerate(loaded.labels)], value=0, interactive=False
+        ),
+        query_view=query_view,
+        overlays=overlays,
+        message="",
+    )
+
+
+# ---- the main view ------------------------------------------------------------------------------------
+
+
+def _skipped_before_load(session: Session | None) -> bool:
+    return session is None or session.export_key is None
+
+
+@reports_errors(MainView)
+def on_query_select(
+    session: Session, layer: str, head: str, opacity: float, frame: Any, evt: gr.EventData
+) -> MainView:
+    """A click on the query frame at frame pixel ``(evt.x, evt.y)``: the cell under it is the query."""
+    loaded = _loaded(session)
+    settings = _settings(loaded, session, layer, head, opacity, frame)
+    x, y = _click_xy(evt)
+    return _main_view(loaded, session.with_changes(query=loaded.geometry.cell_at(x, y)), settings)
+
+
+def _click_xy(evt: gr.EventData) -> tuple[float, float]:
+    data = getattr(evt, "_data", None)
+    try:
+        x, y = float(data["x"]), float(data["y"])
+    except (TypeError, KeyError, ValueError):
+        raise ViewerError("unexpected click data") from None
+    if not (abs(x) < 1e9 and abs(y) < 1e9):  # also rejects nan and inf
+        raise ViewerError("unexpected click position")
+    return x, y
+
+
+@reports_errors(MainView)
+def on_layer_change(session: Session, layer: str, head: str, opacity: float, frame: Any) -> MainView:
+    """Another layer chosen: fit the Head control to it (Average only where it has no per-head data,
+    as the rollout; the chosen head kept where it still exists) and the mode buttons, then re-render."""
+    if _skipped_before_load(session):
+        return unchanged(MainView)
+    loaded = _loaded(session)
+    layer = state.check_layer(loaded, layer)
+    settings = _settings(loaded, session, layer, _kept_head(loaded, layer, head), opacity, frame)
+    return _main_view(loaded, session, settings, controls=True, head=head)
+
+
+@reports_errors(MainView)
+def on_settings_change(session: Session, layer: str, head: str, opacity: float, frame: Any) -> MainView:
+    """The head or the layers x heads frame changed: re-render the current query."""
+    if _skipped_before_load(session):
+        return unchanged(MainView)
+    loaded = _loaded(session)
+    return _main_view(loaded, session, _settings(loaded, session, layer, head, opacity, frame))
+
+
+def on_mode(mode: str) -> Callable[..., MainView]:
+    """The handler of a view-mode button: switch the main view to ``mode``."""
+
+    @reports_errors(MainView)
+    def handler(session: Session, layer: str, head: str, opacity: float, frame: Any) -> MainView:
+        if _skipped_before_load(session):
+            return unchanged(MainView)
+        loaded = _loaded(session)
+        layer = state.check_layer(loaded, layer)
+        if not views.mode_available(loaded, layer, mode):
+            raise ViewerError(f"{views.MODES[mode]} needs per-head maps, which this layer does not hold")
+        settings = _settings(loaded, session.with_changes(mode=mode), layer, head, opacity, frame)
+        return _main_view(loaded, session, settings, controls=True)
+
+    handler.__name__ = f"on_mode_{mode}"
+    return handler
+
+
+def open_layer_head(
+    session: Session, layer: str, head: int | None, opacity: float, frame: Any = 0
+) -> MainView:
+    """Open ``layer`` and ``head`` (0-based, ``None`` = Average) in the frames view, controls included.
+
+    The one way a panel opens a layer and head in the main view (a composite's cell, an analysis
+    heatmap's cell): wire it with ``outputs=`` the app's main-view outputs.
+    """
+    loaded = _loaded(session)
+    layer = state.check_layer(loaded, layer)
+    head_text = _head_choice(head)
+    settings = _settings(loaded, session.with_changes(mode="frames"), layer, head_text, opacity, frame)
+    return _main_view(loaded, session, settings, controls=True)
+
+
+@reports_errors(MainView)
+def on_open_cell(session: Session, opacity: float, frame: Any, evt: gr.EventData) -> MainView:
+    """A click on a composite's cell: open its layer and head (``evt.layer``, ``evt.head``)."""
+    data = getattr(evt, "_data", None)
+    if not isinstance(data, dict) or not isinstance(data.get("layer"), str):
+        raise ViewerError("unexpected cell data")
+    head = data.get("head")
+    if head is not None and (not isinstance(head, int) or isinstance(head, bool)):
+        raise ViewerError("unexpected cell data")
+    return open_layer_head(session, data["layer"], head, opacity, frame)
+
+
+# ---- secondary panels ---------------------------------------------------------------------------------
+
+
+def on_panel(name: str) -> Callable[[Session], Session]:
+    """The handler of a panel's tab: remember which panel is open (so that it is kept up to date)."""
+
+    def handler(session: Session | None) -> Session:
+        return (session or Session()).with_changes(panel=name)
+
+    handler.__name__ = f"on_panel_{name}"
+    return handler
+
+
+def _token_panel(loaded: LoadedExport, settings: Settings, choice: str | None) -> tuple[gr.Dropdown, dict]:
     """The camera-token view of the layer in view, for the chosen token (the same token when the layer
     has it, else its first)."""
     row = views.resolve_token(loaded, settings.layer, choice)
@@ -228,153 +400,140 @@ def _token_view(loaded: LoadedExport, settings: Settings, choice: str | None) ->
         choices=choices, value=None if row is None else choices[row][1], interactive=bool(choices)
     )
     if row is None:
-        return TokenView(dropdown, [], views.no_token_readout(loaded, settings.layer), "")
-    gallery, readout = views.token_view(loaded, settings, row)
-    return TokenView(dropdown, gallery, readout, "")
-
-
-@reports_errors(Loaded)
-def on_load(path: str, session: Session | None) -> Loaded:
-    """Load button (and ``--attn_dir`` at start): open an export and reset the view for it."""
-    loaded = CACHE.open(path or "", reload=True)
-    session = Session(export_key=CACHE.key_for(path))
-    layer = state.default_layer(loaded)
-    settings = Settings(layer=layer, head=None, opacity=0.6)
-    return Loaded(
-        session=session,
-        layer=gr.Dropdown(choices=state.layer_choices(loaded), value=layer),
-        head=_head_dropdown(loaded, layer),
-        banner=_banner(loaded),
-        info=_info(loaded),
-        query_image=views.query_image(loaded, None),
-        gallery=[],
-        readout=views.value_readout(loaded, settings, None, None, ["Click a patch of the query frame."]),
-        shares_table=_empty_table(),
-        shares_chart=_empty_chart(),
-        shares_note="",
-        reverse_frame=gr.Dropdown(choices=_frame_choices(loaded), value=0),
-        reverse_source=views.reverse_source_image(loaded, 0, None),
-        reverse_result=None,
-        **_token_view(loaded, settings, None)._asdict(),  # with message="": a good Load clears it
-    )
-
-
-def _render(loaded: LoadedExport, session: Session, settings: Settings) -> Rendered:
-    reverse = None
-    if session.reverse_cell is not None and views.reverse_in_view(
-        loaded, settings.layer, session.reverse_frame
-    ):  # a frame or DINOv2 layer holds no reverse view of frames other than 0: cleared, not an error
-        reverse = views.reverse_overlay(loaded, settings, session.reverse_frame, session.reverse_cell)
-    if session.query is None:
-        readout = views.value_readout(loaded, settings, None, None, ["Click a patch of the query frame."])
-        return Rendered(
-            session,
-            views.query_image(loaded, None),
-            [],
-            readout,
-            _empty_table(),
-            _empty_chart(),
-            "",
-            reverse,
-            "",
+        return dropdown, payload.view_value(
+            loaded, empty=" ".join(views.no_token_readout(loaded, settings.layer))
         )
-    gallery, readout = views.gallery_for(loaded, settings, session.query)
-    rows, chart, note, columns = views.token_shares(loaded, settings, session.query)
-    return Rendered(
-        session=session,
-        query_image=views.query_image(loaded, session.query),
-        gallery=gallery,
-        readout=readout,
-        shares_table=pd.DataFrame(rows, columns=columns),
-        shares_chart=pd.DataFrame(chart, columns=CHART_COLUMNS),
-        shares_note=note,
-        reverse_result=reverse,
-        message="",
-    )
+    grid = views.token_view(loaded, settings, row)
+    return dropdown, payload.view_value(loaded, settings.opacity, grid=grid, readout=grid.readout)
 
 
-@reports_errors(Rendered)
-def on_settings_change(
-    session: Session, layer: str, head: str, opacity: float, all_layers: bool, all_heads: bool
-) -> Rendered:
-    """Layer, head, opacity or a composite toggle changed: re-render the current query."""
-    if session is None or session.export_key is None:
-        return unchanged(Rendered)  # controls moved before any Load
-    loaded = CACHE.get(session.export_key)
-    return _render(loaded, session, _settings(loaded, layer, head, opacity, all_layers, all_heads))
+def _reverse_panel(loaded: LoadedExport, session: Session, settings: Settings) -> dict:
+    frame = session.reverse_frame if session.reverse_frame < loaded.num_frames else 0
+    cell = session.reverse_cell
+    if cell is not None and not views.reverse_in_view(loaded, settings.layer, frame):
+        cell = None  # a frame or DINOv2 layer holds no reverse view of frames other than 0: cleared
+    picker = views.reverse_picker(loaded, frame, cell)
+    if cell is None:
+        readout = [
+            "Click a patch of this frame: the query frame then shows which of its patches attend to it."
+        ]
+        return payload.view_value(loaded, settings.opacity, picker=picker, readout=readout)
+    grid = views.reverse_view(loaded, settings, frame, cell)
+    return payload.view_value(loaded, settings.opacity, picker=picker, grid=grid, readout=grid.readout)
 
 
-@reports_errors(LayerChanged)
-def on_layer_change(
-    session: Session,
-    layer: str,
-    head: str,
-    opacity: float,
-    all_layers: bool,
-    all_heads: bool,
-    token: str | None,
-) -> LayerChanged:
-    """Another layer chosen: fit the Head control to it (Average only where it has no per-head data,
-    as the rollout; the chosen head kept where it still exists), then re-render the query view and the
-    camera-token view (the same token where the layer has it)."""
-    if session is None or session.export_key is None:
-        return unchanged(LayerChanged)
-    loaded = CACHE.get(session.export_key)
-    layer = state.check_layer(loaded, layer)
-    settings = _settings(loaded, layer, _kept_head(loaded, layer, head), opacity, all_layers, all_heads)
-    rendered = _render(loaded, session, settings)
-    token_view = _token_view(loaded, settings, token)
-    return LayerChanged(
-        head=_head_dropdown(loaded, layer, head), **(rendered._asdict() | token_view._asdict())
-    )
+@reports_errors(Panels)
+def on_panels(
+    session: Session, layer: str, head: str, opacity: float, frame: Any, token: str | None, reverse_frame: Any
+) -> Panels:
+    """Bring the open secondary panel up to date with the main view (the others are skipped)."""
+    if _skipped_before_load(session):
+        return unchanged(Panels)
+    loaded = _loaded(session)
+    settings = _settings(loaded, session, layer, head, opacity, frame)
+    out = {name: gr.skip() for name in Panels._fields}  # the message too: a main view's error stays
+    if session.panel == "tokens":
+        if session.query is None:
+            out |= {"shares_table": pd.DataFrame(columns=views.share_columns({})), "shares_chart": None,
+                    "shares_note": lines_html([CLICK_PROMPT], "note")}  # fmt: skip
+        else:
+            rows, chart, note, columns = views.token_shares(loaded, settings, session.query)
+            out |= {
+                "shares_table": pd.DataFrame(rows, columns=columns),
+                "shares_chart": pd.DataFrame(chart, columns=CHART_COLUMNS),
+                "shares_note": lines_html([note], "note"),
+            }
+    elif session.panel == "camera":
+        out["token_query"], out["token_view"] = _token_panel(loaded, settings, token)
+    elif session.panel == "reverse":
+        out["reverse_frame"] = gr.Dropdown(
+            choices=[(label, index) for index, label in enumerate(loaded.labels)],
+            value=session.reverse_frame if session.reverse_frame < loaded.num_frames else 0,
+        )
+        out["reverse_view"] = _reverse_panel(loaded, session, settings)
+    return Panels(**out)
 
 
-@reports_errors(TokenView)
-def on_token_view(session: Session, layer: str, head: str, opacity: float, token: str | None) -> TokenView:
-    """Camera-token view: a token chosen, or the head or opacity changed; render that token's maps on
-    every key frame of the current layer."""
-    if session is None or session.export_key is None:
-        return unchanged(TokenView)
-    loaded = CACHE.get(session.export_key)
-    return _token_view(loaded, _settings(loaded, layer, head, opacity, False, False), token)
+class TokenPanel(NamedTuple):
+    token_view: dict
+    message: str
 
 
-@reports_errors(Rendered)
-def on_query_select(
-    session: Session,
-    layer: str,
-    head: str,
-    opacity: float,
-    all_layers: bool,
-    all_heads: bool,
-    evt: gr.SelectData,
-) -> Rendered:
-    """A click on the query frame: select the grid cell under the pointer and render its maps."""
-    loaded = CACHE.get(session.export_key)
-    settings = _settings(loaded, layer, head, opacity, all_layers, all_heads)
-    query = loaded.geometry.cell_at(*_click_xy(evt))
-    return _render(loaded, session.with_changes(query=query), settings)
+@reports_errors(TokenPanel)
+def on_token_view(
+    session: Session, layer: str, head: str, opacity: float, frame: Any, token: str | None
+) -> TokenPanel:
+    """Camera-token view: a token chosen; render its maps on every key frame of the current layer."""
+    if _skipped_before_load(session):
+        return unchanged(TokenPanel)
+    loaded = _loaded(session)
+    _, value = _token_panel(loaded, _settings(loaded, session, layer, head, opacity, frame), token)
+    return TokenPanel(value, "")
 
 
 @reports_errors(Reverse)
-def on_reverse_frame(session: Session, frame: int, layer: str, head: str, opacity: float) -> Reverse:
+def on_reverse_frame(
+    session: Session, reverse_frame: Any, layer: str, head: str, opacity: float, frame: Any
+) -> Reverse:
     """Reverse view: another frame chosen; show it with its grid and clear the clicked cell."""
-    loaded = CACHE.get(session.export_key)
-    frame = int(frame or 0)
-    session = session.with_changes(reverse_frame=frame, reverse_cell=None)
-    return Reverse(session, views.reverse_source_image(loaded, frame, None), None, "")
+    if _skipped_before_load(session):
+        return unchanged(Reverse)
+    loaded = _loaded(session)
+    session = session.with_changes(reverse_frame=_frame(loaded, reverse_frame), reverse_cell=None)
+    settings = _settings(loaded, session, layer, head, opacity, frame)
+    return Reverse(session, _reverse_panel(loaded, session, settings), "")
 
 
 @reports_errors(Reverse)
 def on_reverse_select(
-    session: Session, frame: int, layer: str, head: str, opacity: float, evt: gr.SelectData
+    session: Session, reverse_frame: Any, layer: str, head: str, opacity: float, frame: Any, evt: gr.EventData
 ) -> Reverse:
     """Reverse view: a click on a patch of the chosen frame shows which queries attend to it (a one-line
     error where the layer holds no attention to that frame: frame and DINOv2 layers hold frame 0 only)."""
-    loaded = CACHE.get(session.export_key)
-    settings = _settings(loaded, layer, head, opacity, False, False)
-    frame = int(frame or 0)
+    loaded = _loaded(session)
+    settings = _settings(loaded, session, layer, head, opacity, frame)
+    chosen = _frame(loaded, reverse_frame)
     cell = loaded.geometry.cell_at(*_click_xy(evt))
-    source = views.reverse_source_image(loaded, frame, cell)
-    result = views.reverse_overlay(loaded, settings, frame, cell)
-    return Reverse(session.with_changes(reverse_frame=frame, reverse_cell=cell), source, result, "")
+    views.reverse_view(loaded, settings, chosen, cell)  # raises where the layer holds no such column
+    session = session.with_changes(reverse_frame=chosen, reverse_cell=cell)
+    return Reverse(session, _reverse_panel(loaded, session, settings), "")
+
+
+# ---- figures ------------------------------------------------------------------------------------------
+
+
+class Saved(NamedTuple):
+    """Outputs of Save figure: the files written (PNG and SVG), offered for download."""
+
+    figure_files: Any
+    message: str
+
+
+@functools.cache
+def _figure_folder() -> Path:
+    """A private folder for the figures of this process, removed when it exits."""
+    folder = tempfile.TemporaryDirectory(prefix="vggt-figures-")
+    _FOLDERS.append(folder)
+    return Path(folder.name)
+
+
+_FOLDERS: list[tempfile.TemporaryDirectory] = []
+
+
+@reports_errors(Saved)
+def on_save_figure(session: Session, layer: str, head: str, opacity: float, frame: Any) -> Saved:
+    """Save figure: the current view (query frame with the query marked, the maps, colour bar, layer,
+    head and export name as text) as PNG and SVG at print resolution."""
+    from vggt.viewer import figures  # matplotlib is imported only when a figure is made
+
+    loaded = _loaded(session)
+    if session.query is None:
+        raise ViewerError("click a patch of the query frame first: a figure shows its attention")
+    settings = _settings(loaded, session, layer, head, opacity, frame)
+    grid = views.view_for(loaded, settings, session.query)
+    figure = figures.view_figure(
+        loaded, grid, settings.opacity, figures.figure_title(loaded, grid, session.query)
+    )
+    folder = Path(tempfile.mkdtemp(dir=_figure_folder()))
+    paths = figures.save(figure, folder / figures.file_stem(loaded, grid, session.query))
+    return Saved(gr.File(value=[str(path) for path in paths], visible=True), "")

@@ -43,3 +43,10 @@ def message_html(text: str, kind: str = "error") -> str:
     return (
         f'<div class="viewer-message viewer-{kind}" role="status">{html.escape(" ".join(text.split()))}</div>'
     )
+
+
+def lines_html(lines: list[str], kind: str) -> str:
+    """Lines of text (strings from an export among them) as escaped HTML, one ``<div>`` a line."""
+    return "".join(
+        f'<div class="viewer-{kind}">{html.escape(" ".join(line.split()))}</div>' for line in lines if line
+    )

@@ -1,27 +1,29 @@
-"""Vectorized rendering of attention maps over frames: jet overlays, grids, highlights, composites.
+"""The colour rule of the viewer and its rendering in numpy: the jet colour map, colour codes, overlays of
+maps on frames, the grid and the highlighted cell.
 
-Every image here is a numpy ``uint8`` RGB array in *display* pixels: the model's frame upscaled by an
-integer factor ``scale`` (so that tiny frames are clickable), which keeps each grid cell an exact block
-of pixels. Cell ``(r, c)`` covers display rows ``[r * cell_h, min((r + 1) * cell_h, H * scale))`` with
-``cell_h = stride_h * patch_size * scale``, and columns likewise; the last row or column of cells is
-ragged when the stride does not divide the patch grid.
+The page colours maps itself (``static/attention_view.js``, with :data:`JET_LUT` and the same blending);
+this module draws the same pictures as numpy ``uint8`` RGB arrays for figures (:mod:`.figures`) and
+tests. Images are in *display* pixels: the model's frame upscaled by an integer factor ``scale``, which
+keeps each grid cell an exact block of pixels. Cell ``(r, c)`` covers display rows
+``[r * cell_h, min((r + 1) * cell_h, H * scale))`` with ``cell_h = stride_h * patch_size * scale``, and
+columns likewise; the last row or column of cells is ragged when the stride does not divide the grid.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
+import io
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from vggt.attn_format.grid import cell_box, cell_index
 
-TITLE_HEIGHT = 36
 GRID_COLOR = (0, 255, 0)
 HIGHLIGHT_COLOR = (255, 230, 0)
 OUTLINE_COLOR = (255, 0, 0)
-STRIP_BACKGROUND = (32, 32, 32)
 _CHANNELS = 3
 _CODE_STRIDE = 256 * _CHANNELS  # a colour code advances the blend-table index by this much
 
@@ -253,97 +255,13 @@ def outline_cell(image: np.ndarray, geometry: Geometry, row: int, col: int, colo
     image[y0:y1, x1 - thickness : x1] = color
 
 
-@functools.lru_cache(maxsize=8)
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-@functools.lru_cache(maxsize=512)
-def _text_stamp(text: str, size: int, stroke: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rendered text, cached: ``[h, w, 3] float32`` colour and ``[h, w, 1] float32`` coverage."""
-    font = _font(size)
-    left, top, right, bottom = font.getbbox(text, stroke_width=stroke)
-    canvas = Image.new("RGBA", (max(right - left, 1) + 2, max(bottom - top, 1) + 2), (0, 0, 0, 0))
-    ImageDraw.Draw(canvas).text(
-        (1 - left, 1 - top),
-        text,
-        font=font,
-        fill=(255, 255, 255, 255),
-        stroke_width=stroke,
-        stroke_fill=(0, 0, 0, 255),
-    )
-    rgba = np.asarray(canvas, dtype=np.float32)
-    return rgba[..., :3], rgba[..., 3:] / 255.0
-
-
-def stamp_text(image: np.ndarray, text: str, x: int, y: int, size: int, stroke: int = 2) -> None:
-    """Blend white text (dark outline when ``stroke``) into ``[H, W, 3] uint8`` at ``(x, y)``, in place."""
-    colour, coverage = _text_stamp(text, size, stroke)
-    height = min(colour.shape[0], image.shape[0] - y)
-    width = min(colour.shape[1], image.shape[1] - x)
-    if height <= 0 or width <= 0:
-        return
-    region = image[y : y + height, x : x + width]
-    alpha = coverage[:height, :width]
-    region[...] = np.rint(region * (1.0 - alpha) + colour[:height, :width] * alpha).astype(np.uint8)
-
-
-def fitting_size(text: str, size: int, width: int, minimum: int = 10) -> int:
-    """The largest font size up to ``size`` (and at least ``minimum``) at which ``text`` fits ``width``
-    pixels, so that a long strip title stays readable in full."""
-    while size > minimum and _text_stamp(text, size, 0)[0].shape[1] > width:
-        size -= 1
-    return size
-
-
-def label_size(width: int) -> int:
-    """Font size of frame labels on an image ``width`` pixels wide."""
-    return int(np.clip(width // 26, 11, 20))
-
-
 def frame_labels(count: int, sources: list[str]) -> list[str]:
     """``"frame 0 · source.png"`` labels, one per frame."""
     return [f"frame {index} · {sources[index]}" for index in range(count)]
 
 
-def new_strip(num_frames: int, height: int, width: int) -> np.ndarray:
-    """An empty vertical strip ``[TITLE_HEIGHT + S * Hd, Wd, 3] uint8`` (title band, then frames)."""
-    strip = np.empty((TITLE_HEIGHT + num_frames * height, width, 3), dtype=np.uint8)
-    strip[:TITLE_HEIGHT] = STRIP_BACKGROUND
-    return strip
-
-
-def strip_frames(strip: np.ndarray, num_frames: int) -> np.ndarray:
-    """The ``[S, Hd, Wd, 3]`` view of a strip's frame area, to render into with ``out=``."""
-    height = (strip.shape[0] - TITLE_HEIGHT) // num_frames
-    return strip[TITLE_HEIGHT:].reshape(num_frames, height, strip.shape[1], 3)
-
-
-def finish_strip(strip: np.ndarray, title: str, labels: list[str]) -> np.ndarray:
-    """Write the title, centred in the band (in a smaller font where it would not fit), and each frame's
-    label into a filled strip; returns it."""
-    width = strip.shape[1]
-    size = fitting_size(title, int(np.clip(width // 22, 12, 22)), width - 8)
-    colour, _ = _text_stamp(title, size, 0)
-    stamp_text(
-        strip,
-        title,
-        max((width - colour.shape[1]) // 2, 0),
-        max((TITLE_HEIGHT - colour.shape[0]) // 2, 0),
-        size,
-        0,
-    )
-    height = (strip.shape[0] - TITLE_HEIGHT) // max(len(labels), 1)
-    for index, text in enumerate(labels):
-        stamp_text(strip, text, 6, TITLE_HEIGHT + index * height + 4, label_size(width))
-    return strip
-
-
-def labelled(frame: np.ndarray, text: str) -> np.ndarray:
-    """A copy of a ``[Hd, Wd, 3] uint8`` frame with its label in the top-left corner."""
-    image = frame.copy()
-    stamp_text(image, text, 6, 4, label_size(image.shape[1]))
-    return image
+def png_data_url(image: np.ndarray) -> str:
+    """A ``[H, W, 3] uint8`` image as a ``data:image/png;base64,...`` URL (fast, lossless compression)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

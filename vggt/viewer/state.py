@@ -12,10 +12,13 @@ An export holds layers of several kinds (``global``, ``frame``, ``dino`` and the
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -51,16 +54,26 @@ class Session:
         Resolved path of the opened export (key of the export cache).
     query : tuple of int or None
         Clicked query cell ``(qr, qc)`` on the query grid.
+    mode : str
+        The main view: ``"frames"``, ``"layers"``, ``"heads"`` or ``"layers_heads"``
+        (:data:`vggt.viewer.views.MODES`).
     reverse_frame : int
         Frame shown in the reverse view.
     reverse_cell : tuple of int or None
         Clicked key cell ``(r, c)`` of ``reverse_frame``.
+    panel : str
+        The secondary panel open below the main view (only the open one is kept up to date).
+    frames_token : str or None
+        The frames the page holds (:attr:`LoadedExport.token`): a view of other frames sends them.
     """
 
     export_key: str | None = None
     query: tuple[int, int] | None = None
+    mode: str = "frames"
     reverse_frame: int = 0
     reverse_cell: tuple[int, int] | None = None
+    panel: str = "tokens"
+    frames_token: str | None = None
 
     def with_changes(self, **changes: object) -> Session:
         return replace(self, **changes)
@@ -68,18 +81,19 @@ class Session:
 
 @dataclass(frozen=True)
 class Settings:
-    """The controls' values: layer, head (0-based, ``None`` = Average), opacity and composite toggles."""
+    """What the view shows: layer, head (0-based, ``None`` = Average), opacity, the view mode and the
+    frame of the layers x heads view."""
 
     layer: str
     head: int | None
-    opacity: float
-    all_layers: bool = False
-    all_heads: bool = False
+    opacity: float = 0.6
+    mode: str = "frames"
+    frame: int = 0
 
 
 @dataclass
 class LoadedExport:
-    """An opened export with everything the renderer needs precomputed once.
+    """An opened export with what the views need precomputed once.
 
     Attributes
     ----------
@@ -88,35 +102,46 @@ class LoadedExport:
     key : str
         Cache key (resolved path as given).
     geometry : Geometry
-        Grid placement in display pixels.
+        Grid placement in frame pixels.
     frames : np.ndarray
-        ``[S, Hd, Wd, 3] uint8`` frames in display pixels (decoded once).
-    base_index : np.ndarray
-        ``[S, H_ds, cell_h, W_ds, cell_w, 3] int32`` blend-table offsets of the frames, cut into cells.
-    grid_frames : list of np.ndarray
-        Each frame ``[Hd, Wd, 3] uint8`` with the grid drawn.
+        ``[S, H, W, 3] uint8`` frames as the model saw them (decoded once).
     labels : list of str
         ``"frame i · source"`` per frame.
     layer_labels : dict of str to str
         Display label of each layer (``"Global 24"``, ``"Rollout (discard 0.9)"``), manifest order.
+    token : str
+        A digest of the frames: the name under which the page keeps them (no path reaches the browser).
     """
 
     export: AttnExport
     key: str
     geometry: render.Geometry
     frames: np.ndarray
-    base_index: np.ndarray
-    grid_frames: list[np.ndarray]
     labels: list[str]
     layer_labels: dict[str, str]
+    token: str = ""
+    _frame_images: list[str] | None = field(default=None, repr=False)
 
     @property
     def num_frames(self) -> int:
         return self.frames.shape[0]
 
+    def frame_images(self) -> list[str]:
+        """The frames as PNG data URLs, for the browser (encoded once, on all cores: zlib releases the
+        GIL)."""
+        if self._frame_images is None:
+            with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+                self._frame_images = list(pool.map(render.png_data_url, self.frames))
+        return self._frame_images
+
+
+def plural(count: int, word: str) -> str:
+    """``"1 frame"``, ``"3 frames"``."""
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
 
 def load_export(path: str) -> LoadedExport:
-    """Open and validate an export and precompute its display frames.
+    """Open and validate an export and decode its frames.
 
     Raises
     ------
@@ -135,7 +160,7 @@ def load_export(path: str) -> LoadedExport:
         stride_h=first["stride_h"],
         stride_w=first["stride_w"],
         patch_size=first["patch_size"],
-        scale=render.display_scale(height, width),
+        scale=1,
     )
     for name in export.layer_names[1:]:
         meta = export.layer_meta(name)
@@ -143,14 +168,15 @@ def load_export(path: str) -> LoadedExport:
             raise FormatError(
                 f"layer {name} has a different grid or frame count than {export.layer_names[0]}"
             )
-    frames = render.upscale(np.stack(export.frames()), geometry.scale)
+    frames = np.stack(export.frames())
+    digest = hashlib.sha1(frames.tobytes(), usedforsecurity=False)
+    digest.update(repr(geometry).encode())
     return LoadedExport(
+        token=digest.hexdigest()[:20],
         export=export,
         key=str(path),
         geometry=geometry,
         frames=frames,
-        base_index=render.base_indices(frames, geometry),
-        grid_frames=[render.draw_grid(frame, geometry) for frame in frames],
         labels=render.frame_labels(frames.shape[0], export.frame_sources),
         layer_labels={name: layer_label(name, export.layer_meta(name)) for name in export.layer_names},
     )
@@ -274,7 +300,7 @@ def key_frames(loaded: LoadedExport, layer: str) -> list[int]:
 
 
 def layer_description(loaded: LoadedExport, layer: str) -> str:
-    """``**Global 02** (`global_02`) · global attention (...)``: label, name and what the kind is."""
+    """``Global 02 (global_02) · global attention (...)``: label, name and what the kind is."""
     meta = loaded.export.layer_meta(layer)
     kind = layer_kind(meta)
     if kind == "rollout":
@@ -283,10 +309,10 @@ def layer_description(loaded: LoadedExport, layer: str) -> str:
             f"through {depth} frame and global layers" if depth else "through the frame and global layers"
         )
         ratio = discard_text(meta)
-        what = f"attention rollout {through}" + (f" · discard ratio **{ratio}**" if ratio else "")
+        what = f"attention rollout {through}" + (f" · discard ratio {ratio}" if ratio else "")
     else:
         what = KIND_DESCRIPTIONS.get(kind, f"{kind} layer")
-    return f"**{loaded.layer_labels[layer]}** (`{layer}`) · {what}"
+    return f"{loaded.layer_labels[layer]} ({layer}) · {what}"
 
 
 def kinds_summary(loaded: LoadedExport) -> str:
@@ -306,7 +332,7 @@ def kinds_summary(loaded: LoadedExport) -> str:
             parts.append("rollout" + (f" with discard {rollout}" if rollout else ""))
         else:
             parts.append(f"{count} {'DINOv2' if kind == 'dino' else kind}")
-    return f"{len(export.layer_names)} layers ({', '.join(parts)})"
+    return f"{plural(len(export.layer_names), 'layer')} ({', '.join(parts)})"
 
 
 # ---- controls -----------------------------------------------------------------------------------------

@@ -1,18 +1,33 @@
-"""What the viewer shows, computed from an opened export and a session's settings, independent of
-Gradio: display scales, overlay galleries and composites, value readouts, special-token shares, the
-camera-token view and the reverse view.
+"""What the viewer shows, as data: grids of colour codes over frames, with their labels, scales and
+readouts, computed from an opened export and a session's settings (no Gradio, no pixels).
 
-Every view draws one overlay per key frame of the layer in view: every frame for global layers and the
-rollout, frame 0 alone for frame and DINOv2 layers.
+A view is a :class:`Grid` of rows of :class:`Cell` s, each cell one map's colour codes over one frame,
+plus the text around it. The browser colours and draws it (:mod:`vggt.viewer.payload` sends it,
+``static/attention_view.js`` draws it); :mod:`vggt.viewer.figures` draws the same grid for print. The
+views:
+
+- ``frames``: the clicked query's maps, one cell per key frame of the layer (every frame for global
+  layers and the rollout, frame 0 alone for frame and DINOv2 layers);
+- ``layers``: rows = every layer, columns = frames, each row on its own scale;
+- ``heads``: rows = the heads of the layer, columns = frames, each row on the head's own scale;
+- ``layers_heads``: rows = layers, columns = the head average and every head, for one frame, each row
+  on one scale (its layer's largest head vmax99);
+- the camera-token view and the reverse view (:func:`token_view`, :func:`reverse_view`).
+
+Colour codes are ``round(clip(p / scale, 0, 1) * 255)`` of probabilities ``p`` (:func:`render.to_codes`),
+so a code and its row's scale give back the probability a colour stands for.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from vggt.attn_format.quantization import vmax99
 from vggt.viewer import render
 from vggt.viewer.state import (
+    AVERAGE,
     TOKEN_NAMES,
     LoadedExport,
     Settings,
@@ -23,7 +38,85 @@ from vggt.viewer.state import (
     layer_description,
     layer_heads,
     layer_kind,
+    plural,
 )
+
+MODES = {"frames": "Frames", "layers": "All layers", "heads": "All heads", "layers_heads": "Layers × heads"}
+
+
+@dataclass(frozen=True)
+class Marker:
+    """A point drawn on a cell: ``(x, y)`` in frame pixels (centre of the top-left pixel at 0, 0)."""
+
+    x: float
+    y: float
+    label: str
+    shape: str = "cross"  # "cross", "circle" or "square"
+    color: str = "#ffffff"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One map over one frame.
+
+    Attributes
+    ----------
+    frame : int
+        The frame drawn under the map.
+    codes : np.ndarray or None
+        ``[H_ds, W_ds] uint8`` colour codes; ``None`` draws the frame alone.
+    caption : str
+        Text under the cell.
+    outline : tuple of int, optional
+        Grid cell ``(row, col)`` outlined (the query cell on frame 0).
+    opens : tuple, optional
+        ``(layer, head)`` a click on the cell opens in the main view (``head`` 0-based or ``None``).
+    markers : list of Marker
+        Points drawn over the map.
+    """
+
+    frame: int
+    codes: np.ndarray | None
+    caption: str
+    outline: tuple[int, int] | None = None
+    opens: tuple[str, int | None] | None = None
+    markers: tuple[Marker, ...] = ()
+
+
+@dataclass(frozen=True)
+class Row:
+    """A row of cells; ``None`` leaves a column empty (a frame layer has no frame 1).
+
+    ``query`` is the query cell the row's maps belong to (a figure shows it on the query frame).
+    """
+
+    label: str
+    cells: list[Cell | None]
+    scale: float | None = None  # probability at full colour, when the row has its own scale
+    note: str = ""
+    query: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A view: rows of cells under column headers, what full colour means, and a text readout."""
+
+    rows: list[Row]
+    columns: list[str]
+    scale: float | None  # one scale for every row; None when each row states its own
+    scale_text: str
+    readout: list[str] = field(default_factory=list)
+    mode: str = "frames"
+
+
+@dataclass(frozen=True)
+class Picker:
+    """A frame to click on: its grid drawn, the chosen cell highlighted."""
+
+    frame: int
+    cell: tuple[int, int] | None
+    caption: str
+
 
 # ---- display scales -----------------------------------------------------------------------------------
 
@@ -43,12 +136,12 @@ def single_map_scale(meta: dict, head: int | None, token: bool = False) -> float
 def normalize_for_display(
     meta: dict, raw: np.ndarray, head: int | None, token: bool = False
 ) -> tuple[np.ndarray, float]:
-    """Maps from the reader normalized for display, and the value shown as full colour.
+    """Maps from the reader normalized for display, and the probability shown as full colour.
 
     Per-head data shown as Average (``raw`` with a heads axis): each head was dequantized with its own
-    vmax99; they are averaged in raw scale, then renormalized by the average's own 99th percentile. A
-    single map (averaged data or a chosen head) is shown on its stored scale (its vmax99; the layer's
-    for raw float16).
+    vmax99; they are averaged as probabilities, then renormalized by the average's own 99th percentile.
+    A single map (averaged data or a chosen head) is shown on its stored scale (its vmax99; the
+    layer's for raw float16).
 
     Parameters
     ----------
@@ -77,157 +170,167 @@ def normalize_for_display(
 
 
 def display_maps(loaded: LoadedExport, layer: str, qi: int, head: int | None) -> tuple[np.ndarray, float]:
-    """One query's maps normalized for display (see :func:`normalize_for_display`).
-
-    Returns
-    -------
-    normalized : np.ndarray
-        ``[K, H_ds, W_ds]`` float32 over the layer's key frames.
-    scale : float
-        Probability drawn at full colour.
-    """
+    """One query's maps normalized for display (see :func:`normalize_for_display`): ``[K, H_ds, W_ds]``
+    float32 over the layer's key frames, and the probability drawn at full colour."""
     meta = loaded.export.layer_meta(layer)
     return normalize_for_display(meta, loaded.export.query_maps(layer, qi, head), head)
 
 
-def _head_for(loaded: LoadedExport, layer: str, head: int | None) -> int | None:
+def head_for(loaded: LoadedExport, layer: str, head: int | None) -> int | None:
     """``head`` where ``layer`` has it, else ``None`` (its average): for views over several layers."""
     return head if head is not None and head < layer_heads(loaded, layer) else None
 
 
-# ---- images -------------------------------------------------------------------------------------------
+def query_index(loaded: LoadedExport, query: tuple[int, int]) -> int:
+    return query[0] * loaded.geometry.W_ds + query[1]
 
 
-def query_image(loaded: LoadedExport, query: tuple[int, int] | None) -> np.ndarray:
-    """Frame 0 with the query grid, and the clicked cell highlighted: ``[Hd, Wd, 3] uint8``."""
-    image = loaded.grid_frames[0]
-    if query is None:
-        return image
-    return render.highlight_cell(image, loaded.geometry, *query)
+def _head_text(head: int | None) -> str:
+    return AVERAGE if head is None else f"Head {head + 1}"
 
 
-def _frame_blocks(loaded: LoadedExport, frames: list[int]) -> np.ndarray:
-    """Blend-table offsets ``[K, H_ds, cell_h, W_ds, cell_w, 3]`` of the given frames (a view where
-    they are consecutive, as all frames or frame 0 alone are)."""
-    first = frames[0] if frames else 0
-    if frames == list(range(first, first + len(frames))):
-        return loaded.base_index[first : first + len(frames)]
-    return loaded.base_index[frames]
+# ---- the main view's grids ----------------------------------------------------------------------------
 
 
-def _draw_maps(
+def query_picker(loaded: LoadedExport, query: tuple[int, int] | None) -> Picker:
+    """The query frame (frame 0) to click on, the clicked cell highlighted."""
+    return Picker(0, query, f"query frame · {loaded.labels[0]}")
+
+
+def _frame_cells(
     loaded: LoadedExport,
     normalized: np.ndarray,
     frames: list[int],
-    opacity: float,
     query: tuple[int, int] | None,
-    out: np.ndarray | None = None,
-) -> np.ndarray:
-    """Overlays ``[K, Hd, Wd, 3] uint8`` of normalized maps on their key frames; the query cell is
-    outlined on frame 0 when given."""
-    images = render.overlay(
-        _frame_blocks(loaded, frames), render.to_codes(normalized), loaded.geometry, opacity, out=out
-    )
-    if query is not None and 0 in frames:
-        render.outline_cell(images[frames.index(0)], loaded.geometry, *query, color=(255, 255, 255))
-    return images
+    opens: tuple[str, int | None] | None = None,
+) -> list[Cell | None]:
+    """One cell per frame of the export; frames the maps do not cover stay empty."""
+    cells: list[Cell | None] = [None] * loaded.num_frames
+    codes = render.to_codes(normalized)
+    for position, frame in enumerate(frames):
+        outline = query if frame == 0 else None
+        cells[frame] = Cell(frame, codes[position], loaded.labels[frame], outline, opens)
+    return cells
 
 
-def _labelled_gallery(loaded: LoadedExport, images: np.ndarray, captions: list[str]) -> list:
-    size = render.label_size(images.shape[2])
-    for image, caption in zip(images, captions, strict=True):
-        render.stamp_text(image, caption, 6, 4, size)
-    return [(image, caption) for image, caption in zip(images, captions, strict=True)]
+def frames_view(loaded: LoadedExport, settings: Settings, query: tuple[int, int]) -> Grid:
+    """The clicked query's maps on every key frame of the layer, one scale."""
+    layer = settings.layer
+    frames = key_frames(loaded, layer)
+    normalized, scale = display_maps(loaded, layer, query_index(loaded, query), settings.head)
+    cells = [cell for cell in _frame_cells(loaded, normalized, frames, query) if cell is not None]
+    row = Row(f"{loaded.layer_labels[layer]} · {_head_text(settings.head)}", cells, scale, query=query)
+    readout = value_readout(loaded, settings, query, scale)
+    if len(frames) < loaded.num_frames:
+        readout.append(f"{loaded.layer_labels[layer]} attends within frame 0 only: one map")
+    return Grid([row], [cell.caption for cell in cells], scale, _full_colour(scale), readout)
 
 
-def query_overlays(loaded: LoadedExport, settings: Settings, query: tuple[int, int]) -> tuple[list, float]:
-    """One overlay per key frame of the layer for the clicked query.
+def layers_view(loaded: LoadedExport, settings: Settings, query: tuple[int, int]) -> Grid:
+    """Rows = every layer (manifest order), columns = frames; each row on its own scale.
 
-    Returns
-    -------
-    gallery : list of (np.ndarray, str)
-        ``K`` labelled overlays ``[Hd, Wd, 3] uint8`` (the query cell outlined on frame 0) with captions
-        ``"frame i · source"``; ``K = S`` for global layers and the rollout, 1 (frame 0) for frame and
-        DINOv2 layers.
-    scale : float
-        Probability drawn at full colour.
+    The chosen head is shown where a layer has it; a layer without it (the rollout) shows its average,
+    which its row label says. Clicking a cell opens that layer (and head) in the frames view.
     """
-    qi = query[0] * loaded.geometry.W_ds + query[1]
-    frames = key_frames(loaded, settings.layer)
-    normalized, scale = display_maps(loaded, settings.layer, qi, settings.head)
-    images = _draw_maps(loaded, normalized, frames, settings.opacity, query)
-    return _labelled_gallery(loaded, images, [loaded.labels[f] for f in frames]), scale
-
-
-def _strip(
-    loaded: LoadedExport,
-    normalized: np.ndarray,
-    frames: list[int],
-    settings: Settings,
-    query: tuple[int, int],
-    title: str,
-) -> tuple[np.ndarray, str]:
-    """A vertical strip ``[TITLE_HEIGHT + K * Hd, Wd, 3] uint8``: title, then one overlay per key frame."""
-    geometry = loaded.geometry
-    strip = render.new_strip(len(frames), geometry.display_height, geometry.display_width)
-    _draw_maps(
-        loaded, normalized, frames, settings.opacity, query, out=render.strip_frames(strip, len(frames))
-    )
-    return render.finish_strip(strip, title, [loaded.labels[f] for f in frames]), title
-
-
-def all_layers_strips(loaded: LoadedExport, settings: Settings, query: tuple[int, int]) -> list:
-    """One vertical strip per layer of every kind, manifest order, for the clicked query.
-
-    Each strip is titled with the layer's label and its full-colour value and holds the layer's key
-    frames (frame 0 alone for frame and DINOv2 layers). The chosen head is shown where a layer has it;
-    layers without it (the rollout) show their average, which the title says.
-    """
-    qi = query[0] * loaded.geometry.W_ds + query[1]
-    strips = []
+    qi = query_index(loaded, query)
+    rows = []
     for layer in loaded.export.layer_names:
-        head = _head_for(loaded, layer, settings.head)
+        head = head_for(loaded, layer, settings.head)
         normalized, scale = display_maps(loaded, layer, qi, head)
         average = " · average" if settings.head is not None and head is None else ""
-        title = f"{loaded.layer_labels[layer]}{average}  (full colour = {scale:.4g})"
-        strips.append(_strip(loaded, normalized, key_frames(loaded, layer), settings, query, title))
-    return strips
+        cells = _frame_cells(loaded, normalized, key_frames(loaded, layer), query, (layer, head))
+        rows.append(Row(f"{loaded.layer_labels[layer]}{average}", cells, scale, _full_colour(scale), query))
+    readout = value_readout(loaded, settings, query, None)
+    return Grid(rows, list(loaded.labels), None, "each row: 0 to its full colour", readout, "layers")
 
 
-def all_heads_strips(loaded: LoadedExport, settings: Settings, query: tuple[int, int]) -> list:
-    """One vertical strip per head of the current layer (its key frames), the head's vmax99 in the title."""
-    export = loaded.export
-    meta = export.layer_meta(settings.layer)
-    qi = query[0] * loaded.geometry.W_ds + query[1]
-    heads = export.query_maps(settings.layer, qi)  # [heads, K, H_ds, W_ds]
-    frames = key_frames(loaded, settings.layer)
-    strips = []
-    for head in range(heads.shape[0]):
-        scale = single_map_scale(meta, head) or vmax99(heads[head])
-        title = f"Head {head + 1}  (vmax99 {scale:.4g})"
-        strips.append(_strip(loaded, heads[head] / np.float32(scale), frames, settings, query, title))
-    return strips
+def heads_view(loaded: LoadedExport, settings: Settings, query: tuple[int, int]) -> Grid:
+    """Rows = the heads of the layer, columns = frames; each row on the head's own stored scale."""
+    layer = settings.layer
+    heads = layer_heads(loaded, layer)
+    if not heads:
+        raise ViewerError(f"{loaded.layer_labels[layer]} holds no per-head maps: no view of all heads")
+    meta = loaded.export.layer_meta(layer)
+    maps = loaded.export.query_maps(layer, query_index(loaded, query))  # [heads, K, H_ds, W_ds]
+    frames = key_frames(loaded, layer)
+    rows = []
+    for head in range(heads):
+        scale = single_map_scale(meta, head) or vmax99(maps[head])
+        cells = _frame_cells(loaded, maps[head] / np.float32(scale), frames, query, (layer, head))
+        rows.append(Row(f"Head {head + 1}", cells, scale, _full_colour(scale), query))
+    readout = value_readout(loaded, settings, query, None)
+    return Grid(rows, list(loaded.labels), None, "each row: 0 to the head's vmax99", readout, "heads")
 
 
-def gallery_for(loaded: LoadedExport, settings: Settings, query: tuple[int, int]) -> tuple[list, str]:
-    """The gallery for the current settings and the readout describing what is shown."""
-    notes = []
-    if settings.all_layers:
-        gallery = all_layers_strips(loaded, settings, query)
-        scale = None
-        if settings.all_heads:
-            notes.append("All layers shown; uncheck it to see all heads.")
-    elif settings.all_heads and layer_heads(loaded, settings.layer):
-        gallery = all_heads_strips(loaded, settings, query)
-        scale = None
-    else:
-        if settings.all_heads:
-            notes.append("No per-head data in this layer: showing the head average.")
-        gallery, scale = query_overlays(loaded, settings, query)
-    return gallery, value_readout(loaded, settings, query, scale, notes)
+def layers_heads_view(loaded: LoadedExport, settings: Settings, query: tuple[int, int], frame: int) -> Grid:
+    """Rows = layers, columns = the head average and every head, all on one chosen frame.
+
+    Each row is drawn on one scale, its layer's largest head vmax99 (the stored scale for a layer
+    without per-head data), so that the heads of a layer compare by colour. Layers that do not attend
+    to ``frame`` (frame and DINOv2 layers: frame 0 only) have no row.
+    """
+    if not 0 <= frame < loaded.num_frames:
+        raise ViewerError(f"frame {frame} out of range 0..{loaded.num_frames - 1}")
+    qi = query_index(loaded, query)
+    outline = query if frame == 0 else None
+    most = max((layer_heads(loaded, name) for name in loaded.export.layer_names), default=0)
+    rows = []
+    for layer in loaded.export.layer_names:
+        frames = key_frames(loaded, layer)
+        if frame not in frames:
+            continue
+        meta = loaded.export.layer_meta(layer)
+        maps = loaded.export.query_maps(layer, qi)[..., frames.index(frame), :, :]  # [(heads,) H, W]
+        heads = layer_heads(loaded, layer)
+        if heads:
+            stored = [single_map_scale(meta, head) for head in range(heads)]
+            scale = max(stored) if all(stored) else vmax99(maps)
+            maps = np.concatenate([maps.mean(axis=0, keepdims=True), maps])
+        else:
+            scale = single_map_scale(meta, None) or vmax99(maps)
+            maps = maps[None]
+        codes = render.to_codes(maps / np.float32(scale))
+        cells: list[Cell | None] = [None] * (most + 1)
+        for column in range(codes.shape[0]):
+            head = None if column == 0 else column - 1
+            cells[column] = Cell(frame, codes[column], _head_text(head), outline, (layer, head))
+        rows.append(Row(loaded.layer_labels[layer], cells, scale, _full_colour(scale), query))
+    if not rows:
+        raise ViewerError(f"no layer of this export attends to frame {frame}")
+    columns = [AVERAGE] + [f"Head {head + 1}" for head in range(most)]
+    readout = [
+        f"Layers × heads on {loaded.labels[frame]} · {kinds_summary(loaded)}",
+        "Each row on one scale: its layer's largest head vmax99 (row label); click a cell to open it",
+    ]
+    readout.append(f"Query cell row {query[0]}, col {query[1]} (qi = {qi})")
+    return Grid(rows, columns, None, "each row: 0 to its full colour", readout, "layers_heads")
+
+
+def view_for(loaded: LoadedExport, settings: Settings, query: tuple[int, int]) -> Grid:
+    """The grid of the view mode in ``settings``."""
+    if settings.mode == "layers":
+        return layers_view(loaded, settings, query)
+    if settings.mode == "heads":
+        return heads_view(loaded, settings, query)
+    if settings.mode == "layers_heads":
+        return layers_heads_view(loaded, settings, query, settings.frame)
+    return frames_view(loaded, settings, query)
+
+
+def mode_available(loaded: LoadedExport, layer: str, mode: str) -> bool:
+    """Whether a view mode applies: the heads views need per-head maps (in the layer, or anywhere)."""
+    if mode == "heads":
+        return layer_heads(loaded, layer) > 0
+    if mode == "layers_heads":
+        return any(layer_heads(loaded, name) > 0 for name in loaded.export.layer_names)
+    return mode in MODES
 
 
 # ---- readouts -----------------------------------------------------------------------------------------
+
+
+def _full_colour(scale: float) -> str:
+    return f"full colour = {scale:.4g}"
 
 
 def _scale_lines(meta: dict, head: int | None, token: bool = False) -> list[str]:
@@ -236,64 +339,57 @@ def _scale_lines(meta: dict, head: int | None, token: bool = False) -> list[str]
     layer_vmax = meta.get("token_vmax99" if token else "layer_vmax99")
     layer_text = f"{layer_vmax:.4g}" if layer_vmax else "not recorded"
     raw = "raw float16 probabilities · " if meta["normalized_by"] == "none" else ""
-    lines = [f"{raw}layer {what} = **{layer_text}**"]
+    lines = [f"{raw}layer {what} = {layer_text}"]
     if meta["per_head_data"]:
         head_vmax = meta.get(f"{prefix}per_head_vmax99")
         if head is not None:
             own = f"{head_vmax[head]:.4g}" if head_vmax else layer_text
-            lines.append(f"Head {head + 1} {what} = **{own}**")
+            lines.append(f"Head {head + 1} {what} = {own} (the colours' scale)")
         elif head_vmax:
             lines.append(
-                f"Average of {meta['num_heads']} heads · head {what} range **{min(head_vmax):.4g} – "
-                f"{max(head_vmax):.4g}** · the average is renormalized by its own 99th percentile"
+                f"Average of {plural(meta['num_heads'], 'head')} (head {what} from {min(head_vmax):.4g} to "
+                f"{max(head_vmax):.4g}); the colours use the average's own 99th percentile"
             )
         else:
-            lines.append(f"Average of {meta['num_heads']} heads, renormalized by its own 99th percentile")
+            lines.append(
+                f"Average of {plural(meta['num_heads'], 'head')}; the colours use its own 99th percentile"
+            )
     return lines
 
 
 def value_readout(
-    loaded: LoadedExport,
-    settings: Settings,
-    query: tuple[int, int] | None,
-    scale: float | None,
-    notes: list[str] | None = None,
-) -> str:
-    """Markdown describing what is in view: the layer (label, kind; the rollout's discard ratio) or the
-    all-layers composite, and the value range."""
+    loaded: LoadedExport, settings: Settings, query: tuple[int, int] | None, scale: float | None
+) -> list[str]:
+    """Lines of text saying what is in view: the layer (label, kind; the rollout's discard ratio) or the
+    composite, the stored scales, which scale the colours use, and the query cell."""
     export = loaded.export
     meta = export.layer_meta(settings.layer)
     lines = []
-    if settings.all_layers:
-        names = export.layer_names
-        lines.append(
-            f"**All layers** · {kinds_summary(loaded)} · one strip per layer, each drawn at its own "
-            "full-colour value (in its title)"
-        )
-        if any(key_frames(loaded, name) != list(range(loaded.num_frames)) for name in names):
-            lines.append("Frame and DINOv2 layers attend within a frame: their strips hold frame 0 only")
-        for name in names:
+    if settings.mode == "layers":
+        lines.append(f"All layers · {kinds_summary(loaded)} · each row on its own scale (row label)")
+        if any(key_frames(loaded, name) != list(range(loaded.num_frames)) for name in export.layer_names):
+            lines.append("Frame and DINOv2 layers attend within a frame: their rows hold frame 0 only")
+        for name in export.layer_names:
             ratio = discard_text(export.layer_meta(name))
             if layer_kind(export.layer_meta(name)) == "rollout" and ratio:
-                lines.append(f"{loaded.layer_labels[name]}: discard ratio **{ratio}**, head average")
+                lines.append(f"{loaded.layer_labels[name]}: discard ratio {ratio}, head average")
         if settings.head is not None:
             lines.append(f"Head {settings.head + 1} where a layer has it, else the layer's head average")
+    elif settings.mode == "heads":
+        lines.append(f"All heads of {layer_description(loaded, settings.layer)}")
+        lines.append("Each row on its head's own vmax99 (row label); click a cell to open it")
     else:
         first, *more = _scale_lines(meta, settings.head)
         lines.append(f"{layer_description(loaded, settings.layer)} · {first}")
         lines.extend(more)
     if scale is not None:
-        lines.append(f"Full colour (dark red) = probability **{scale:.4g}**; transparent blue = 0")
+        lines.append(f"Full colour (dark red) = probability {scale:.4g}; transparent blue = 0")
     if query is not None:
-        qi = query[0] * loaded.geometry.W_ds + query[1]
-        lines.append(f"Query cell row {query[0]}, col {query[1]} (qi = {qi})")
-    lines.extend(notes or [])
-    return "  \n".join(lines)
+        lines.append(f"Query cell row {query[0]}, col {query[1]} (qi = {query_index(loaded, query)})")
+    return lines
 
 
 # ---- special tokens -----------------------------------------------------------------------------------
-
-SHARE_COLUMNS = ["frame", "source", "camera", "registers", "patches", "total"]
 
 
 def share_columns(meta: dict) -> list[str]:
@@ -326,7 +422,7 @@ def token_shares(
     frames = key_frames(loaded, layer)
     columns = share_columns(meta)
     first_token = columns[2]
-    qi = query[0] * loaded.geometry.W_ds + query[1]
+    qi = query_index(loaded, query)
     maps = export.query_maps(layer, qi, settings.head)
     if maps.ndim == 4:  # per-head data shown as the average of heads
         maps = maps.mean(axis=0)
@@ -402,20 +498,13 @@ def resolve_token(loaded: LoadedExport, layer: str, choice: str | None) -> int |
     return values.index(choice) if choice in values else 0
 
 
-def token_view(loaded: LoadedExport, settings: Settings, row: int) -> tuple[list, str]:
+def token_view(loaded: LoadedExport, settings: Settings, row: int) -> Grid:
     """A special token's attention to every key frame of the layer (the camera-token view).
 
     Parameters
     ----------
     row : int
         Row of the layer's token maps (``layer_meta(layer)["token_queries"][row]``).
-
-    Returns
-    -------
-    gallery : list of (np.ndarray, str)
-        One labelled overlay ``[Hd, Wd, 3] uint8`` per key frame, at the current head and opacity.
-    readout : str
-        Markdown: the token, the layer, the scales and the full-colour value.
     """
     export = loaded.export
     layer = settings.layer
@@ -425,14 +514,19 @@ def token_view(loaded: LoadedExport, settings: Settings, row: int) -> tuple[list
     normalized, scale = normalize_for_display(
         meta, export.token_maps(layer, row, settings.head), settings.head, token=True
     )
-    images = _draw_maps(loaded, normalized, frames, settings.opacity, None)
-    captions = [loaded.labels[f] + (" (the token's frame)" if f == query["frame"] else "") for f in frames]
-    gallery = _labelled_gallery(loaded, images, captions)
-
+    codes = render.to_codes(normalized)
+    cells = [
+        Cell(
+            frame,
+            codes[position],
+            loaded.labels[frame] + (" (the token's frame)" if frame == query["frame"] else ""),
+        )
+        for position, frame in enumerate(frames)
+    ]
     label = {value: text for text, value in token_choices(loaded, layer)}[_token_value(query)]
-    lines = [f"**{label}** on {layer_description(loaded, layer)}"]
+    lines = [f"{label} on {layer_description(loaded, layer)}"]
     lines.extend(_scale_lines(meta, settings.head, token=True))
-    lines.append(f"Full colour (dark red) = probability **{scale:.4g}**; transparent blue = 0")
+    lines.append(f"Full colour (dark red) = probability {scale:.4g}; transparent blue = 0")
     special = export.token_special_mass(layer)
     if special is not None:
         mass = np.asarray(special[row], dtype=np.float64)  # [K, n] or [heads, K, n]
@@ -440,34 +534,33 @@ def token_view(loaded: LoadedExport, settings: Settings, row: int) -> tuple[list
             mass = mass.mean(axis=0) if settings.head is None else mass[settings.head]
         lines.append(
             f"Special tokens ({', '.join(meta['special_tokens'])}) of the key frames receive "
-            f"**{float(mass.sum()):.4f}** of this token's attention (exact); the maps show the patches"
+            f"{float(mass.sum()):.4f} of this token's attention (exact); the maps show the patches"
         )
-    return gallery, "  \n".join(lines)
+    row_label = f"{loaded.layer_labels[layer]} · {_head_text(settings.head)}"
+    return Grid([Row(row_label, list(cells))], [c.caption for c in cells], scale, _full_colour(scale), lines)
 
 
-def no_token_readout(loaded: LoadedExport, layer: str) -> str:
+def no_token_readout(loaded: LoadedExport, layer: str) -> list[str]:
     """What the camera-token view says for a layer without token queries (seed exports)."""
-    return (
-        f"{layer_description(loaded, layer)}  \nThis layer stores no token queries (exports of the seed "
-        "format have none): there is no camera-token view for it."
-    )
+    return [
+        layer_description(loaded, layer),
+        "This layer stores no token queries (exports of the seed format have none): there is no "
+        "camera-token view for it.",
+    ]
 
 
 # ---- reverse view -------------------------------------------------------------------------------------
 
 
-def reverse_source_image(loaded: LoadedExport, frame: int, cell: tuple[int, int] | None) -> np.ndarray:
-    """Frame ``frame`` with the grid and the clicked key cell highlighted: ``[Hd, Wd, 3] uint8``."""
+def reverse_picker(loaded: LoadedExport, frame: int, cell: tuple[int, int] | None) -> Picker:
+    """Frame ``frame`` to click on in the reverse view."""
     if not 0 <= frame < loaded.num_frames:
         raise ViewerError(f"frame {frame} out of range 0..{loaded.num_frames - 1}")
-    image = loaded.grid_frames[frame]
-    return image if cell is None else render.highlight_cell(image, loaded.geometry, *cell)
+    return Picker(frame, cell, f"click a patch of {loaded.labels[frame]}")
 
 
-def reverse_overlay(
-    loaded: LoadedExport, settings: Settings, frame: int, cell: tuple[int, int]
-) -> np.ndarray:
-    """Which query patches send attention to key cell ``cell`` of ``frame``, drawn on frame 0.
+def reverse_view(loaded: LoadedExport, settings: Settings, frame: int, cell: tuple[int, int]) -> Grid:
+    """Which query patches send attention to key cell ``cell`` of ``frame``, as a map on frame 0.
 
     This is the column ``[:, (head,) frame, r, c]`` of the exported maps over the query grid,
     normalized like the forward view (stored scale for one map, own 99th percentile for an average).
@@ -478,27 +571,31 @@ def reverse_overlay(
         When ``frame`` is not a key frame of the layer (frame and DINOv2 layers attend within frame 0).
     """
     export = loaded.export
-    meta = export.layer_meta(settings.layer)
-    frames = key_frames(loaded, settings.layer)
+    layer = settings.layer
+    meta = export.layer_meta(layer)
+    frames = key_frames(loaded, layer)
     if frame not in frames:
         raise ViewerError(
-            f"{loaded.layer_labels[settings.layer]} holds no attention to frame {frame} (its queries attend "
+            f"{loaded.layer_labels[layer]} holds no attention to frame {frame} (its queries attend "
             f"to frame {', '.join(map(str, frames))} only): pick frame {frames[0]} in the reverse view, "
             "or a global layer or the rollout"
         )
-    column = export.key_maps(settings.layer, frame, cell[0], cell[1], settings.head)
+    column = export.key_maps(layer, frame, cell[0], cell[1], settings.head)
     if column.ndim == 3:
         column = column.mean(axis=0)
         scale = vmax99(column)
     else:
         scale = single_map_scale(meta, settings.head) or vmax99(column)
-    codes = render.to_codes(column / np.float32(scale))[None]
-    image = render.overlay(loaded.base_index[:1], codes, loaded.geometry, settings.opacity)[0]
-    if frame == 0:
-        render.outline_cell(image, loaded.geometry, *cell, color=(255, 255, 255))
-    return render.labelled(
-        image, f"queries attending to frame {frame} cell ({cell[0]}, {cell[1]}) · full colour {scale:.3g}"
-    )
+    outline = cell if frame == 0 else None
+    caption = f"queries of {loaded.labels[0]} attending to frame {frame} cell ({cell[0]}, {cell[1]})"
+    result = Cell(0, render.to_codes(column / np.float32(scale)), caption, outline)
+    lines = [
+        f"Reverse view · {layer_description(loaded, layer)} · {_head_text(settings.head)}",
+        f"Key cell row {cell[0]}, col {cell[1]} of {loaded.labels[frame]}",
+        f"Full colour (dark red) = probability {scale:.4g}; transparent blue = 0",
+    ]
+    row_label = f"{loaded.layer_labels[layer]} · {_head_text(settings.head)}"
+    return Grid([Row(row_label, [result])], [caption], scale, _full_colour(scale), lines)
 
 
 def reverse_in_view(loaded: LoadedExport, layer: str, frame: int) -> bool:
