@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from vggt.attn_format import (
+    HEATMAPS_KEY,
     ExportWriter,
     FormatError,
     open_export,
@@ -664,37 +665,36 @@ def test_percentile99_is_exact_for_any_strides(layout: str, sample: str) -> None
     assert percentile99(view[:, 2]) == pytest.approx(head, rel=1e-6)
 
 
-def test_streamed_npz_members_read_back_with_valid_crcs(tmp_path: Path) -> None:
-    """Maps encoded block by block while written (several blocks, the buffer ring wrapping around)
-    read back with np.load and zipfile's CRC check, equal to the codes encoded in one go."""
+def test_layer_codes_encoded_on_several_threads_equal_the_rule(tmp_path: Path) -> None:
+    """Codes encoded a block at a time on several threads (the exporter's way), written to an NPZ, read
+    back with np.load and zipfile's CRC check, equal to the rule computed in float64."""
     rng = np.random.default_rng(3)
-    maps = rng.random((301, 4, 3, 37, 37), dtype=np.float32) ** 6  # 5 MB of codes: 5 blocks
+    maps = rng.random((301, 4, 3, 37, 37), dtype=np.float32) ** 6  # 5 MB of codes: 5 tasks
     head_vmax = np.asarray([percentile99(maps[:, h]) for h in range(4)], np.float32)[:, None, None, None]
-    path = tmp_path / "streamed.npz"
+    codes = EncodedMaps(maps, "uint8", head_vmax)
+    path = tmp_path / "codes.npz"
     with StoredNpzWriter(path) as npz:
-        npz.add("codes", EncodedMaps(maps, "uint8", head_vmax))
-        npz.add("raw", EncodedMaps(maps[:7], "float16"))
-        npz.add("small", np.arange(5, dtype=np.float16))
+        npz.add("codes", codes.encode_into(np.empty(codes.shape, codes.dtype)))
+        npz.add("raw", np.asarray(EncodedMaps(maps[:7], "float16")))
     with zipfile.ZipFile(path) as archive:
         assert archive.testzip() is None
     with np.load(path) as loaded:
-        codes, raw, small = loaded["codes"], loaded["raw"], loaded["small"]
+        stored, raw = loaded["codes"], loaded["raw"]
     expected = np.rint(np.clip(maps.astype(np.float64) / head_vmax * 255, 0, 255))
-    assert codes.dtype == np.uint8 and codes.shape == maps.shape
-    assert np.abs(codes - expected).max() <= 1 and np.mean(codes == expected) > 0.999
-    assert np.array_equal(codes, quantize_uint8(maps, head_vmax))
-    assert np.array_equal(raw, maps[:7].astype(np.float16)) and np.array_equal(small, np.arange(5))
+    assert stored.dtype == np.uint8 and stored.shape == maps.shape
+    assert np.abs(stored - expected).max() <= 1 and np.mean(stored == expected) > 0.999
+    assert np.array_equal(raw, maps[:7].astype(np.float16))
 
 
 def _write_large_members(path: Path, direct_io: bool) -> None:
     rng = np.random.default_rng(5)
-    maps = rng.random((300, 4, 3, 37, 37), dtype=np.float32)  # 4.9 MB of codes, streamed
+    maps = rng.random((300, 4, 3, 37, 37), dtype=np.float32)  # 4.9 MB of codes
     raw = rng.integers(0, 256, (20 << 20) + 8, dtype=np.uint8)  # two and a half direct-write buffers
     aligned = np.frombuffer(mmap.mmap(-1, raw.size), np.uint8)  # page-aligned memory: written as it is
     aligned[:] = raw
     with StoredNpzWriter(path, direct_io=direct_io) as npz:
         npz.add("small", np.arange(5, dtype=np.float16))
-        npz.add("codes", EncodedMaps(maps, "uint8", 0.5))
+        npz.add("codes", quantize_uint8(maps, 0.5))
         npz.add("raw", raw[1:])
         npz.add("aligned", aligned.view(np.uint16))
         npz.add("tail", np.arange(3, dtype=np.uint8))
@@ -747,23 +747,24 @@ def test_large_members_page_aligned_and_the_same_written_directly_or_not(
         assert np.array_equal(loaded["codes"], load_member(path, members["codes"], "direct.npz"))
 
 
-def test_failing_row_source_leaves_no_layer(tmp_path: Path) -> None:
-    """An encoder failing after some blocks are on disk: the error comes through, no layer is left."""
+def test_failing_write_leaves_no_layer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write failing after a member is on disk: the error comes through, no layer is left."""
+    real_add = StoredNpzWriter.add
 
-    class Failing(EncodedMaps):
-        def fill(self, start: int, stop: int, out: np.ndarray) -> None:
-            if start >= 2 * (stop - start):
-                raise RuntimeError("encoder failed")
-            super().fill(start, stop, out)
+    def add(self, key: str, data: np.ndarray) -> None:
+        if key != HEATMAPS_KEY:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_add(self, key, data)
 
+    monkeypatch.setattr(StoredNpzWriter, "add", add)
     writer = ExportWriter(tmp_path / "export")
     writer.write_frames(synthetic_frames(2, 28 * 14, 28 * 14), ["a.png", "b.png"])
-    maps = np.full((28 * 28, 4, 2, 28, 28), 1 / 24, np.float32)  # 25 MB of codes
+    codes = np.full((28 * 28, 4, 2, 28, 28), 7, np.uint8)  # 25 MB
     meta = {"layer_index": 1, "block_index": 0, "H_p": 28, "W_p": 28, "stride_h": 1, "stride_w": 1}
     meta |= {"layer_vmax99": 0.1, "per_head_vmax99": [0.1] * 4, "num_heads": 4, "patch_size": 14}
     special = np.zeros((28 * 28, 4, 2, 5), np.float16)
-    with pytest.raises(RuntimeError, match="encoder failed"):
-        writer.write_layer("layer_01", Failing(maps, "uint8", 0.1), special, meta)
+    with pytest.raises(OSError, match="No space left"):
+        writer.write_layer("layer_01", codes, special, meta)
     assert not [p for p in (tmp_path / "export/attn_maps").rglob("*") if p.is_file()]
 
 

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_for_futures
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -260,12 +259,9 @@ class AttentionCapture(HookSession):
         Frames in the forward pass.
     per_head : bool
         Keep every head, or average over heads.
-    on_layer : Callable[[CapturedLayer], Future | None]
-        Called as soon as each layer is captured, inside its hook. The arrays it gets are reused for
-        the next layer: it either consumes them before returning, or hands them to another thread and
-        returns a future that is done once they are consumed. The capture then waits for that future
-        before it captures the next layer, and on exit (where its error, if any, is raised), so the
-        forward pass goes on meanwhile.
+    on_layer : Callable[[CapturedLayer], None]
+        Called as soon as each layer is captured, inside its hook, while the forward pass waits. The
+        arrays it gets are reused for the next layer: it consumes (or copies) them before it returns.
     """
 
     def __init__(
@@ -275,7 +271,7 @@ class AttentionCapture(HookSession):
         layers: Sequence[LayerRef],
         num_frames: int,
         per_head: bool,
-        on_layer: Callable[[CapturedLayer], Future | None],
+        on_layer: Callable[[CapturedLayer], None],
     ) -> None:
         self.aggregator = aggregator
         self.grid = grid
@@ -284,7 +280,6 @@ class AttentionCapture(HookSession):
         self.per_head = per_head
         self.on_layer = on_layer
         self.workspace = Workspace()
-        self._in_use: Future | None = None  # the last layer's consumer, while it reads the workspace
 
     def hooks(self) -> Iterator[tuple[nn.Module, Callable]]:
         for ref in self.layers:
@@ -294,29 +289,10 @@ class AttentionCapture(HookSession):
     def _make_hook(self, ref: LayerRef, layout: SequenceLayout) -> Callable:
         def hook(module: nn.Module, args: tuple[Tensor, Tensor], output) -> None:
             q, k = args
-            self._release_workspace()
             # Frame and DINOv2 layers see one frame per batch entry: frame 0 is entry 0.
-            captured = capture_layer(q[:1], k[:1], ref, layout, self.grid, self.per_head, self.workspace)
-            self._in_use = self.on_layer(captured)
+            self.on_layer(capture_layer(q[:1], k[:1], ref, layout, self.grid, self.per_head, self.workspace))
 
         return hook
-
-    def _release_workspace(self, raise_error: bool = True) -> None:
-        """Wait until the last layer's consumer is done with the workspace; raise its error if asked."""
-        in_use, self._in_use = self._in_use, None
-        if in_use is None:
-            return
-        if raise_error:
-            in_use.result()
-        else:
-            wait_for_futures([in_use])
-
-    def __exit__(self, exc_type, exc, traceback) -> None:
-        try:
-            super().__exit__(exc_type, exc, traceback)
-        finally:
-            # An error already on its way out is not replaced by the consumer's.
-            self._release_workspace(raise_error=exc_type is None)
 
 
 def attention_chunks(q: Tensor, k: Tensor, rows: Tensor, chunk_bytes: int = _CHUNK_BYTES):

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from vggt.attn_format.quantization import (
     UINT8_MAX,
+    check_precision,
     codes_per_unit,
     head_scales,
     interpolate_percentile,
@@ -105,8 +106,7 @@ def encode_layer_on_device(
     fields : dict
         ``layer_vmax99``, ``per_head_vmax99``, ``normalized_by`` and ``vmax_estimator``.
     """
-    if precision not in ("uint8", "float16"):
-        raise ValueError(f"precision must be 'uint8' or 'float16', got {precision!r}")
+    check_precision(precision)
     per_head = maps.dim() == 5
     if head_mean is None:
         head_mean = maps.mean(dim=1) if per_head else maps

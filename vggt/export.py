@@ -8,13 +8,12 @@ The Python API behind ``compute_layerwise_attentions.py``::
                      options=ExportOptions(per_head=True, stride_h=2, stride_w=2))
 
 Each chosen layer (global by default; frame and DINOv2 layers on request) is captured at its hook
-point while the forward pass runs, then encoded (uint8 or float16): with numpy in a thread of its own
-while the pass goes on, where the maps are in host memory (:mod:`vggt.attn_format.quantization`); on
-the GPU, at once, where they are on one (:mod:`vggt.device_quantize`, the same bytes). Another
-background thread writes it (:mod:`vggt.layer_queue`). So one layer's float maps and at most two
-layers' codes are in memory at a time. The attention rollout, when asked for,
-is formed during the same pass and written after it. The export is written to a hidden temporary folder
-beside the target and renamed into place when complete.
+point while the forward pass runs and encoded there (uint8 or float16): with numpy where the maps are
+in host memory (:mod:`vggt.attn_format.quantization`), with torch on the GPU where they are on one
+(:mod:`vggt.device_quantize`, the same bytes). A background thread writes it (:mod:`vggt.layer_queue`)
+while the pass goes on. So one layer's float maps and at most two layers' codes are in memory at a
+time. The attention rollout, when asked for, is formed during the same pass and written after it. The
+export is written to a hidden temporary folder beside the target and renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +33,7 @@ from tqdm.auto import tqdm
 
 from vggt.arguments import SpelledError, argument
 from vggt.attn_format import ExportWriter
-from vggt.attn_format.quantization import EncodedMaps, encode_layer
+from vggt.attn_format.quantization import PRECISIONS, EncodedMaps, encode_layer
 from vggt.attn_format.schema import BLOCK_KINDS, ROLLOUT_KIND, is_discard_ratio, is_stride, layer_name
 from vggt.attn_format.writer import layer_fields
 from vggt.capture import (
@@ -55,8 +53,6 @@ from vggt.layer_queue import LayerWriteQueue
 from vggt.models.hooks import StopAfter
 from vggt.preprocess import to_uint8_frames
 from vggt.rollout import DEFAULT_DISCARD_RATIO, RolloutCapture
-
-PRECISIONS = ("uint8", "float16")
 
 
 class ExportError(SpelledError, ValueError):
@@ -319,28 +315,15 @@ def export_attention(
         writer.write_frames(to_uint8_frames(images), sources)
         total = len(layers) + int(options.rollout)
         bar = tqdm(total=total, desc="writing layers", unit="layer", disable=not progress)
-        with (
-            bar,
-            LayerWriteQueue(writer.write_layer, on_written=lambda: bar.update(1)) as queue,
-            ThreadPoolExecutor(1, thread_name_prefix="layer-encoder") as encoder,
-        ):
+        with bar, LayerWriteQueue(writer.write_layer, on_written=lambda: bar.update(1)) as queue:
 
             def write(captured: CapturedLayer, extra: dict | None = None) -> None:
                 name = layer_name(captured.ref.kind, captured.ref.number, options.blocks)
                 meta = base_meta | {"num_heads": heads[captured.ref.kind]} | (extra or {})
                 _queue_layer(queue, name, captured, meta, options.precision)
 
-            def on_layer(captured: CapturedLayer) -> Future | None:
-                # Host-memory maps are encoded beside the forward pass: the percentile and encoding
-                # passes are bound by memory bandwidth here, the forward by arithmetic, so they share
-                # the cores well. The capture waits for the encoder before it reuses the maps.
-                if captured.maps.device.type == "cpu":
-                    return encoder.submit(write, captured)
-                write(captured)
-                return None
-
             rollout, head_inputs = _forward_with_capture(
-                model, images, grid, layers, options, on_layer, autocast_dtype, progress
+                model, images, grid, layers, options, write, autocast_dtype, progress
             )
             geometry = None
             if head_inputs is not None:
@@ -412,7 +395,7 @@ def _forward_with_capture(
     grid: QueryGrid,
     layers: list[LayerRef],
     options: ExportOptions,
-    on_layer: Callable[[CapturedLayer], Future | None],
+    on_layer: Callable[[CapturedLayer], None],
     autocast_dtype: torch.dtype | None,
     progress: bool,
 ) -> tuple[RolloutCapture | None, tuple[list[Tensor | None], int, Tensor] | None]:

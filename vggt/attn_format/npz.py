@@ -1,5 +1,5 @@
 """NPZ files of an export: member headers read without the data, stored members memory-mapped, and
-the writer of stored NPZ files (large members streamed a block at a time).
+the writer of stored NPZ files (large members page-aligned, written with direct I/O).
 
 numpy's own ``np.load`` reads a whole member; an export's reader wants one query's maps, so stored
 (uncompressed) members are located in the zip and memory-mapped, and deflated ones are decompressed
@@ -20,17 +20,16 @@ import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
 from vggt.attn_format import limits
 from vggt.attn_format.errors import FormatError
-from vggt.attn_format.quantization import worker_threads
 
 _ZIP_LOCAL_HEADER = struct.Struct("<4s5H3L2H")
 _ZIP_LOCAL_SIGNATURE = b"PK\x03\x04"
-_STREAM_BLOCK_BYTES = 1 << 20  # a row source is produced and written this much at a time
+_STREAM_BLOCK_BYTES = 1 << 20  # a deflated member is decompressed this much at a time
 # Members with at least this much data start on a page boundary and are written with direct I/O.
 _DIRECT_MIN_BYTES = 4 << 20
 _PAGE = 4096  # direct I/O writes whole pages from page-aligned memory
@@ -353,34 +352,7 @@ def _npy_header(shape: tuple[int, ...], dtype: np.dtype, file_offset: int = 0, a
     return raw[:8] + struct.pack("<H", length + padding) + raw[10:-1] + b" " * padding + b"\n"
 
 
-@runtime_checkable
-class RowSource(Protocol):
-    """An array produced a block of rows (along its first axis) at a time, while it is being written.
-
-    :class:`StoredNpzWriter` asks for the rows in order, so that an array that exists only as a recipe
-    (e.g. uint8 codes of float maps) never has to be held whole.
-    """
-
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-    def fill(self, start: int, stop: int, out: np.ndarray) -> None:
-        """Write rows ``[start, stop)`` into ``out``, a C-contiguous ``[stop - start, *shape[1:]]`` array.
-
-        Called from several threads at once, for disjoint rows.
-        """
-        ...
-
-
-def array_or_source(data: Any) -> np.ndarray | RowSource:
-    """``data`` itself when it is a :class:`RowSource`, else ``np.asarray(data)`` (an ndarray has a
-    ``fill`` method of its own, but it is an array, not a row source)."""
-    if isinstance(data, RowSource) and not isinstance(data, np.ndarray):
-        return data
-    return np.asarray(data)
-
-
-def write_npz(path: Path, arrays: dict[str, np.ndarray | RowSource], compress: bool = False) -> None:
+def write_npz(path: Path, arrays: dict[str, np.ndarray], compress: bool = False) -> None:
     """Write an NPZ through a temporary file renamed into place: deflated with numpy's own writer when
     ``compress``, else stored with :class:`StoredNpzWriter` (so members can be memory-mapped)."""
     tmp = path.with_name(path.name + ".tmp")
@@ -399,13 +371,11 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray | RowSource], compress: b
 
 
 class StoredNpzWriter:
-    """Writes an uncompressed NPZ that ``np.load`` reads; members may be :class:`RowSource` objects.
+    """Writes an uncompressed NPZ that ``np.load`` reads.
 
-    A row source is written through a small ring of cache-sized blocks: worker threads fill
-    blocks while one more checksums and writes the filled ones in order, so producing the data, its
-    CRC-32 and the copy into the file overlap and the data crosses memory once. Members are stored (not
-    deflated) with zip64 sizes, so they may exceed 4 GB. Use as a context manager: the zip directory is
-    written on a clean exit.
+    Members are stored (not deflated) with zip64 sizes, so they may exceed 4 GB; those of 4 MB or more
+    start on a page and go to the disk with direct I/O while another thread computes their CRC-32. Use as
+    a context manager: the zip directory is written on a clean exit.
     """
 
     def __init__(self, path: Path, direct_io: bool = True) -> None:
@@ -424,15 +394,10 @@ class StoredNpzWriter:
         finally:
             self._file.close()
 
-    def add(self, key: str, data: np.ndarray | RowSource) -> None:
-        """Write member ``key`` (``key.npy``) holding ``data``, an array or a :class:`RowSource`."""
-        data = array_or_source(data)
-        if isinstance(data, np.ndarray):
-            source, array = None, np.ascontiguousarray(data)
-            shape, dtype = array.shape, array.dtype
-        else:
-            source, array = data, None
-            shape, dtype = tuple(source.shape), np.dtype(source.dtype)
+    def add(self, key: str, data: np.ndarray) -> None:
+        """Write member ``key`` (``key.npy``) holding the array ``data``."""
+        array = np.ascontiguousarray(data)
+        shape, dtype = array.shape, array.dtype
         if dtype.hasobject:
             raise FormatError(f"NPZ member {key!r}: object arrays are not stored")
         name = f"{key}.npy".encode()
@@ -450,18 +415,16 @@ class StoredNpzWriter:
         self._file.write(local_header + name + extra + header)
         crc = zlib.crc32(header)
         with self._data_sink(header_start + len(header) if direct and self.direct_io else None) as sink:
-            if source is None and direct:
+            if direct:
                 # A large member's checksum is computed while the disk writes it (zlib lets go of the GIL).
                 with ThreadPoolExecutor(1, thread_name_prefix="npz-crc") as pool:
                     checksum = pool.submit(zlib.crc32, array, crc)
                     sink.write(array.reshape(-1).view(np.uint8))
                     crc = checksum.result()
-            elif source is None:
+            else:
                 crc = zlib.crc32(array, crc)
                 if array.size:
                     sink.write(array.reshape(-1).view(np.uint8))
-            else:
-                crc = self._stream_rows(source, shape, dtype, crc, sink)
         # The CRC is known only now: patch it into the local header written ahead of the data.
         self._file.seek(header_offset + _LOCAL_CRC_OFFSET)
         self._file.write(struct.pack("<I", crc))
@@ -478,42 +441,6 @@ class StoredNpzWriter:
             except OSError:  # a file system without direct I/O (tmpfs, some FUSE mounts)
                 pass
         return _FileSink(self._file)
-
-    def _stream_rows(
-        self,
-        source: RowSource,
-        shape: tuple[int, ...],
-        dtype: np.dtype,
-        crc: int,
-        sink: _Sink,
-    ) -> int:
-        rows = shape[0] if shape else 0
-        row_bytes = math.prod(shape[1:]) * dtype.itemsize
-        rows_per_block = max(1, _STREAM_BLOCK_BYTES // max(1, row_bytes))
-        fill_threads = worker_threads()
-        ring_size = 2 * fill_threads + 1
-        ring = [np.empty((min(rows_per_block, rows), *shape[1:]), dtype) for _ in range(ring_size)]
-        checksum = [crc]
-
-        def append(filled: Future, block: np.ndarray) -> None:  # the I/O thread: blocks in file order
-            filled.result()
-            checksum[0] = zlib.crc32(block, checksum[0])
-            sink.write(block.reshape(-1).view(np.uint8))
-
-        written: list[Future | None] = [None] * ring_size
-        with ThreadPoolExecutor(fill_threads) as fillers, ThreadPoolExecutor(1) as io_thread:
-            for number, start in enumerate(range(0, rows, rows_per_block)):
-                slot = number % ring_size
-                if written[slot] is not None:
-                    written[slot].result()  # its block is on disk: the buffer may be refilled
-                stop = min(start + rows_per_block, rows)
-                block = ring[slot][: stop - start]
-                filled = fillers.submit(source.fill, start, stop, block)
-                written[slot] = io_thread.submit(append, filled, block)
-            for future in written:
-                if future is not None:
-                    future.result()
-        return checksum[0]
 
     def _finish(self) -> None:
         directory_offset = self._file.seek(0, io.SEEK_END)

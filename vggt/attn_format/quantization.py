@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 UINT8_MAX = 255.0
+# How maps are stored: uint8 codes of this rule, or the probabilities in float16.
+PRECISIONS = ("uint8", "float16")
 PERCENTILE = 99.0
 VMAX_ESTIMATOR = "exact 99th percentile (numpy 'linear' interpolation)"
 
@@ -30,6 +32,12 @@ _SAMPLE_MARGIN = 200  # sample ranks below the target: ~8 standard deviations of
 _CHUNK_VALUES = 1 << 18  # elements encoded at a time: the passes over them stay in cache
 _SELECT_BLOCK = 1 << 18  # elements per block when selecting the top values
 _TASK_BYTES = 1 << 20  # encoded bytes per task when a layer is encoded on several threads
+
+
+def check_precision(precision: str) -> None:
+    """A ``ValueError`` unless ``precision`` is one of :data:`PRECISIONS`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
 def worker_threads() -> int:
@@ -105,11 +113,10 @@ def _at_least(flat: np.ndarray, threshold: float) -> np.ndarray:
 
 
 class EncodedMaps:
-    """A layer's maps in their stored dtype, encoded a block of queries at a time as they are written.
+    """A layer's maps in their stored dtype, encoded when asked for, a cache-sized block at a time.
 
-    Encoding on demand lets the NPZ writer turn float maps into codes one cache-sized block at a time,
-    straight into the file (a :class:`vggt.attn_format.npz.RowSource`); ``np.asarray`` gives the whole
-    encoded array.
+    :meth:`encode_into` writes the codes into a buffer of the caller's (the exporter's write queue) on
+    several threads; ``np.asarray`` gives them in a new array.
 
     Parameters
     ----------
@@ -125,8 +132,7 @@ class EncodedMaps:
     def __init__(
         self, values: np.ndarray, precision: str = "uint8", vmax99: float | np.ndarray | None = None
     ) -> None:
-        if precision not in ("uint8", "float16"):
-            raise ValueError(f"precision must be 'uint8' or 'float16', got {precision!r}")
+        check_precision(precision)
         self.values = np.asarray(values)
         if self.values.ndim == 0:
             raise ValueError("maps to encode need at least one axis")
@@ -143,11 +149,9 @@ class EncodedMaps:
         self._rows_per_step = min(max(1, _CHUNK_VALUES // max(1, math.prod(self.shape[1:]))), self.shape[0])
         self._scratch = threading.local()  # fill may run in several threads at once
 
-    def fill(self, start: int, stop: int, out: np.ndarray) -> None:
-        """Encode rows ``[start, stop)`` into ``out`` (``[stop - start, *shape[1:]]`` of :attr:`dtype`).
-
-        Thread-safe for disjoint rows.
-        """
+    def _fill(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Encode rows ``[start, stop)`` into ``out`` (``[stop - start, *shape[1:]]`` of :attr:`dtype`);
+        thread-safe for disjoint rows."""
         step = self._rows_per_step
         work = getattr(self._scratch, "work", None)
         if work is None and self._codes_per_unit is not None:
@@ -169,12 +173,12 @@ class EncodedMaps:
         rows_per_task = max(1, _TASK_BYTES // max(1, out[:1].nbytes))
         starts = range(0, rows, rows_per_task)
         if len(starts) <= 1:
-            self.fill(0, rows, out)
+            self._fill(0, rows, out)
             return out
         with ThreadPoolExecutor(min(len(starts), worker_threads())) as pool:
             for done in [
                 pool.submit(
-                    self.fill, start, min(start + rows_per_task, rows), out[start : start + rows_per_task]
+                    self._fill, start, min(start + rows_per_task, rows), out[start : start + rows_per_task]
                 )
                 for start in starts
             ]:
@@ -270,8 +274,7 @@ def encode_layer(
         ``layer_vmax99`` (scale of the head-averaged maps, see :func:`vmax99`), ``per_head_vmax99``,
         ``normalized_by`` and ``vmax_estimator`` for the layer's metadata.
     """
-    if precision not in ("uint8", "float16"):
-        raise ValueError(f"precision must be 'uint8' or 'float16', got {precision!r}")
+    check_precision(precision)
     per_head = maps.ndim == 5
     if head_mean is None:
         head_mean = maps.mean(axis=1, dtype=np.float32) if per_head else maps

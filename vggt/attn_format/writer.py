@@ -12,7 +12,7 @@ from PIL import Image
 
 from vggt import __version__
 from vggt.attn_format.geometry import write_geometry
-from vggt.attn_format.npz import array_or_source, write_npz
+from vggt.attn_format.npz import write_npz
 from vggt.attn_format.quantization import VMAX_ESTIMATOR
 from vggt.attn_format.schema import (
     ATTN_DIR_NAME,
@@ -175,11 +175,9 @@ class ExportWriter:
         name : str
             Layer name: ``"layer_01"`` (global layers of a global-only export), ``"global_01"``,
             ``"frame_01"``, ``"dino_01"`` or ``"rollout"``.
-        heatmaps : np.ndarray or RowSource
+        heatmaps : np.ndarray
             ``[Q, K, H_ds, W_ds]`` (averaged) or ``[Q, heads, K, H_ds, W_ds]`` (per head), uint8 codes or
             float16 raw probabilities; K key frames (``meta["key_frames"]``, all S frames by default).
-            A :class:`~vggt.attn_format.npz.RowSource` (such as the quantization's ``EncodedMaps``) is
-            encoded block by block as it is written.
         special_mass : np.ndarray
             ``[Q, K, n_special]`` or ``[Q, heads, K, n_special]`` float16: probability mass sent to each
             key frame's special tokens (camera or class token, registers).
@@ -188,7 +186,7 @@ class ExportWriter:
             ``stride_h``, ``stride_w`` and, for uint8, ``layer_vmax99`` (plus ``per_head_vmax99`` when
             head-normalized). Other fields of the schema may be given; derivable ones (shapes, dtype,
             paths, grid) are filled in.
-        token_heatmaps, token_special_mass : np.ndarray (or RowSource) and np.ndarray, optional
+        token_heatmaps, token_special_mass : np.ndarray, optional
             The same for the special-token queries listed in ``meta["token_queries"]``, with their own
             scales ``token_vmax99`` / ``token_per_head_vmax99``.
 
@@ -201,9 +199,9 @@ class ExportWriter:
             raise FormatError(f"bad layer name {name!r}")
         if (token_heatmaps is None) != (token_special_mass is None):
             raise FormatError(f"layer {name}: token maps and token special mass go together")
-        arrays = {HEATMAPS_KEY: array_or_source(heatmaps), SPECIAL_MASS_KEY: np.asarray(special_mass)}
+        arrays = {HEATMAPS_KEY: np.asarray(heatmaps), SPECIAL_MASS_KEY: np.asarray(special_mass)}
         if token_heatmaps is not None:
-            arrays[TOKEN_HEATMAPS_KEY] = array_or_source(token_heatmaps)
+            arrays[TOKEN_HEATMAPS_KEY] = np.asarray(token_heatmaps)
             arrays[TOKEN_SPECIAL_MASS_KEY] = np.asarray(token_special_mass)
         full = self._complete_layer_meta(name, arrays, meta)
         where = f"layer {name}"
