@@ -21,6 +21,7 @@ from PIL import Image
 from vggt.attn_format import limits
 from vggt.attn_format.errors import printable
 from vggt.attn_format.geometry import ExportGeometry, open_geometry
+from vggt.attn_format.maps import AttentionMaps, checked_index
 from vggt.attn_format.npz import NpyMember, load_member, scan_npz
 from vggt.attn_format.paths import (
     ExportFiles,
@@ -56,7 +57,7 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
 _GRAY = 128
 
 
-class AttnExport:
+class AttnExport(AttentionMaps):
     """An opened export (see :func:`open_export`); reads lazily and caches what it has read.
 
     Attributes
@@ -330,11 +331,6 @@ class AttnExport:
         """Special-token mass of the token queries, ``[T, (heads,) K, n_special]`` float16, or ``None``."""
         return self._array(name, TOKEN_SPECIAL_MASS_KEY) if self.layer_meta(name)["token_queries"] else None
 
-    def key_frames(self, name: str) -> list[int]:
-        """The frames along a layer's K axis (all frames for global layers and the rollout, ``[0]``
-        for frame and DINOv2 layers)."""
-        return list(self.layer_meta(name)["key_frames"])
-
     def head_scales(self, name: str, token: bool = False) -> np.ndarray:
         """Dequantization factor per head, ``[heads]`` float32 (``[1]`` for averaged data).
 
@@ -350,89 +346,6 @@ class AttnExport:
             return dequantization_factor(meta[f"{prefix}per_head_vmax99"])
         layer_key = "token_vmax99" if token else "layer_vmax99"
         return np.full(heads, dequantization_factor(meta[layer_key]), dtype=np.float32)
-
-    def _check_head(self, meta: dict, head: int | None) -> int | None:
-        if head is None:
-            return None
-        head = _index(head, "head index")
-        if not meta["per_head_data"]:
-            raise FormatError(f"layer {meta['layer_name']} has head-averaged maps only; no per-head data")
-        if not 0 <= head < meta["num_heads"]:
-            raise FormatError(f"head index {head} out of range 0..{meta['num_heads'] - 1}")
-        return head
-
-    def _dequantized_row(self, name: str, key: str, row: int, head: int | None) -> np.ndarray:
-        meta = self.layer_meta(name)
-        head = self._check_head(meta, head)
-        token = key == TOKEN_HEATMAPS_KEY
-        rows = len(meta["token_queries"]) if token else meta["Q"]
-        row = _index(row, "token query" if token else "query index")
-        if not 0 <= row < rows:
-            what = "token query" if token else "query index"
-            raise FormatError(f"{what} {row} out of range 0..{rows - 1} in layer {name}")
-        stored = self._array(name, key)
-        scales = self.head_scales(name, token)
-        if not meta["per_head_data"]:
-            return np.multiply(stored[row], scales[0], dtype=np.float32)
-        if head is not None:
-            return np.multiply(stored[row, head], scales[head], dtype=np.float32)
-        return np.multiply(stored[row], scales[:, None, None, None], dtype=np.float32)
-
-    def query_maps(self, name: str, qi: int, head: int | None = None) -> np.ndarray:
-        """Dequantized maps of one query as float32 probabilities.
-
-        Parameters
-        ----------
-        name : str
-            Layer name.
-        qi : int
-            Query index ``qr * W_ds + qc``.
-        head : int, optional
-            0-based head; only for per-head layers.
-
-        Returns
-        -------
-        np.ndarray
-            ``[K, H_ds, W_ds]`` float32 for averaged data or a chosen head, else
-            ``[heads, K, H_ds, W_ds]`` float32; K = the layer's :meth:`key_frames`.
-        """
-        return self._dequantized_row(name, HEATMAPS_KEY, qi, head)
-
-    def token_maps(self, name: str, row: int, head: int | None = None) -> np.ndarray:
-        """Dequantized maps of token query ``row`` (``layer_meta(name)["token_queries"][row]``, e.g.
-        a frame's camera token), shaped like :meth:`query_maps`."""
-        return self._dequantized_row(name, TOKEN_HEATMAPS_KEY, row, head)
-
-    def key_maps(self, name: str, frame: int, row: int, col: int, head: int | None = None) -> np.ndarray:
-        """Reverse view: how much each query sends to key cell ``(row, col)`` of ``frame``.
-
-        Returns
-        -------
-        np.ndarray
-            ``[H_ds, W_ds]`` float32 over the query grid for averaged data or a chosen head, else
-            ``[heads, H_ds, W_ds]`` float32.
-        """
-        meta = self.layer_meta(name)
-        head = self._check_head(meta, head)
-        frame, row, col = (_index(v, what) for v, what in ((frame, "frame"), (row, "row"), (col, "column")))
-        if frame not in meta["key_frames"]:
-            raise FormatError(
-                f"layer {name} holds no attention to frame {frame} (key frames {meta['key_frames']})"
-            )
-        if not 0 <= row < meta["H_ds"] or not 0 <= col < meta["W_ds"]:
-            raise FormatError(f"key cell (row {row}, col {col}) outside the export's grid")
-        position = meta["key_frames"].index(frame)
-        stored = self.heatmaps(name)
-        scales = self.head_scales(name)
-        grid = (meta["H_ds"], meta["W_ds"])
-        if not meta["per_head_data"]:
-            return np.multiply(stored[:, position, row, col], scales[0], dtype=np.float32).reshape(grid)
-        if head is not None:
-            return np.multiply(stored[:, head, position, row, col], scales[head], dtype=np.float32).reshape(
-                grid
-            )
-        column = np.multiply(stored[:, :, position, row, col], scales[None, :], dtype=np.float32)
-        return np.ascontiguousarray(column.T).reshape(meta["num_heads"], *grid)
 
     def validate(self) -> None:
         """Check every layer's NPZ headers (dtype, shape) against its metadata; raises FormatError."""
@@ -490,7 +403,7 @@ class AttnExport:
         :data:`~.limits.MAX_DECODED_FRAMES_BYTES`). A seed export's copied source images are resized to
         the model's frame size; a frame whose file lies outside the export is a flat gray placeholder.
         """
-        index = _index(index, "frame index")
+        index = checked_index(index, "frame index")
         if not 0 <= index < len(self.frame_paths):
             raise FormatError(f"frame {index} out of range 0..{len(self.frame_paths) - 1}")
         with self._loading(("frame", index)):
@@ -549,16 +462,6 @@ class AttnExport:
                 f"{what} is {size[0]}x{size[1]}, above the limit of {limits.MAX_SOURCE_IMAGE_PIXELS} "
                 f"pixels and {limits.MAX_SOURCE_IMAGE_SIDE} per side"
             )
-
-
-def _index(value: object, what: str) -> int:
-    """An index passed by a caller, as an ``int``; anything else is a :class:`FormatError`."""
-    if isinstance(value, bool):
-        raise FormatError(f"{what} must be an integer, got {value!r}")
-    try:
-        return int(value.__index__())  # type: ignore[union-attr]
-    except (AttributeError, TypeError):
-        raise FormatError(f"{what} must be an integer, got {type(value).__name__}") from None
 
 
 def _layer_name_from_metadata_file(name: str) -> str:
