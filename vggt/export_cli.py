@@ -8,23 +8,32 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import logging
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from vggt import __version__
-from vggt.arguments import EXIT_USAGE, OneLineParser, SpelledError, UsageError, command_line_spelling
-from vggt.attn_format import FormatError, layer_name
+from vggt.arguments import OneLineParser, UsageError
+from vggt.attn_format import layer_name
 from vggt.capture import LayerRef, QueryGrid
-from vggt.device import select_device_and_dtype
+from vggt.cli_common import (
+    ImageChoice,
+    add_image_flags,
+    add_weights_flags,
+    check_weights_flags,
+    choose_images_from_flags,
+    device_and_dtype,
+    flag_adder,
+    load_weights,
+    model_config,
+    run_command,
+    scene_folder,
+    weights_description,
+)
 from vggt.export import (
     ExportError,
     ExportOptions,
@@ -34,27 +43,13 @@ from vggt.export import (
     parse_layers,
 )
 from vggt.export_geometry import GEOMETRY_TIME_SHARE, geometry_bytes, head_outputs_bytes, truth_arrays
-from vggt.geometry.correspondence import SceneError, is_scene_dir, scene_of_image_dir
+from vggt.geometry.correspondence import SceneError
 from vggt.models.config import VGGTConfig
 from vggt.models.vggt import VGGT
-from vggt.preprocess import ImageLoadError, list_images, load_and_preprocess_images
+from vggt.preprocess import load_and_preprocess_images
 from vggt.rollout import DEFAULT_DISCARD_RATIO, rollout_bytes
-from vggt.weights import DEFAULT_MODEL_ID, WeightsError, assign_weights, resolve_checkpoint
 
-EXIT_INTERRUPTED = 130
-DEFAULT_IMAGE_SET = "synthetic_room"
 DEFAULT_PREFIX = "attn_first2all_"
-
-log = logging.getLogger("vggt")
-# Messages name arguments as Python callers spell them; here they are the flags below.
-COMMAND_LINE = command_line_spelling({"per_head": "save_per_head", "model_id": "model"})
-
-
-class _ProgressFriendlyHandler(logging.Handler):
-    """Log lines printed above the progress bars instead of through them."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        tqdm.write(self.format(record), file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,20 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(--rollout) on request. Open the result with visualize_attn_gradio.py.",
     )
 
-    def add(name: str, **kwargs) -> None:
-        spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        parser.add_argument(*spellings, dest=name, **kwargs)
-
-    add("image_set_name", default=DEFAULT_IMAGE_SET, help="name of the image set (default %(default)s)")
-    add("image_dir", help="folder of images (default examples/<image_set_name>/images)")
-    add(
-        "num_images",
-        type=int,
-        help="use this many images, evenly spaced over the sorted folder (default: all)",
-    )
-    add("image_extension", help="only files with this extension, e.g. png (default: common image types)")
-    add("first_image_idx", type=int, default=0, help="which chosen image becomes frame 0, the query frame")
-    add("preprocess", choices=("crop", "pad"), default="crop", help="upstream preprocessing mode")
+    add = flag_adder(parser)
+    add_image_flags(add)
 
     add("save_per_head", action="store_true", help="keep every head instead of their mean")
     add("stride", type=int, help="query stride and pooling block in patches, both directions")
@@ -118,61 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("output_dir", help="output folder (overrides --output_dir_prefix)")
     add("overwrite", action="store_true", help="replace an existing output folder")
 
-    add("model", default=DEFAULT_MODEL_ID, help="Hugging Face repo id of the weights (default %(default)s)")
-    add("revision", help="branch, tag or commit of --model")
-    add("checkpoint", help="local .safetensors/.pt file or folder instead of the hub")
-    add("cache_dir", help="Hugging Face cache folder (default: HF_HUB_CACHE / HF_HOME)")
-    add("random_weights", action="store_true", help="seeded random weights, no download (for trying things)")
-    add("seed", type=int, default=0, help="seed of --random_weights (default %(default)s)")
-    add(
-        "model_config",
-        help="JSON architecture (VGGTConfig, or AggregatorConfig fields) for a model other than VGGT-1B",
-    )
-    add("device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    add("dtype", default="auto", help="autocast dtype: auto, float32, bfloat16 or float16")
+    add_weights_flags(add)
     add("quiet", action="store_true", help="no plan printout and no progress bars")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
-
-
-@dataclass(frozen=True)
-class ImageChoice:
-    """The frames of an export in model order and where they came from."""
-
-    paths: list[Path]  # model order: frame 0 first
-    folder_size: int
-    first_image_idx: int
-
-
-def choose_images(
-    image_dir: Path, extension: str | None, num_images: int | None, first_image_idx: int
-) -> ImageChoice:
-    """Pick ``num_images`` evenly spaced images of the sorted folder and put ``first_image_idx`` first.
-
-    The chosen image at position ``first_image_idx`` becomes frame 0; the others keep their order.
-    """
-    try:
-        available = list_images(image_dir, extension)
-    except NotADirectoryError:
-        raise UsageError(f"image folder not found: {image_dir}") from None
-    kind = f"*.{extension.lstrip('.')}" if extension else "image"
-    if not available:
-        raise UsageError(f"no {kind} files found in {image_dir}")
-    count = len(available) if num_images is None else num_images
-    if count < 1:
-        raise UsageError(f"--num_images must be at least 1, got {count}")
-    if count > len(available):
-        raise UsageError(f"--num_images {count} but {image_dir} holds only {len(available)} {kind} files")
-    if count == 1:
-        chosen = [available[0]]
-    else:
-        chosen = [available[round(i * (len(available) - 1) / (count - 1))] for i in range(count)]
-    if not 0 <= first_image_idx < count:
-        raise UsageError(
-            f"--first_image_idx {first_image_idx} is out of range for {count} images (0-{count - 1})"
-        )
-    ordered = [chosen[first_image_idx]] + chosen[:first_image_idx] + chosen[first_image_idx + 1 :]
-    return ImageChoice(ordered, len(available), first_image_idx)
 
 
 def _format_bytes(count: float) -> str:
@@ -257,12 +189,7 @@ class Plan:
                 f"    about +{GEOMETRY_TIME_SHARE:.0%} of the forward's time, {size} on disk, {kept} of "
                 "aggregator outputs kept for the heads"
             )
-        weights = (
-            f"random (seed {args.seed})"
-            if args.random_weights
-            else args.checkpoint or f"{args.model}" + (f" @ {args.revision}" if args.revision else "")
-        )
-        lines.append(f"  weights: {weights}")
+        lines.append(f"  weights: {weights_description(args)}")
         lines.append(
             f"  estimated size on disk: {_format_bytes(self.disk_bytes)}"
             + (" before compression" if options.compress else "")
@@ -286,23 +213,15 @@ def make_plan(args: argparse.Namespace, model: VGGT, device: torch.device) -> Pl
     options = dataclasses.replace(options, layers=numbers)
     layers = options.validate(depths)
 
-    image_dir = Path(args.image_dir) if args.image_dir else Path("examples") / args.image_set_name / "images"
     out_dir = (
         Path(args.output_dir) if args.output_dir else Path(f"{args.output_dir_prefix}{args.image_set_name}")
     )
-    if args.checkpoint and args.random_weights:
-        raise UsageError("--checkpoint and --random_weights exclude each other")
-    if args.checkpoint:
-        resolve_checkpoint(checkpoint=args.checkpoint)  # a missing local file is named before the plan
+    check_weights_flags(args)  # a missing local checkpoint is named before the plan
     # The inputs are checked before the output, so that a mistyped folder is named as such.
-    choice = choose_images(image_dir, args.image_extension, args.num_images, args.first_image_idx)
+    choice = choose_images_from_flags(args)
     if args.scene is not None and not args.geometry:
         raise UsageError("--scene gives true geometry: use it with --geometry")
-    scene = None
-    if args.geometry:
-        scene = Path(args.scene) if args.scene is not None else scene_of_image_dir(image_dir)
-        if scene is not None and not is_scene_dir(scene):
-            raise UsageError(f"--scene {scene} is not a scene folder (it needs cameras.json and depth/)")
+    scene = scene_folder(args) if args.geometry else None
     if out_dir.exists() and not args.overwrite:
         raise UsageError(f"output folder {out_dir} already exists (use --overwrite to replace it)")
     images = load_and_preprocess_images(choice.paths, mode=args.preprocess)
@@ -331,14 +250,11 @@ def make_plan(args: argparse.Namespace, model: VGGT, device: torch.device) -> Pl
 def run(args: argparse.Namespace) -> Path:
     """Carry out an export from parsed arguments; raises :class:`UsageError` for user errors."""
     progress = not args.quiet
-    config = _model_config(args.model_config)
+    config = model_config(args)
     with torch.device("meta"):
         # Attention needs the aggregator alone; --geometry the heads too.
         model = VGGT.from_config(config, heads=args.geometry)
-    try:
-        device, autocast_dtype = select_device_and_dtype(args.device, args.dtype)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    device, autocast_dtype = device_and_dtype(args)
     plan = make_plan(args, model, device)
     if progress:
         print(plan.describe(args, config), flush=True)
@@ -359,7 +275,7 @@ def run(args: argparse.Namespace) -> Path:
         )
     choice, images = plan.choice, plan.images
 
-    model_fields = _load_model(args, model, device, progress)
+    model_fields = load_weights(args, model, device, progress)
     manifest = {
         "image_set_name": args.image_set_name,
         "model": model_fields,
@@ -387,47 +303,8 @@ def run(args: argparse.Namespace) -> Path:
     return out_dir
 
 
-def _model_config(path: str | None) -> VGGTConfig:
-    if path is None:
-        return VGGTConfig.vggt_1b()
-    try:
-        return VGGTConfig.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError) as err:
-        raise UsageError(f"cannot read --model_config {path}: {err}") from None
-
-
-def _load_model(args, model: VGGT, device: torch.device, progress: bool) -> dict:
-    """Give the (meta) model its weights on ``device``; returns the manifest's ``model`` fields."""
-    source = "random weights" if args.random_weights else args.checkpoint or args.model
-    with tqdm(total=1, desc=f"loading model ({source})", unit="step", disable=not progress) as bar:
-        fields = assign_weights(
-            model, args.model, args.revision, args.checkpoint, args.cache_dir, args.random_weights, args.seed,
-            device,
-        )  # fmt: skip
-        bar.update(1)
-    architecture = "VGGT-1B" if args.model_config is None else model.config.aggregator.to_dict()
-    return fields | {"architecture": architecture}
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point: returns the process exit code."""
-    if not log.handlers:  # this package's messages only; libraries keep their own logging as it is
-        handler = _ProgressFriendlyHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-    try:
-        args = build_parser().parse_args(argv)
-        run(args)
-    except (UsageError, ExportError, WeightsError, ImageLoadError, FormatError) as err:
-        message = err.spelled(COMMAND_LINE) if isinstance(err, SpelledError) else str(err)
-        print(f"error: {' '.join(message.split())}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as err:  # e.g. the disk filled up while writing; the partial export is removed
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return 0
+    return run_command(
+        build_parser(), run, argv, errors=(ExportError,), renamed_flags={"per_head": "save_per_head"}
+    )
