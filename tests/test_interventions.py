@@ -3,12 +3,15 @@ weights, edited by hand."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from vggt.capture import LayerRef
+from vggt.intervention_sweep import InterventionRunner
 from vggt.interventions import (
     BlockSparsity,
     GlobalToFrame,
@@ -21,19 +24,40 @@ from vggt.interventions import (
     run_with_interventions,
 )
 from vggt.models import layers
+from vggt.models.config import VGGTConfig
 from vggt.models.hooks import iter_hook_points
+from vggt.models.vggt import VGGT
 from vggt.prefix import PrefixCache, resume_aggregator
 
-FRAMES, PATCH_START, PATCHES = 3, 5, 20  # the tiny fixture: 3 frames of 4x5 patches
+from .conftest import FIXTURES
+
+FRAMES, PATCH_START, PATCHES = 3, 5, 20  # the tiny fixtures: 3 frames of 4x5 patches
 TOKENS = PATCH_START + PATCHES
+HEADS_REFERENCE = FIXTURES / "tiny_vggt_heads_reference"
 
 
-@pytest.fixture()
-def images(tiny_reference):
-    return tiny_reference["input.images"]
+@pytest.fixture(scope="module")
+def heads_reference() -> dict[str, torch.Tensor]:
+    return load_file(HEADS_REFERENCE.with_suffix(".safetensors"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(heads_reference) -> VGGT:
+    """The tiny VGGT with all four heads (4 frame and 4 global layers, 2 DINOv2 layers, 4 heads each)."""
+    config = VGGTConfig.from_reference_json(json.loads(HEADS_REFERENCE.with_suffix(".json").read_text()))
+    model = VGGT(config=config).eval()
+    weights = {k.removeprefix("model."): v for k, v in heads_reference.items() if k.startswith("model.")}
+    model.load_state_dict(weights, strict=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def images(heads_reference):
+    return heads_reference["input.images"]
 
 
 def forward(model, images):
+    """The aggregator's outputs: every head reads only these, so equal outputs give equal predictions."""
     with torch.no_grad():
         outputs, _ = model.aggregator(images)
     return outputs
@@ -108,7 +132,7 @@ def test_no_intervention_and_keep_everything_are_bit_identical(tiny_model, image
             outputs, _ = tiny_model.aggregator(images)
         assert_outputs_equal(outputs, plain)
         assert session.kept_share == 1.0
-        assert len(calls) == 6 and all(call.get("attn_mask") is None for call in calls)
+        assert len(calls) == 10 and all(call.get("attn_mask") is None for call in calls)
     assert all(not point._forward_hooks for _, point in iter_hook_points(tiny_model))
 
 
@@ -260,9 +284,9 @@ def test_key_importance_and_mass_masks(tiny_model, images):
     handle = point.register_forward_hook(lambda module, args, output: seen.setdefault("qk", args))
     try:
         with torch.no_grad(), KeyImportanceCapture(tiny_model, ref, FRAMES) as camera:
-            tiny_model(images)
+            tiny_model.aggregator(images)
         with torch.no_grad(), KeyImportanceCapture(tiny_model, ref, FRAMES, "query_frame") as patches:
-            tiny_model(images)
+            tiny_model.aggregator(images)
     finally:
         handle.remove()
     q, k = seen["qk"]
@@ -290,7 +314,7 @@ def test_key_importance_and_mass_masks(tiny_model, images):
 
 def test_bad_interventions_are_one_line_errors(tiny_model, images):
     cases = [
-        (HeadAblation(LayerRef("global", 2), (0,)), "global layer 3 does not exist: the model has 1-2"),
+        (HeadAblation(LayerRef("global", 4), (0,)), "global layer 5 does not exist: the model has 1-4"),
         (HeadAblation(LayerRef("global", 0), (4,)), "head 5 does not exist: global layer 1 has heads 1-4"),
         (HeadAblation(LayerRef("frame", 0), (0,), "half"), "ablation mode must be one of zero, mean"),
         (GlobalToFrame((LayerRef("frame", 0),)), "frame layers cannot be edited this way"),
@@ -329,7 +353,8 @@ def test_hooks_are_removed_when_the_forward_pass_fails(tiny_model, images):
 )
 def test_prefix_reuse_equals_running_from_scratch(tiny_model, images, intervention):
     first = intervention.first_layer()
-    everywhere = [LayerRef(kind, i) for kind in ("dino", "frame", "global") for i in range(2)]
+    everywhere = [LayerRef("dino", i) for i in range(2)]
+    everywhere += [LayerRef(kind, i) for kind in ("frame", "global") for i in range(4)]
     with torch.no_grad(), PrefixCache(tiny_model, everywhere) as cache:
         plain = forward(tiny_model, images)
     assert set(cache.tokens) == set(everywhere)
@@ -356,3 +381,38 @@ def test_prefix_cache_keeps_only_what_resuming_needs(tiny_model, images):
     cache.release(start)
     assert cache.tokens == {} and cache.resume_point(start) is None
     assert all(not module._forward_pre_hooks for module in tiny_model.modules())
+
+
+def prediction_tensors(predictions: dict) -> list[torch.Tensor]:
+    names = ("pose_enc", "depth", "depth_conf", "world_points", "world_points_conf", "track", "vis", "conf")
+    return [predictions[name] for name in names]
+
+
+def test_a_sweep_resumes_each_intervention_and_predicts_what_running_from_scratch_predicts(
+    tiny_model, images, heads_reference
+):
+    query_points = heads_reference["input.query_points"][0]
+    with torch.no_grad():
+        plain = tiny_model(images, query_points)
+    global_ablation = HeadAblation(LayerRef("global", 2), (1,))
+    dino_ablation = HeadAblation(LayerRef("dino", 1), (0,), "mean")
+    runner = InterventionRunner(tiny_model, images[0], query_points)
+    unmodified = runner.run_unmodified(resume_at=[LayerRef("global", 2), LayerRef("dino", 1)])
+    assert_outputs_equal(prediction_tensors(unmodified), prediction_tensors(plain))
+    # The heads read all 4 outputs of the tiny model: the 2 before global layer 3 are kept.
+    assert sorted(runner.cache.outputs) == [0, 1]
+
+    everything = KeyMask((LayerRef("global", 2),), torch.ones(1, FRAMES, PATCHES, dtype=torch.bool))
+    kept_all, share = runner.run([everything])
+    assert_outputs_equal(prediction_tensors(kept_all), prediction_tensors(plain))
+    assert share == 1.0
+
+    results = list(runner.sweep([global_ablation, dino_ablation]))
+    assert [intervention for intervention, _, _ in results] == [dino_ablation, global_ablation]
+    assert runner.cache.tokens == {}  # every prefix released once used
+    for intervention, predictions, share in results:
+        with torch.no_grad():
+            scratch, _ = run_with_interventions(tiny_model, images, [intervention], query_points=query_points)
+        assert_outputs_equal(prediction_tensors(predictions), prediction_tensors(scratch))
+        assert_changed(prediction_tensors(predictions), prediction_tensors(plain))
+        assert share == pytest.approx(3 / 4)
