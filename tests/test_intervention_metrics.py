@@ -131,3 +131,13 @@ def test_depth_points_and_tracks_against_a_reference():
         reference.extrinsic, reference.intrinsic, track=reference.track, track_visible=visible
     )
     assert compare(run, truth)["track_px"] == pytest.approx(10.0)
+
+
+def test_rotation_angles_are_exact_near_zero_and_right_at_large_angles():
+    turn = rotation([1, 2, 3], 37.0).astype(np.float32).astype(np.float64)  # rounded, not quite orthonormal
+    assert camera_errors(
+        np.stack([np.eye(3, 4), np.c_[turn, [1, 0, 0]]]), np.stack([np.eye(3, 4), np.c_[turn, [1, 0, 0]]])
+    ) == (0.0, 0.0)
+    for degrees in (0.5, 90.0, 120.0, 179.0):
+        extrinsic = np.stack([np.eye(3, 4), np.c_[rotation([0, 1, 1], degrees), [1.0, 0.0, 0.0]]])
+        assert camera_errors(extrinsic, np.stack([np.eye(3, 4)] * 2))[0] == pytest.approx(degrees)

@@ -67,9 +67,15 @@ class RunGeometry:
 
 
 def rotation_angle_deg(rotation: np.ndarray) -> np.ndarray:
-    """Angle of rotation matrices ``[..., 3, 3]``, degrees ``[...]``."""
+    """Angle of rotation matrices ``[..., 3, 3]``, degrees ``[...]``.
+
+    From both its cosine (the trace) and its sine (the antisymmetric part): ``arccos`` of the trace
+    alone would turn float32 rounding of a matrix into hundredths of a degree near 0.
+    """
     cosine = (np.trace(rotation, axis1=-2, axis2=-1) - 1.0) / 2.0
-    return np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0)))
+    antisymmetric = rotation - np.swapaxes(rotation, -1, -2)
+    sine = np.linalg.norm(antisymmetric[..., [2, 0, 1], [1, 2, 0]], axis=-1) / 2.0
+    return np.degrees(np.arctan2(sine, cosine))
 
 
 def direction_angle_deg(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -104,9 +110,9 @@ def camera_errors(extrinsic: np.ndarray, reference: np.ndarray) -> tuple[float, 
     rotation, translation = relative_poses(extrinsic)
     rotation_ref, translation_ref = relative_poses(reference)
     rotation_error = rotation_angle_deg(rotation @ np.swapaxes(rotation_ref, -1, -2))
-    return float(np.mean(rotation_error)), float(
-        np.nanmean(direction_angle_deg(translation, translation_ref))
-    )
+    direction_error = direction_angle_deg(translation, translation_ref)
+    measured = direction_error[np.isfinite(direction_error)]  # a pair with no baseline has no direction
+    return float(np.mean(rotation_error)), float(np.mean(measured)) if measured.size else float("nan")
 
 
 def fields_of_view(intrinsic: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
