@@ -1,0 +1,118 @@
+"""Figures of an intervention sweep (PNG and SVG), drawn with matplotlib from ``results.csv`` rows.
+
+- ``ablation_heatmap``: per ablated layer kind, a layers x heads heatmap of each error;
+- ``mask_keys_curve`` and ``block_sparse_curve``: each error against the kept mass of the key mask or
+  the threshold of block sparsity, one line per set of layers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from vggt.intervention_metrics import TRUTH_PREFIX
+from vggt.intervention_results import ResultRow, ablation_grid
+
+# The errors drawn (columns of results.csv) and their axis labels.
+FIGURE_ERRORS = {
+    "camera_rotation_deg": "camera rotation error (deg)",
+    "depth_abs_rel": "depth abs. rel. error",
+    "points_mean": "world point error",
+    "track_px": "track error (px)",
+}
+FORMATS = ("png", "svg")
+log = logging.getLogger("vggt")
+CURVE_VALUE = {"mask_keys": "kept mass of the key mask", "block_sparse": "block-sparsity threshold"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, whatever the environment's display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _measured(rows: Sequence[ResultRow], columns: Sequence[str]) -> list[str]:
+    return [c for c in columns if any(not math.isnan(row[c]) for row in rows)]
+
+
+def _save(figure, out_dir: Path, name: str) -> list[Path]:
+    paths = [out_dir / f"{name}.{fmt}" for fmt in FORMATS]
+    for path in paths:
+        figure.savefig(path, dpi=150, bbox_inches="tight")
+    return paths
+
+
+def ablation_heatmap(rows: Sequence[ResultRow], out_dir: Path, title: str) -> list[Path]:
+    """Layers x heads heatmaps of the head-ablation rows, one row of panels per layer kind."""
+    ablations = [row for row in rows if row.kind == "ablate_heads"]
+    kinds = [k for k in ("global", "frame", "dino") if any(r.layers.startswith(f"{k}:") for r in ablations)]
+    columns = _measured(ablations, list(FIGURE_ERRORS))
+    if not kinds or not columns:
+        return []
+    plt = _pyplot()
+    figure, axes = plt.subplots(len(kinds), len(columns), figsize=(3.6 * len(columns), 3.2 * len(kinds)),
+                                squeeze=False)  # fmt: skip
+    for row_axes, kind in zip(axes, kinds, strict=True):
+        for axis, column in zip(row_axes, columns, strict=True):
+            layers, heads, grid = ablation_grid(ablations, column, kind)
+            image = axis.imshow(grid, cmap="magma", aspect="auto", interpolation="nearest")
+            axis.set_xticks(range(heads), [str(h + 1) for h in range(heads)], fontsize=6)
+            axis.set_yticks(range(len(layers)), [str(n) for n in layers], fontsize=6)
+            axis.set_xlabel("head")
+            axis.set_ylabel(f"{kind} layer")
+            axis.set_title(FIGURE_ERRORS[column], fontsize=9)
+            figure.colorbar(image, ax=axis, shrink=0.85)
+    figure.suptitle(f"{title}: error after ablating one head", fontsize=10)
+    paths = _save(figure, out_dir, "ablation_heatmap")
+    plt.close(figure)
+    return paths
+
+
+def kept_mass_curves(rows: Sequence[ResultRow], kind: str, out_dir: Path, title: str) -> list[Path]:
+    """Errors against the kept mass (key masks) or threshold (block sparsity) of the ``kind`` rows."""
+    chosen = [row for row in rows if row.kind == kind and not math.isnan(row["value"])]
+    candidates = [c for name in FIGURE_ERRORS for c in (name, TRUTH_PREFIX + name)]
+    columns = _measured(chosen, candidates)
+    if not chosen or not columns:
+        return []
+    plt = _pyplot()
+    names = [c for c in FIGURE_ERRORS if c in columns or TRUTH_PREFIX + c in columns]
+    figure, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.2), squeeze=False)
+    series = sorted({row.layers for row in chosen})
+    for axis, name in zip(axes[0], names, strict=True):
+        for layers in series:
+            line = sorted((row["value"], row) for row in chosen if row.layers == layers)
+            values = np.array([value for value, _ in line])
+            for column, style in ((name, "o-"), (TRUTH_PREFIX + name, "s--")):
+                if column in columns:
+                    label = layers + (" vs truth" if column.startswith(TRUTH_PREFIX) else " vs unmodified")
+                    axis.plot(values, [row[column] for _, row in line], style, label=label, markersize=4)
+        axis.set_xlabel(CURVE_VALUE[kind])
+        axis.set_title(FIGURE_ERRORS[name], fontsize=9)
+        axis.grid(True, linestyle=":", alpha=0.5)
+    axes[0][0].legend(fontsize=7)
+    figure.suptitle(title, fontsize=10)
+    paths = _save(figure, out_dir, f"{kind}_curve")
+    plt.close(figure)
+    return paths
+
+
+def write_figures(rows: Sequence[ResultRow], out_dir: Path, title: str) -> list[Path]:
+    """Every figure the rows allow; returns the files written (none, with a warning, without matplotlib)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        log.warning(
+            "matplotlib is not installed: no figures (pip install matplotlib, or the figures extra)"
+        )
+        return []
+    paths = ablation_heatmap(rows, out_dir, title)
+    for kind in CURVE_VALUE:
+        paths += kept_mass_curves(rows, kind, out_dir, title)
+    return paths
