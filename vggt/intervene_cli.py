@@ -25,12 +25,11 @@ import torch
 from tqdm.auto import tqdm
 
 from vggt import __version__
+from vggt.arguments import OneLineParser, UsageError
 from vggt.attn_format.grid import cell_centres
 from vggt.capture import LayerRef, attention_blocks
 from vggt.cli_common import (
     ImageChoice,
-    OneLineParser,
-    UsageError,
     add_image_flags,
     add_weights_flags,
     check_weights_flags,

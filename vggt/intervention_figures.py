@@ -108,9 +108,7 @@ def kept_mass_curves(rows: Sequence[ResultRow], kind: str, out_dir: Path, title:
 def write_figures(rows: Sequence[ResultRow], out_dir: Path, title: str) -> list[Path]:
     """Every figure the rows allow; returns the files written (none, with a warning, without matplotlib)."""
     if importlib.util.find_spec("matplotlib") is None:
-        log.warning(
-            "matplotlib is not installed: no figures (pip install matplotlib, or the figures extra)"
-        )
+        log.warning("matplotlib is not installed: no figures (pip install matplotlib, or the figures extra)")
         return []
     paths = ablation_heatmap(rows, out_dir, title)
     for kind in CURVE_VALUE:
