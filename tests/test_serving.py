@@ -33,7 +33,7 @@ def _any_path_again():
 
 def _message(path: str) -> str:
     """What the message area beside the path box says after Load (its HTML)."""
-    return handlers.on_load(path, Session()).message
+    return handlers.on_load(Session(), path).message
 
 
 def test_reachable_viewers_need_a_root_or_an_explicit_any_path() -> None:
@@ -74,7 +74,7 @@ def test_root_confines_the_path_box(tmp_path: Path) -> None:
     (served / "not_an_export").mkdir()
     CACHE.serve(PathRule(served))
 
-    loaded = handlers.on_load("team/kitchen", Session())
+    loaded = handlers.on_load(Session(), "team/kitchen")
     assert loaded.message == "" and loaded.session.export_key == str((served / "team/kitchen").resolve())
     refusals = {
         typed: _message(typed)

@@ -13,8 +13,11 @@ import io
 import json
 import re
 import shutil
+import struct
 import subprocess
 import sys
+import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -28,7 +31,7 @@ from vggt.attn_format import open_export
 from vggt.attn_format.quantization import percentile99
 from vggt.testing.synthetic import write_synthetic_export
 from vggt.viewer import handlers, render
-from vggt.viewer.state import CACHE, Session
+from vggt.viewer.state import CACHE, Session, SessionBox
 from visualize_attn_gradio import main, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,26 +71,42 @@ def raw_export(tmp_path: Path) -> Path:
 
 
 def load(path: Path | str) -> handlers.MainView:
-    return handlers.on_load(str(path), Session())
+    return handlers.on_load(Session(), str(path))
+
+
+def rerender(session: Session, layer: str, head: str = "Average", opacity: float = 0.6, frame: int = 0):
+    """The main view after choosing ``layer``, then ``head`` (then ``frame`` for layers x heads), as a user
+    would in the controls; a failure's outputs where one is reported."""
+    out = handlers.on_layer_change(session, layer, opacity)
+    if out.message or not isinstance(out.session, Session):
+        return out
+    out = handlers.on_head_change(out.session, head, opacity)
+    if frame and not out.message:
+        out = handlers.on_grid_frame(out.session, frame, opacity)
+    return out
 
 
 def select(session: Session, x: float, y: float, layer: str, head: str = "Average", opacity: float = 0.6,
            frame: int = 0) -> handlers.MainView:  # fmt: skip
-    return handlers.on_query_select(session, layer, head, opacity, frame, click(x, y))
-
-
-def rerender(session: Session, layer: str, head: str = "Average", opacity: float = 0.6, frame: int = 0):
-    return handlers.on_settings_change(session, layer, head, opacity, frame)
+    """A click at frame pixel (x, y) of the query frame, on ``layer`` and ``head``."""
+    if session.view is not None:
+        chosen = rerender(session, layer, head, opacity, frame)
+        session = chosen.session if isinstance(chosen.session, Session) else session
+    return handlers.on_query_select(session, opacity, click(x, y))
 
 
 def in_mode(session: Session, mode: str, layer: str, head: str = "Average", frame: int = 0):
-    return handlers.on_mode(mode)(session, layer, head, 0.6, frame)
+    if session.view is not None:
+        session = rerender(session, layer, head, frame=frame).session
+    return handlers.on_mode(mode)(session, 0.6)
 
 
 def panel(session: Session, name: str, layer: str, head: str = "Average", token: str | None = None,
-          reverse_frame: int = 0) -> handlers.Panels:  # fmt: skip
-    """The secondary panel ``name`` ("tokens", "camera", "reverse") brought up to date."""
-    return handlers.on_panels(session.with_changes(panel=name), layer, head, 0.6, 0, token, reverse_frame)
+          reverse_frame: int = 0, opacity: float = 0.6) -> handlers.Panels:  # fmt: skip
+    """The secondary panel ``name`` ("tokens", "camera", "3d", "reverse") brought up to date on ``layer``
+    and ``head``."""
+    session = rerender(session, layer, head, opacity).session
+    return handlers.on_panels(session, opacity, token, reverse_frame, name)
 
 
 def codes(cell: dict) -> np.ndarray:
@@ -231,9 +250,7 @@ def test_click_maps_exactly_to_the_cell_under_the_pointer(per_head_export: Path)
     assert geometry.cell_box(2, 2) == (56, 70, 84, 98)
     for bad in ({"x": "nan", "y": 1}, {"x": 1}, None, {"x": [1], "y": 2}, {"x": 1e300, "y": 0}):
         event = gr.EventData(None, bad)
-        reported(
-            handlers.on_query_select(loaded.session, "layer_03", "Average", 0.6, 0, event), "unexpected click"
-        )
+        reported(handlers.on_query_select(loaded.session, 0.6, event), "unexpected click")
 
 
 def test_one_map_per_frame_with_the_stored_codes(averaged_export: Path) -> None:
@@ -277,7 +294,7 @@ def test_controls_rerender_without_a_new_click(per_head_export: Path) -> None:
     loaded = load(per_head_export)
     session = select(loaded.session, 60, 40, "layer_03").session
     base = rerender(session, "layer_03")
-    other_layer = handlers.on_layer_change(session, "layer_01", "Head 2", 0.6, 0)
+    other_layer = handlers.on_layer_change(rerender(session, "layer_03", "Head 2").session, "layer_01", 0.6)
     one_head = rerender(session, "layer_03", "Head 2")
     for out in (other_layer, one_head):
         assert len(captions(out.overlays)) == 3 and out.session.query == session.query
@@ -322,7 +339,7 @@ def test_all_layers_all_heads_and_layers_by_heads(per_head_export: Path) -> None
     qi = session.query[0] * 3 + session.query[1]
 
     layers = in_mode(session, "layers", "layer_02", "Head 1")
-    assert layers.session.mode == "layers" and layers.mode_layers.variant == "primary"
+    assert layers.session.view.mode == "layers" and layers.mode_layers.variant == "primary"
     rows = layers.overlays["view"]["rows"]
     assert [row["label"] for row in rows] == ["Global 01", "Global 02", "Global 03"]  # labels as text
     assert layers.overlays["view"]["columns"] == ["frame 0 · view_000.png", "frame 1 · view_001.png",
@@ -339,7 +356,7 @@ def test_all_layers_all_heads_and_layers_by_heads(per_head_export: Path) -> None
     vmax = export.layer_meta("layer_02")["per_head_vmax99"]
     assert [row["label"] for row in heads.overlays["view"]["rows"]] == [f"Head {h + 1}" for h in range(4)]
     assert [row["note"] for row in heads.overlays["view"]["rows"]] == [f"full colour = {v:.4g}" for v in vmax]
-    single = rerender(heads.session.with_changes(mode="frames"), "layer_02", "Head 2")
+    single = rerender(handlers.on_mode("frames")(heads.session, 0.6).session, "layer_02", "Head 2")
     np.testing.assert_array_equal(cells(heads.overlays)[1][2]["codes"], cells(single.overlays)[0][2]["codes"])
 
     grid = in_mode(session, "layers_heads", "layer_02", frame=1)
@@ -363,8 +380,8 @@ def test_all_layers_all_heads_and_layers_by_heads(per_head_export: Path) -> None
 def test_a_composite_cell_opens_its_layer_and_head(per_head_export: Path) -> None:
     loaded = load(per_head_export)
     session = in_mode(select(loaded.session, 50, 50, "layer_03").session, "heads", "layer_03").session
-    out = handlers.on_open_cell(session, 0.6, 0, gr.EventData(None, {"layer": "layer_01", "head": 2}))
-    assert out.session.mode == "frames" and out.mode_frames.variant == "primary"
+    out = handlers.on_open_cell(session, 0.6, gr.EventData(None, {"layer": "layer_01", "head": 2}))
+    assert out.session.view.mode == "frames" and out.mode_frames.variant == "primary"
     assert out.layer.value == "layer_01" and out.head.value == "Head 3"
     assert out.overlays["view"]["rows"][0]["label"] == "Global 01 · Head 3"
     average = handlers.open_layer_head(session, "layer_02", None, 0.6)
@@ -375,7 +392,7 @@ def test_a_composite_cell_opens_its_layer_and_head(per_head_export: Path) -> Non
     for bad in ({"layer": "nope", "head": 1}, {"layer": "layer_01", "head": 9}, {"layer": 3},
                 {"layer": "layer_01", "head": "1"}):  # fmt: skip
         reported(
-            handlers.on_open_cell(session, 0.6, 0, gr.EventData(None, bad)), "unknown layer|out of range|cell"
+            handlers.on_open_cell(session, 0.6, gr.EventData(None, bad)), "unknown layer|out of range|cell"
         )
 
 
@@ -385,7 +402,7 @@ def test_a_composite_cell_opens_its_layer_and_head(per_head_export: Path) -> Non
 def test_reverse_view_shows_the_column_on_frame_0(averaged_export: Path) -> None:
     loaded = load(averaged_export)
     cached = CACHE.get(loaded.session.export_key)
-    chosen = handlers.on_reverse_frame(loaded.session, 2, "layer_02", "Average", 0.6, 0)
+    chosen = handlers.on_reverse_frame(loaded.session, 2, 0.6)
     assert chosen.session.reverse_frame == 2 and "view" not in chosen.reverse_view
     assert chosen.reverse_view["picker"] == {
         "frame": 2,
@@ -393,7 +410,7 @@ def test_reverse_view_shows_the_column_on_frame_0(averaged_export: Path) -> None
         "caption": "click a patch of frame 2 · view_002.png",
     }
     y0, y1, x0, x1 = cached.geometry.cell_box(1, 4)
-    out = handlers.on_reverse_select(chosen.session, 2, "layer_02", "Average", 0.5, 0, click(x0 + 3, y0 + 3))
+    out = handlers.on_reverse_select(chosen.session, 2, 0.5, click(x0 + 3, y0 + 3))
     assert out.session.reverse_cell == (1, 4) and out.reverse_view["picker"]["cell"] == [1, 4]
     stored = np.asarray(open_export(averaged_export).heatmaps("layer_02"))
     result = cells(out.reverse_view)[0][0]
@@ -514,8 +531,8 @@ def test_bad_inputs_give_a_clear_error_and_the_app_keeps_working(
 
 
 def test_controls_before_any_load_do_nothing() -> None:
-    panels = handlers.on_panels(Session(), None, None, 0.6, 0, None, 0)
-    layer = handlers.on_layer_change(None, None, "Average", 0.6, 0)
+    panels = handlers.on_panels(Session(), 0.6, None, 0, "tokens")
+    layer = handlers.on_layer_change(None, None, 0.6)
     for out in (rerender(Session(), None), layer, in_mode(Session(), "layers", None), panels):
         assert all(isinstance(value, dict) and value.get("__type__") == "update" for value in out[:-1])
         assert out.message == ""
@@ -584,9 +601,9 @@ def test_any_corrupt_manifest_field_is_reported_or_loads(per_head_export: Path, 
 def test_save_figure_writes_png_and_svg_with_text(per_head_export: Path) -> None:
     pytest.importorskip("matplotlib")
     loaded = load(per_head_export)
-    reported(handlers.on_save_figure(loaded.session, "layer_03", "Average", 0.6, 0), "click a patch")
+    reported(handlers.on_save_figure(loaded.session, 0.6), "click a patch")
     session = select(loaded.session, 50, 30, "layer_03").session
-    saved = handlers.on_save_figure(session, "layer_02", "Head 2", 0.6, 0)
+    saved = handlers.on_save_figure(rerender(session, "layer_02", "Head 2").session, 0.6)
     files = [item["path"] if isinstance(item, dict) else item for item in saved.figure_files.value]
     png, svg = (Path(path) for path in files)
     assert png.suffix == ".png" and svg.suffix == ".svg" and saved.message == ""
@@ -690,7 +707,8 @@ def test_tiny_model_attention_in_the_viewer(tmp_path: Path, precision: str, stri
                 assert abs(float(table["total"].iloc[-1]) - 1.0) < 3e-3  # all of the query's attention
 
     # reverse view: the column of the exported maps is the model's attention into that key cell
-    out = handlers.on_reverse_select(loaded.session, 1, "layer_02", f"Head {head + 1}", 0.6, 0, click(1, 1))
+    on_head = rerender(loaded.session, "layer_02", f"Head {head + 1}").session
+    out = handlers.on_reverse_select(on_head, 1, 0.6, click(1, 1))
     assert out.session.reverse_cell == (0, 0)
     column = export.key_maps("layer_02", 1, 0, 0, head=head)
     expected = np.minimum(pooled[:, head, 1, 0, 0], clip).reshape(column.shape)
@@ -700,3 +718,103 @@ def test_tiny_model_attention_in_the_viewer(tmp_path: Path, precision: str, stri
         assert (
             np.abs(sent - codes_of(column, export.layer_meta("layer_02")["per_head_vmax99"][head])).max() <= 1
         )
+
+
+# ---- attention in 3D ----------------------------------------------------------------------------------
+
+
+def read_glb(path: Path) -> dict[str, np.ndarray]:
+    """The points and lines of a GLB written by the 3D view, back in the export's coordinates."""
+    data = Path(path).read_bytes()
+    magic, version, total = struct.unpack_from("<4sII", data)
+    assert (magic, version, total) == (b"glTF", 2, len(data))
+    length, kind = struct.unpack_from("<I4s", data, 12)
+    assert kind == b"JSON"
+    document = json.loads(data[20 : 20 + length])
+    binary_at = 20 + length + 8
+    assert struct.unpack_from("<I4s", data, 20 + length)[1] == b"BIN\0"
+
+    def accessor(index: int) -> np.ndarray:
+        spec = document["accessors"][index]
+        view = document["bufferViews"][spec["bufferView"]]
+        dtype, width = {5126: (np.float32, 3), 5121: (np.uint8, 4)}[spec["componentType"]]
+        start = binary_at + view["byteOffset"]
+        return np.frombuffer(data[start : start + view["byteLength"]], dtype=dtype).reshape(
+            spec["count"], width
+        )
+
+    out = {}
+    for primitive in document["meshes"][0]["primitives"]:
+        name = {0: "points", 1: "lines"}[primitive["mode"]]
+        out[name] = accessor(primitive["attributes"]["POSITION"]) * np.float32([1, -1, -1])  # back from y up
+        out[f"{name}_rgb"] = accessor(primitive["attributes"]["COLOR_0"])[:, :3]
+    return out
+
+
+def test_the_3d_view_colours_the_predicted_points_by_attention(tmp_path: Path) -> None:
+    root = write_synthetic_export(tmp_path / "geo", num_frames=3, H_p=6, W_p=8, num_layers=2, geometry=True)
+    loaded = load(root)
+    before = panel(loaded.session, "3d", "layer_02")
+    assert "Click a patch" in before.points_note and before.points_3d is None
+    session = select(loaded.session, 50, 40, "layer_02").session  # query cell (row 2, col 3)
+    out = panel(session, "3d", "layer_02", opacity=0.8)
+    assert out.message.get("__type__") == "update"  # no failure reported
+    glb = read_glb(Path(out.points_3d))
+    export = open_export(root)
+    geometry = export.geometry()
+    frames = CACHE.get(session.export_key).frames
+    # every pixel of the 3 small frames (the cloud is under the cap): the confident 90%
+    world = np.asarray(geometry.world_points, np.float32).reshape(-1, 3)
+    assert 0.85 * len(world) <= len(glb["points"]) <= len(world)
+    # each point has its pixel's overlay colour: frame 1's points under the query's map of frame 1
+    maps = codes_of(*_map_and_scale(export, 2 * 8 + 3))
+    for frame in (0, 1):
+        pixels = np.asarray(geometry.world_points[frame], np.float32)
+        for y, x in ((5, 5), (40, 50), (80, 100)):
+            index = np.flatnonzero(np.all(np.abs(glb["points"] - pixels[y, x]) < 1e-4, axis=1))
+            if index.size == 0:
+                continue  # among the least confident, left out
+            code = maps[frame][y // 14, x // 14]
+            expected = expected_overlay(frames[frame][y : y + 1, x : x + 1], np.array([[code]]),
+                                        render.Geometry(1, 1, 1, 1, 1, 1, 1, 1), 0.8)[0, 0]  # fmt: skip
+            assert np.abs(glb["points_rgb"][index[0]].astype(float) - expected).max() <= 1
+    # the cameras (8 segments each) and the query's own point, a cross of 3 segments around it
+    x, y = geometry.query_points[2 * 8 + 3]  # the query patch's centre, (48.5, 34.5)
+    own = np.asarray(geometry.world_points[0][round(float(y)), round(float(x))], np.float32)
+    lines = glb["lines"].reshape(-1, 2, 3)
+    assert len(lines) == 3 * 8 + 3
+    np.testing.assert_allclose(lines[-3:].mean(axis=(0, 1)), own, atol=1e-4)
+    assert (glb["lines_rgb"][-6:] == [255, 0, 255]).all()
+    assert "magenta cross" in out.points_note and "probability" in out.points_note
+
+    plain = write_synthetic_export(tmp_path / "plain", num_layers=1)
+    loaded = load(plain)
+    out = panel(select(loaded.session, 5, 5, "layer_01").session, "3d", "layer_01")
+    assert "holds no geometry" in out.points_note and out.points_3d is None
+
+
+def _map_and_scale(export, qi: int) -> tuple[np.ndarray, float]:
+    """The layer_02 head-average maps of query ``qi`` and their full-colour scale (averaged export)."""
+    return export.query_maps("layer_02", qi), export.layer_meta("layer_02")["layer_vmax99"]
+
+
+def test_requests_of_one_page_apply_one_after_the_other(per_head_export: Path, monkeypatch) -> None:
+    """Without Gradio's queue a page's requests run at once: each takes the page's session in turn, so a
+    click and a head change made together both hold."""
+    box = SessionBox(load(per_head_export).session)
+    slow_view = handlers.views.view_for
+
+    def view_for(*args: object):
+        time.sleep(0.3)  # both requests are in flight together
+        return slow_view(*args)
+
+    monkeypatch.setattr(handlers.views, "view_for", view_for)
+    click_on = threading.Thread(
+        target=handlers.in_session(handlers.on_query_select), args=(box, 0.6, click(60, 40))
+    )
+    head_on = threading.Thread(target=handlers.in_session(handlers.on_head_change), args=(box, "Head 2", 0.6))
+    for thread in (click_on, head_on):
+        thread.start()
+    for thread in (click_on, head_on):
+        thread.join()
+    assert box.session.query == (1, 1) and box.session.view.head == 1

@@ -425,3 +425,20 @@ def test_the_reverse_view_in_the_page(page, kinds_export: Path) -> None:
     expect(page.locator("#reverse-view .av-readout")).to_contain_text("Key cell row 0, col 0")
     assert page.locator("#reverse-view canvas.av-canvas").count() == 1
     assert export.layer_names  # the page showed the column of the default layer
+
+
+def test_the_3d_panel_shows_the_predicted_points(page, tmp_path: Path) -> None:
+    expect = sync_api.expect
+    root = write_synthetic_export(tmp_path / "geo", num_frames=3, H_p=6, W_p=8, num_layers=2, geometry=True)
+    load(page, root)
+    page.get_by_role("tab", name="3D").click()
+    expect(page.locator("#points-note")).to_contain_text("Click a patch")
+    click_frame_pixel(page, "query-view", 50, 40, (112, 84))
+    expect(page.locator("#points-note")).to_contain_text("magenta cross")
+    expect(page.locator("#points-3d canvas")).to_have_count(1)
+    link = page.locator("#points-3d a[download], #points-3d a[href*='.glb']").first
+    response = page.request.get(link.get_attribute("href"))
+    assert response.ok and response.body()[:4] == b"glTF"
+    if os.environ.get("VGGT_SCREENSHOT") == "1":
+        page.wait_for_timeout(2000)
+        page.locator("#points-3d").screenshot(path=str(SCREENSHOT.with_name("viewer_3d.png")))

@@ -12,7 +12,18 @@ import numpy as np
 import pytest
 
 from tests.test_format import _write_seed_export
-from tests.test_viewer import captions, cells, click, codes_of, in_mode, panel, reported, text
+from tests.test_viewer import (
+    captions,
+    cells,
+    click,
+    codes_of,
+    in_mode,
+    panel,
+    reported,
+    rerender,
+    select,
+    text,
+)
 from vggt.attn_format import open_export
 from vggt.export import ExportOptions, export_attention
 from vggt.viewer import handlers
@@ -52,16 +63,14 @@ def kinds_export(tiny_model, tiny_reference, tmp_path: Path) -> Path:
 
 
 def load(path: Path) -> handlers.MainView:
-    return handlers.on_load(str(path), Session())
+    return handlers.on_load(Session(), str(path))
 
 
 def clicked(loaded: handlers.MainView, row: int, col: int, layer: str = "global_02") -> Session:
     """The session after a click in the middle of query cell (row, col)."""
     geometry = CACHE.get(loaded.session.export_key).geometry
     y0, y1, x0, x1 = geometry.cell_box(row, col)
-    out = handlers.on_query_select(
-        loaded.session, layer, "Average", 0.6, 0, click((x0 + x1) / 2, (y0 + y1) / 2)
-    )
+    out = select(loaded.session, (x0 + x1) / 2, (y0 + y1) / 2, layer)
     assert out.session.query == (row, col)
     return out.session
 
@@ -69,11 +78,16 @@ def clicked(loaded: handlers.MainView, row: int, col: int, layer: str = "global_
 def change_layer(
     session: Session, layer: str, head: str = "Average", opacity: float = 0.6
 ) -> handlers.MainView:
-    return handlers.on_layer_change(session, layer, head, opacity, 0)
+    """Choose ``head`` (where the current layer has it), then ``layer``, in the controls."""
+    chosen = handlers.on_head_change(session, head, opacity)
+    if isinstance(chosen.session, Session):
+        session = chosen.session
+    return handlers.on_layer_change(session, layer, opacity)
 
 
 def token_view(session: Session, layer: str, head: str, token: str | None, opacity: float = 0.6) -> dict:
-    return handlers.on_token_view(session, layer, head, opacity, 0, token).token_view
+    session = rerender(session, layer, head).session
+    return handlers.on_token_view(session, opacity, token).token_view
 
 
 # ---- layer choice ----------------------------------------------------------------------------------------
@@ -117,7 +131,7 @@ def test_frame_and_dino_layers_show_frame_0_only(kinds_export: Path, layer: str)
     kind = "frame attention" if layer.startswith("frame") else "DINOv2 patch-embedding attention"
     assert kind in text(one_head.query_view) and "within frame 0 only" in text(one_head.query_view)
 
-    average = handlers.on_settings_change(one_head.session, layer, "Average", 0.6, 0)
+    average = rerender(one_head.session, layer, "Average")
     stored = np.asarray(export.heatmaps(layer)[qi], dtype=np.float64)  # [heads, 1, H_ds, W_ds]
     raw = (stored / 255 * np.asarray(meta["per_head_vmax99"])[:, None, None, None]).mean(axis=0)
     scale = np.percentile(raw, 99)
@@ -162,9 +176,9 @@ def test_rollout_shows_the_average_only_and_its_discard_ratio(kinds_export: Path
 
     reported(in_mode(out.session, "heads", "rollout"), "needs per-head maps")
     # a head left in the control while the layer changes shows the average rather than failing
-    stale = handlers.on_settings_change(out.session, "rollout", "Head 2", 0.5, 0)
+    stale = handlers.on_head_change(out.session, "Head 2", 0.5)
     np.testing.assert_array_equal(cells(stale.overlays)[0][1]["codes"], cells(out.overlays)[0][1]["codes"])
-    reported(handlers.on_settings_change(session, "global_01", "Head 9", 0.6, 0), "head 9 out of range")
+    reported(rerender(session, "global_01", "Head 9"), "head 9 out of range")
 
 
 def test_head_control_follows_the_layer(kinds_export: Path) -> None:
@@ -185,9 +199,9 @@ def test_head_control_follows_the_layer(kinds_export: Path) -> None:
 def test_all_heads_on_a_global_layer_falls_back_to_frames_on_the_rollout(kinds_export: Path) -> None:
     loaded = load(kinds_export)
     heads = in_mode(clicked(loaded, 0, 0), "heads", "global_02")
-    assert heads.session.mode == "heads" and len(heads.overlays["view"]["rows"]) == 4
+    assert heads.session.view.mode == "heads" and len(heads.overlays["view"]["rows"]) == 4
     on_rollout = change_layer(heads.session, "rollout")
-    assert on_rollout.session.mode == "frames" and on_rollout.mode_frames.variant == "primary"
+    assert on_rollout.session.view.mode == "frames" and on_rollout.mode_frames.variant == "primary"
     assert len(on_rollout.overlays["view"]["rows"]) == 1
 
 
@@ -264,7 +278,7 @@ def test_token_view_of_a_seed_export_says_there_is_none(tmp_path: Path) -> None:
 
 
 def test_token_view_before_any_load_does_nothing() -> None:
-    out = handlers.on_token_view(Session(), None, "Average", 0.6, 0, None)
+    out = handlers.on_token_view(Session(), 0.6, None)
     assert all(isinstance(value, dict) and value.get("__type__") == "update" for value in out[:-1])
 
 
@@ -281,7 +295,7 @@ def test_all_layers_composite_has_a_row_per_layer_of_every_kind(kinds_export: Pa
     assert frames == [[True] * 3] * 2 + [[True, False, False]] * 4 + [[True] * 3]  # frame 0 only
     assert "discard ratio 0.9" in text(out.query_view) and "frame 0 only" in text(out.query_view)
     # the frame layer's row holds the same codes as the single view of that layer and head
-    single = change_layer(out.session.with_changes(mode="frames"), "frame_01", "Head 2")
+    single = change_layer(handlers.on_mode("frames")(out.session, 0.6).session, "frame_01", "Head 2")
     np.testing.assert_array_equal(cells(out.overlays)[2][0]["codes"], cells(single.overlays)[0][0]["codes"])
     # layers x heads on frame 1: the frame and DINOv2 layers do not attend to it
     grid = in_mode(session, "layers_heads", "global_02", frame=1)
@@ -293,15 +307,17 @@ def test_all_layers_composite_has_a_row_per_layer_of_every_kind(kinds_export: Pa
 
 def test_reverse_view_of_a_frame_layer_needs_frame_0(kinds_export: Path) -> None:
     loaded = load(kinds_export)
-    session = handlers.on_reverse_frame(loaded.session, 1, "frame_01", "Average", 0.6, 0).session
+    on_frame_layer = rerender(loaded.session, "frame_01").session
+    session = handlers.on_reverse_frame(on_frame_layer, 1, 0.6).session
     reported(
-        handlers.on_reverse_select(session, 1, "frame_01", "Average", 0.6, 0, click(5, 5)),
+        handlers.on_reverse_select(session, 1, 0.6, click(5, 5)),
         "holds no attention to frame 1",
     )
     # the app keeps working: frame 0 of the same layer, and frame 1 of a global layer
-    ok = handlers.on_reverse_select(session, 0, "frame_01", "Average", 0.6, 0, click(5, 5))
+    ok = handlers.on_reverse_select(session, 0, 0.6, click(5, 5))
     assert "view" in ok.reverse_view and ok.session.reverse_cell == (0, 0)
-    on_global = handlers.on_reverse_select(session, 1, "global_01", "Head 1", 0.6, 0, click(5, 5))
+    on_global_layer = rerender(session, "global_01", "Head 1").session
+    on_global = handlers.on_reverse_select(on_global_layer, 1, 0.6, click(5, 5))
     assert "view" in on_global.reverse_view
     # a frame layer chosen while frame 1's reverse view is open clears it instead of failing
     on_frame = panel(on_global.session, "reverse", "frame_02", reverse_frame=1)

@@ -8,12 +8,14 @@ components drawn in the browser by ``static/attention_view.js`` from the values 
 :mod:`vggt.viewer.payload`.
 
 A panel added below (in :func:`build_app`, with ``gr.Tab``) finds the components in :class:`Page`; to
-open a layer and head in the main view it returns :func:`handlers.open_layer_head` with outputs
-``page.main_outputs``.
+open a layer and head in the main view its handler returns :func:`handlers.open_layer_head` (inputs
+``page.session``, ``page.opacity``) with outputs ``page.main_outputs``. What the main view shows lives in
+the session (``Session.view``), not in the controls.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -21,7 +23,7 @@ from pathlib import Path
 import gradio as gr
 
 from vggt.viewer import handlers, views
-from vggt.viewer.state import AVERAGE, Session
+from vggt.viewer.state import AVERAGE, SessionBox
 
 TITLE = "VGGT attention viewer"
 STATIC = Path(__file__).parent / "static"
@@ -82,11 +84,6 @@ class Page:
     panels: dict[str, gr.Component] = field(default_factory=dict)
 
     @property
-    def view_inputs(self) -> list:
-        """Inputs of the main view's handlers: session, layer, head, opacity, the layers x heads frame."""
-        return [self.session, self.layer, self.head, self.opacity, self.grid_frame]
-
-    @property
     def main_outputs(self) -> list:
         """Outputs in the order of :class:`handlers.MainView`."""
         return [self.session, self.layer, self.head, *self.mode_buttons.values(), self.grid_frame,
@@ -94,7 +91,7 @@ class Page:
 
 
 def _main_view(initial_path: str | None) -> Page:
-    session = gr.State(Session())
+    session = gr.State(SessionBox())
     with gr.Row(equal_height=True):
         path_box = gr.Textbox(
             value=initial_path or "", show_label=False, placeholder=PATH_HINT, container=False, scale=6,
@@ -156,6 +153,12 @@ def _panels(page: Page) -> dict[str, gr.Tab]:
                 elem_id="token-select",
             )
             page.panels["token_view"] = attention_view("token-view")
+        with gr.Tab("3D", id="3d", elem_id="tab-3d") as tabs["3d"]:
+            page.panels["points_note"] = text_area("points-note")
+            page.panels["points_3d"] = gr.Model3D(
+                label="Predicted points coloured by the clicked patch's attention",
+                clear_color=(0.12, 0.12, 0.12, 1.0), height=560, elem_id="points-3d",
+            )  # fmt: skip
         with gr.Tab("Reverse view", id="reverse", elem_id="tab-reverse") as tabs["reverse"]:
             page.panels["reverse_frame"] = gr.Dropdown(
                 label="Frame", choices=[], **CHANGING, elem_id="reverse-frame"
@@ -195,54 +198,46 @@ def build_app(initial_path: str | None = None) -> gr.Blocks:
 
 
 def _wire(demo: gr.Blocks, page: Page, tabs: dict[str, gr.Tab], load_at_start: bool) -> None:
+    """Connect the page's events to the handlers, each run on the page's session (``in_session``)."""
     panels = page.panels
-    panel_inputs = [*page.view_inputs, panels["token_query"], panels["reverse_frame"]]
+    session, opacity, main = page.session, page.opacity, page.main_outputs
+    # which panel is open is the page's (a tab's select sets it in the page, without a request)
+    open_panel = gr.Textbox(value="tokens", visible=False, elem_id="open-panel")
+    panel_inputs = [session, opacity, panels["token_query"], panels["reverse_frame"], open_panel]
     panel_outputs = [panels[name] for name in handlers.Panels._fields[:-1]] + [page.message]
-    loaded_outputs = page.main_outputs
 
-    def then_panels(event) -> None:
-        event.then(handlers.on_panels, panel_inputs, panel_outputs, **FAST)
+    def on(event, handler, inputs, outputs, panels_after: bool = False, **options) -> None:
+        """``event`` runs ``handler`` on the page's session; ``panels_after``: then the open panel."""
+        answered = event(handlers.in_session(handler), inputs, outputs, **(FAST | options))
+        if panels_after:
+            answered.then(handlers.in_session(handlers.on_panels), panel_inputs, panel_outputs, **FAST)
 
-    load = [page.path_box, page.session]
+    load = [session, page.path_box]
     slow = {"show_progress": "minimal", "show_progress_on": page.query_view}  # a spinner on the query frame
-    then_panels(page.load_button.click(handlers.on_load, load, loaded_outputs, **slow))
-    then_panels(page.path_box.submit(handlers.on_load, load, loaded_outputs, **slow))
+    on(page.load_button.click, handlers.on_load, load, main, True, **slow)
+    on(page.path_box.submit, handlers.on_load, load, main, True, **slow)
     if load_at_start:
-        then_panels(demo.load(handlers.on_load, load, loaded_outputs, **slow))
+        on(demo.load, handlers.on_load, load, main, True, **slow)
 
-    main = (page.view_inputs, page.main_outputs)
-    # dropdowns answer `select`: Gradio 6 fires `input` twice for one choice
-    then_panels(page.query_view.select(handlers.on_query_select, *main, **FAST))
-    then_panels(page.layer.select(handlers.on_layer_change, *main, **FAST))
-    then_panels(page.head.select(handlers.on_settings_change, *main, **FAST))
-    page.grid_frame.select(handlers.on_settings_change, *main, **FAST)
+    # The view's state lives in the session; a control's handler gets the control's new value.
+    # Dropdowns answer `select`: Gradio 6 fires `input` twice for one choice.
+    on(page.query_view.select, handlers.on_query_select, [session, opacity], main, True)
+    on(page.layer.select, handlers.on_layer_change, [session, page.layer, opacity], main, True)
+    on(page.head.select, handlers.on_head_change, [session, page.head, opacity], main, True)
+    on(page.grid_frame.select, handlers.on_grid_frame, [session, page.grid_frame, opacity], main)
     for mode, button in page.mode_buttons.items():
-        button.click(handlers.on_mode(mode), *main, **FAST)
-    cell_inputs = [page.session, page.opacity, page.grid_frame]
-    then_panels(page.overlays.select(handlers.on_open_cell, cell_inputs, page.main_outputs, **FAST))
+        on(button.click, handlers.on_mode(mode), [session, opacity], main)
+    on(page.overlays.select, handlers.on_open_cell, [session, opacity], main, True)
     # the opacity is applied in the page, without a request; the handlers read it when they render
-    page.opacity.input(None, [page.opacity], None, js="(v) => { window.vggtSetOpacity?.(v); return v; }")
-    page.save_figure.click(
-        handlers.on_save_figure, page.view_inputs, [page.figure_files, page.message],
-        show_progress="minimal", show_progress_on=page.figure_files,
-    )  # fmt: skip
+    page.opacity.input(None, [opacity], None, js="(v) => { window.vggtSetOpacity?.(v); return v; }")
+    on(page.save_figure.click, handlers.on_save_figure, [session, opacity], [page.figure_files, page.message],
+       show_progress="minimal", show_progress_on=page.figure_files)  # fmt: skip
 
     for name, tab in tabs.items():
-        then_panels(tab.select(handlers.on_panel(name), [page.session], [page.session], **FAST))
-    panels["token_query"].select(
-        handlers.on_token_view,
-        [*page.view_inputs, panels["token_query"]],
-        [panels["token_view"], page.message],
-        **FAST,
-    )
-    reverse_inputs = [
-        page.session,
-        panels["reverse_frame"],
-        page.layer,
-        page.head,
-        page.opacity,
-        page.grid_frame,
-    ]
-    reverse_outputs = [page.session, panels["reverse_view"], page.message]
-    panels["reverse_frame"].select(handlers.on_reverse_frame, reverse_inputs, reverse_outputs, **FAST)
-    panels["reverse_view"].select(handlers.on_reverse_select, reverse_inputs, reverse_outputs, **FAST)
+        selected = tab.select(None, None, [open_panel], js=f"() => {json.dumps(name)}")
+        selected.then(handlers.in_session(handlers.on_panels), panel_inputs, panel_outputs, **FAST)
+    token = panels["token_query"]
+    on(token.select, handlers.on_token_view, [session, opacity, token], [panels["token_view"], page.message])
+    reverse = ([session, panels["reverse_frame"], opacity], [session, panels["reverse_view"], page.message])
+    on(panels["reverse_frame"].select, handlers.on_reverse_frame, *reverse)
+    on(panels["reverse_view"].select, handlers.on_reverse_select, *reverse)

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import functools
 import tempfile
+import uuid
+from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -26,7 +29,7 @@ import pandas as pd
 from vggt.attn_format import AttnExport
 from vggt.viewer import payload, state, views
 from vggt.viewer.messages import error_text, lines_html, message_html
-from vggt.viewer.state import CACHE, LoadedExport, Session, Settings, ViewerError, plural
+from vggt.viewer.state import CACHE, LoadedExport, Session, SessionBox, Settings, ViewerError, plural
 
 CHART_COLUMNS = ["frame", "token", "share"]
 CLICK_PROMPT = "Click a patch of the query frame."
@@ -59,6 +62,22 @@ def reports_errors(outputs: type[NamedTuple]) -> Callable[[Handler], Handler]:
     return decorate
 
 
+def in_session(handler: Handler) -> Handler:
+    """Run ``handler`` (whose first argument is the :class:`Session`) on a page's :class:`SessionBox`,
+    under its lock; the session it returns is left in the box (the State output itself is skipped)."""
+
+    @functools.wraps(handler)
+    def wrapped(box: SessionBox, *args: Any, **kwargs: Any) -> Any:
+        with box.lock:
+            out = handler(box.session, *args, **kwargs)
+            session = getattr(out, "session", None)
+            if isinstance(session, Session):
+                box.session = session
+            return out._replace(session=gr.skip()) if "session" in getattr(out, "_fields", ()) else out
+
+    return wrapped  # type: ignore[return-value]
+
+
 # ---- outputs ------------------------------------------------------------------------------------------
 
 
@@ -89,6 +108,8 @@ class Panels(NamedTuple):
     token_view: Any
     reverse_frame: Any
     reverse_view: Any
+    points_note: Any
+    points_3d: Any
     message: str
 
 
@@ -117,6 +138,28 @@ def _loaded(session: Session | None) -> LoadedExport:
     return CACHE.get(session.export_key)
 
 
+def _current(session: Session | None, opacity: Any) -> tuple[LoadedExport, Settings]:
+    """The session's export and what its main view shows, at the page's opacity.
+
+    The view's layer, head, mode and frame live in the session (the page's dropdowns may still show an
+    older value while an answer is on its way); a control's handler changes them, the others read them.
+    """
+    loaded = _loaded(session)
+    if session.view is None:
+        raise ViewerError("load an export first")
+    return loaded, replace(session.view, opacity=_opacity(opacity))
+
+
+def _opacity(value: Any) -> float:
+    try:
+        opacity = float(value)
+    except (TypeError, ValueError):
+        raise ViewerError(f"unknown opacity {value!r}") from None
+    if not 0.0 <= opacity <= 1.0:  # also refuses nan
+        raise ViewerError(f"opacity {opacity} outside [0, 1]")
+    return opacity
+
+
 def _frame(loaded: LoadedExport, frame: Any) -> int:
     try:
         index = int(frame or 0)
@@ -127,18 +170,11 @@ def _frame(loaded: LoadedExport, frame: Any) -> int:
     return index
 
 
-def _settings(
-    loaded: LoadedExport, session: Session, layer: str, head: str | None, opacity: float, frame: Any
-) -> Settings:
-    layer = state.check_layer(loaded, layer)
-    mode = session.mode if views.mode_available(loaded, layer, session.mode) else "frames"
-    return Settings(
-        layer=layer,
-        head=state.parse_head(head, loaded, layer),
-        opacity=float(opacity),
-        mode=mode,
-        frame=_frame(loaded, frame),
-    )
+def _fitted(loaded: LoadedExport, settings: Settings) -> Settings:
+    """``settings`` with a head the layer has (else Average) and a mode that applies (else frames)."""
+    head = views.head_for(loaded, settings.layer, settings.head)
+    mode = settings.mode if views.mode_available(loaded, settings.layer, settings.mode) else "frames"
+    return replace(settings, head=head, mode=mode)
 
 
 def _head_choice(head: int | None) -> str:
@@ -189,25 +225,24 @@ def _views(loaded: LoadedExport, session: Session, settings: Settings) -> tuple[
             loaded, opacity, picker=picker, readout=grid.readout, notes=notes, frames=frames
         )
         overlays = payload.view_value(loaded, opacity, grid=grid)
-    return query_view, overlays, session.with_changes(frames_token=loaded.token)
+    return query_view, overlays, session.with_changes(frames_token=loaded.token, view=settings)
 
 
 def _main_view(
-    loaded: LoadedExport,
-    session: Session,
-    settings: Settings,
-    controls: bool = False,
-    head: str | None = None,
+    loaded: LoadedExport, session: Session, settings: Settings, controls: tuple[str, ...] = ()
 ) -> MainView:
-    """The main view for ``settings``; with ``controls``, the layer, head, mode and frame controls
-    set to match it (``head`` is the Head control's choice to keep where the layer has it)."""
-    query_view, overlays, session = _views(loaded, session.with_changes(mode=settings.mode), settings)
+    """The main view for ``settings`` (kept in the session); ``controls`` names those set to match it,
+    from ``"layer"``, ``"head"``, ``"modes"`` (the mode buttons and the frame control)."""
+    settings = _fitted(loaded, settings)
+    query_view, overlays, session = _views(loaded, session, settings)
     updates: dict[str, Any] = {
         name: gr.skip() for name in ("layer", "head", "grid_frame", *MODE_FIELDS.values())
     }
-    if controls:
+    if "layer" in controls:
         updates["layer"] = gr.Dropdown(choices=state.layer_choices(loaded), value=settings.layer)
-        updates["head"] = _head_dropdown(loaded, settings.layer, head or _head_choice(settings.head))
+    if "head" in controls:
+        updates["head"] = _head_dropdown(loaded, settings.layer, _head_choice(settings.head))
+    if "modes" in controls:
         updates |= _mode_buttons(loaded, settings.layer, settings.mode)
         updates["grid_frame"] = gr.Dropdown(interactive=settings.mode == "layers_heads")
     return MainView(session=session, query_view=query_view, overlays=overlays, message="", **updates)
@@ -261,14 +296,14 @@ def describe(loaded: LoadedExport) -> list[str]:
 
 
 @reports_errors(MainView)
-def on_load(path: str, session: Session | None) -> MainView:
+def on_load(session: Session | None, path: str) -> MainView:
     """Load button (and ``--attn_dir`` at start): open an export and reset the view for it."""
     loaded = CACHE.open(path or "", reload=True)
     held = session.frames_token if isinstance(session, Session) else None  # the page keeps its frames
     session = Session(export_key=CACHE.key_for(path), frames_token=held)
     layer = state.default_layer(loaded)
     settings = Settings(layer=layer, head=None)
-    query_view, overlays, session = _views(loaded, session, settings)
+    query_view, overlays, session = _views(loaded, session, settings)  # the session holds the view
     return MainView(
         session=session,
         layer=gr.Dropdown(choices=state.layer_choices(loaded), value=layer),
@@ -291,12 +326,9 @@ def _skipped_before_load(session: Session | None) -> bool:
 
 
 @reports_errors(MainView)
-def on_query_select(
-    session: Session, layer: str, head: str, opacity: float, frame: Any, evt: gr.EventData
-) -> MainView:
+def on_query_select(session: Session, opacity: float, evt: gr.EventData) -> MainView:
     """A click on the query frame at frame pixel ``(evt.x, evt.y)``: the cell under it is the query."""
-    loaded = _loaded(session)
-    settings = _settings(loaded, session, layer, head, opacity, frame)
+    loaded, settings = _current(session, opacity)
     x, y = _click_xy(evt)
     return _main_view(loaded, session.with_changes(query=loaded.geometry.cell_at(x, y)), settings)
 
@@ -313,61 +345,67 @@ def _click_xy(evt: gr.EventData) -> tuple[float, float]:
 
 
 @reports_errors(MainView)
-def on_layer_change(session: Session, layer: str, head: str, opacity: float, frame: Any) -> MainView:
-    """Another layer chosen: fit the Head control to it (Average only where it has no per-head data,
-    as the rollout; the chosen head kept where it still exists) and the mode buttons, then re-render."""
+def on_layer_change(session: Session, layer: str, opacity: float) -> MainView:
+    """Another layer chosen: the head kept where the layer has it (else Average: the rollout and averaged
+    exports have no per-head maps), the view mode kept where it applies; the Head control and the mode
+    buttons fitted to the layer."""
     if _skipped_before_load(session):
         return unchanged(MainView)
-    loaded = _loaded(session)
-    layer = state.check_layer(loaded, layer)
-    settings = _settings(loaded, session, layer, _kept_head(loaded, layer, head), opacity, frame)
-    return _main_view(loaded, session, settings, controls=True, head=head)
+    loaded, settings = _current(session, opacity)
+    settings = replace(settings, layer=state.check_layer(loaded, layer))
+    return _main_view(loaded, session, settings, controls=("head", "modes"))
 
 
 @reports_errors(MainView)
-def on_settings_change(session: Session, layer: str, head: str, opacity: float, frame: Any) -> MainView:
-    """The head or the layers x heads frame changed: re-render the current query."""
+def on_head_change(session: Session, head: str, opacity: float) -> MainView:
+    """Another head chosen (``"Average"``, ``"Head 3"``): re-render the current query."""
     if _skipped_before_load(session):
         return unchanged(MainView)
-    loaded = _loaded(session)
-    return _main_view(loaded, session, _settings(loaded, session, layer, head, opacity, frame))
+    loaded, settings = _current(session, opacity)
+    settings = replace(settings, head=state.parse_head(head, loaded, settings.layer))
+    return _main_view(loaded, session, settings)
+
+
+@reports_errors(MainView)
+def on_grid_frame(session: Session, frame: Any, opacity: float) -> MainView:
+    """Another frame chosen for the layers x heads view."""
+    if _skipped_before_load(session):
+        return unchanged(MainView)
+    loaded, settings = _current(session, opacity)
+    return _main_view(loaded, session, replace(settings, frame=_frame(loaded, frame)))
 
 
 def on_mode(mode: str) -> Callable[..., MainView]:
     """The handler of a view-mode button: switch the main view to ``mode``."""
 
     @reports_errors(MainView)
-    def handler(session: Session, layer: str, head: str, opacity: float, frame: Any) -> MainView:
+    def handler(session: Session, opacity: float) -> MainView:
         if _skipped_before_load(session):
             return unchanged(MainView)
-        loaded = _loaded(session)
-        layer = state.check_layer(loaded, layer)
-        if not views.mode_available(loaded, layer, mode):
+        loaded, settings = _current(session, opacity)
+        if not views.mode_available(loaded, settings.layer, mode):
             raise ViewerError(f"{views.MODES[mode]} needs per-head maps, which this layer does not hold")
-        settings = _settings(loaded, session.with_changes(mode=mode), layer, head, opacity, frame)
-        return _main_view(loaded, session, settings, controls=True)
+        return _main_view(loaded, session, replace(settings, mode=mode), controls=("modes",))
 
     handler.__name__ = f"on_mode_{mode}"
     return handler
 
 
-def open_layer_head(
-    session: Session, layer: str, head: int | None, opacity: float, frame: Any = 0
-) -> MainView:
+def open_layer_head(session: Session, layer: str, head: int | None, opacity: float) -> MainView:
     """Open ``layer`` and ``head`` (0-based, ``None`` = Average) in the frames view, controls included.
 
     The one way a panel opens a layer and head in the main view (a composite's cell, an analysis
-    heatmap's cell): wire it with ``outputs=`` the app's main-view outputs.
+    heatmap's cell): wire it with ``outputs=`` the app's main-view outputs (``Page.main_outputs``).
     """
-    loaded = _loaded(session)
+    loaded, settings = _current(session, opacity)
     layer = state.check_layer(loaded, layer)
-    head_text = _head_choice(head)
-    settings = _settings(loaded, session.with_changes(mode="frames"), layer, head_text, opacity, frame)
-    return _main_view(loaded, session, settings, controls=True)
+    head = state.parse_head(_head_choice(head), loaded, layer)
+    settings = replace(settings, layer=layer, head=head, mode="frames")
+    return _main_view(loaded, session, settings, controls=("layer", "head", "modes"))
 
 
 @reports_errors(MainView)
-def on_open_cell(session: Session, opacity: float, frame: Any, evt: gr.EventData) -> MainView:
+def on_open_cell(session: Session, opacity: float, evt: gr.EventData) -> MainView:
     """A click on a composite's cell: open its layer and head (``evt.layer``, ``evt.head``)."""
     data = getattr(evt, "_data", None)
     if not isinstance(data, dict) or not isinstance(data.get("layer"), str):
@@ -375,20 +413,37 @@ def on_open_cell(session: Session, opacity: float, frame: Any, evt: gr.EventData
     head = data.get("head")
     if head is not None and (not isinstance(head, int) or isinstance(head, bool)):
         raise ViewerError("unexpected cell data")
-    return open_layer_head(session, data["layer"], head, opacity, frame)
+    return open_layer_head(session, data["layer"], head, opacity)
+
+
+# ---- files handed to the page ---------------------------------------------------------------------------
+
+
+@functools.cache
+def _output_folder() -> Path:
+    """A private folder for the files this process hands to the page (figures, 3D views); removed when
+    the process exits (Gradio serves its own copies)."""
+    folder = tempfile.TemporaryDirectory(prefix="vggt-viewer-")
+    _FOLDERS.append(folder)
+    return Path(folder.name)
+
+
+_FOLDERS: list[tempfile.TemporaryDirectory] = []
+_RECENT: deque[Path] = deque()
+_KEPT_FILES = 32
+
+
+def _output_file(suffix: str) -> Path:
+    """A new file name in :func:`_output_folder`; files older than the last :data:`_KEPT_FILES` are
+    removed."""
+    path = _output_folder() / f"{uuid.uuid4().hex}{suffix}"
+    _RECENT.append(path)
+    while len(_RECENT) > _KEPT_FILES:
+        _RECENT.popleft().unlink(missing_ok=True)
+    return path
 
 
 # ---- secondary panels ---------------------------------------------------------------------------------
-
-
-def on_panel(name: str) -> Callable[[Session], Session]:
-    """The handler of a panel's tab: remember which panel is open (so that it is kept up to date)."""
-
-    def handler(session: Session | None) -> Session:
-        return (session or Session()).with_changes(panel=name)
-
-    handler.__name__ = f"on_panel_{name}"
-    return handler
 
 
 def _token_panel(loaded: LoadedExport, settings: Settings, choice: str | None) -> tuple[gr.Dropdown, dict]:
@@ -423,16 +478,14 @@ def _reverse_panel(loaded: LoadedExport, session: Session, settings: Settings) -
 
 
 @reports_errors(Panels)
-def on_panels(
-    session: Session, layer: str, head: str, opacity: float, frame: Any, token: str | None, reverse_frame: Any
-) -> Panels:
-    """Bring the open secondary panel up to date with the main view (the others are skipped)."""
+def on_panels(session: Session, opacity: float, token: str | None, reverse_frame: Any, panel: str) -> Panels:
+    """Bring the open secondary panel (``panel``: ``"tokens"``, ``"camera"``, ``"3d"``, ``"reverse"``) up
+    to date with the main view; the others are skipped."""
     if _skipped_before_load(session):
         return unchanged(Panels)
-    loaded = _loaded(session)
-    settings = _settings(loaded, session, layer, head, opacity, frame)
+    loaded, settings = _current(session, opacity)
     out = {name: gr.skip() for name in Panels._fields}  # the message too: a main view's error stays
-    if session.panel == "tokens":
+    if panel == "tokens":
         if session.query is None:
             out |= {"shares_table": pd.DataFrame(columns=views.share_columns({})), "shares_chart": None,
                     "shares_note": lines_html([CLICK_PROMPT], "note")}  # fmt: skip
@@ -443,9 +496,11 @@ def on_panels(
                 "shares_chart": pd.DataFrame(chart, columns=CHART_COLUMNS),
                 "shares_note": lines_html([note], "note"),
             }
-    elif session.panel == "camera":
+    elif panel == "camera":
         out["token_query"], out["token_view"] = _token_panel(loaded, settings, token)
-    elif session.panel == "reverse":
+    elif panel == "3d":
+        out["points_note"], out["points_3d"] = _points_panel(loaded, session, settings)
+    elif panel == "reverse":
         out["reverse_frame"] = gr.Dropdown(
             choices=[(label, index) for index, label in enumerate(loaded.labels)],
             value=session.reverse_frame if session.reverse_frame < loaded.num_frames else 0,
@@ -459,39 +514,46 @@ class TokenPanel(NamedTuple):
     message: str
 
 
+def _points_panel(loaded: LoadedExport, session: Session, settings: Settings) -> tuple[str, str | None]:
+    """The 3D view's note and its GLB file (``None`` before a click or without geometry)."""
+    from vggt.viewer import scene3d
+
+    if loaded.export.geometry() is None:
+        return lines_html(
+            ["This export holds no geometry: export it with --geometry for the 3D view."], "note"
+        ), None
+    if session.query is None:
+        return lines_html([CLICK_PROMPT], "note"), None
+    cloud = scene3d.attention_cloud(loaded, settings, session.query)
+    path = scene3d.write_glb(cloud, _output_file(".glb"))
+    return lines_html(cloud.readout, "note"), str(path)
+
+
 @reports_errors(TokenPanel)
-def on_token_view(
-    session: Session, layer: str, head: str, opacity: float, frame: Any, token: str | None
-) -> TokenPanel:
+def on_token_view(session: Session, opacity: float, token: str | None) -> TokenPanel:
     """Camera-token view: a token chosen; render its maps on every key frame of the current layer."""
     if _skipped_before_load(session):
         return unchanged(TokenPanel)
-    loaded = _loaded(session)
-    _, value = _token_panel(loaded, _settings(loaded, session, layer, head, opacity, frame), token)
+    loaded, settings = _current(session, opacity)
+    _, value = _token_panel(loaded, settings, token)
     return TokenPanel(value, "")
 
 
 @reports_errors(Reverse)
-def on_reverse_frame(
-    session: Session, reverse_frame: Any, layer: str, head: str, opacity: float, frame: Any
-) -> Reverse:
+def on_reverse_frame(session: Session, reverse_frame: Any, opacity: float) -> Reverse:
     """Reverse view: another frame chosen; show it with its grid and clear the clicked cell."""
     if _skipped_before_load(session):
         return unchanged(Reverse)
-    loaded = _loaded(session)
+    loaded, settings = _current(session, opacity)
     session = session.with_changes(reverse_frame=_frame(loaded, reverse_frame), reverse_cell=None)
-    settings = _settings(loaded, session, layer, head, opacity, frame)
     return Reverse(session, _reverse_panel(loaded, session, settings), "")
 
 
 @reports_errors(Reverse)
-def on_reverse_select(
-    session: Session, reverse_frame: Any, layer: str, head: str, opacity: float, frame: Any, evt: gr.EventData
-) -> Reverse:
+def on_reverse_select(session: Session, reverse_frame: Any, opacity: float, evt: gr.EventData) -> Reverse:
     """Reverse view: a click on a patch of the chosen frame shows which queries attend to it (a one-line
-    error where the layer holds no attention to that frame: frame and DINOv2 layers hold frame 0 only)."""
-    loaded = _loaded(session)
-    settings = _settings(loaded, session, layer, head, opacity, frame)
+    message where the layer holds no attention to that frame: frame and DINOv2 layers hold frame 0 only)."""
+    loaded, settings = _current(session, opacity)
     chosen = _frame(loaded, reverse_frame)
     cell = loaded.geometry.cell_at(*_click_xy(evt))
     views.reverse_view(loaded, settings, chosen, cell)  # raises where the layer holds no such column
@@ -509,31 +571,19 @@ class Saved(NamedTuple):
     message: str
 
 
-@functools.cache
-def _figure_folder() -> Path:
-    """A private folder for the figures of this process, removed when it exits."""
-    folder = tempfile.TemporaryDirectory(prefix="vggt-figures-")
-    _FOLDERS.append(folder)
-    return Path(folder.name)
-
-
-_FOLDERS: list[tempfile.TemporaryDirectory] = []
-
-
 @reports_errors(Saved)
-def on_save_figure(session: Session, layer: str, head: str, opacity: float, frame: Any) -> Saved:
+def on_save_figure(session: Session, opacity: float) -> Saved:
     """Save figure: the current view (query frame with the query marked, the maps, colour bar, layer,
     head and export name as text) as PNG and SVG at print resolution."""
     from vggt.viewer import figures  # matplotlib is imported only when a figure is made
 
-    loaded = _loaded(session)
+    loaded, settings = _current(session, opacity)
     if session.query is None:
         raise ViewerError("click a patch of the query frame first: a figure shows its attention")
-    settings = _settings(loaded, session, layer, head, opacity, frame)
     grid = views.view_for(loaded, settings, session.query)
     figure = figures.view_figure(
         loaded, grid, settings.opacity, figures.figure_title(loaded, grid, session.query)
     )
-    folder = Path(tempfile.mkdtemp(dir=_figure_folder()))
+    folder = Path(tempfile.mkdtemp(dir=_output_folder()))
     paths = figures.save(figure, folder / figures.file_stem(loaded, grid, session.query))
     return Saved(gr.File(value=[str(path) for path in paths], visible=True), "")

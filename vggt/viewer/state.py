@@ -45,41 +45,6 @@ class ViewerError(ValueError):
 
 
 @dataclass(frozen=True)
-class Session:
-    """One browser session's choices.
-
-    Attributes
-    ----------
-    export_key : str or None
-        Resolved path of the opened export (key of the export cache).
-    query : tuple of int or None
-        Clicked query cell ``(qr, qc)`` on the query grid.
-    mode : str
-        The main view: ``"frames"``, ``"layers"``, ``"heads"`` or ``"layers_heads"``
-        (:data:`vggt.viewer.views.MODES`).
-    reverse_frame : int
-        Frame shown in the reverse view.
-    reverse_cell : tuple of int or None
-        Clicked key cell ``(r, c)`` of ``reverse_frame``.
-    panel : str
-        The secondary panel open below the main view (only the open one is kept up to date).
-    frames_token : str or None
-        The frames the page holds (:attr:`LoadedExport.token`): a view of other frames sends them.
-    """
-
-    export_key: str | None = None
-    query: tuple[int, int] | None = None
-    mode: str = "frames"
-    reverse_frame: int = 0
-    reverse_cell: tuple[int, int] | None = None
-    panel: str = "tokens"
-    frames_token: str | None = None
-
-    def with_changes(self, **changes: object) -> Session:
-        return replace(self, **changes)
-
-
-@dataclass(frozen=True)
 class Settings:
     """What the view shows: layer, head (0-based, ``None`` = Average), opacity, the view mode and the
     frame of the layers x heads view."""
@@ -89,6 +54,54 @@ class Settings:
     opacity: float = 0.6
     mode: str = "frames"
     frame: int = 0
+
+
+@dataclass(frozen=True)
+class Session:
+    """One browser session's choices.
+
+    Attributes
+    ----------
+    export_key : str or None
+        Resolved path of the opened export (key of the export cache).
+    view : Settings or None
+        What the main view shows (layer, head, mode, frame): the server's record, which every handler
+        reads; the page's controls show it.
+    query : tuple of int or None
+        Clicked query cell ``(qr, qc)`` on the query grid.
+    reverse_frame : int
+        Frame shown in the reverse view.
+    reverse_cell : tuple of int or None
+        Clicked key cell ``(r, c)`` of ``reverse_frame``.
+    frames_token : str or None
+        The frames the page holds (:attr:`LoadedExport.token`): a view of other frames sends them.
+    """
+
+    export_key: str | None = None
+    view: Settings | None = None
+    query: tuple[int, int] | None = None
+    reverse_frame: int = 0
+    reverse_cell: tuple[int, int] | None = None
+    frames_token: str | None = None
+
+    def with_changes(self, **changes: object) -> Session:
+        return replace(self, **changes)
+
+
+class SessionBox:
+    """A page's ``gr.State``: its :class:`Session`, replaced under a lock.
+
+    The viewer answers without Gradio's queue, so a page's requests may run at once (a click while a
+    layer change is on its way); each handler takes the box's lock, reads the session, and leaves the
+    one it returns, so that they apply one after the other and none is lost.
+    """
+
+    def __init__(self, session: Session | None = None) -> None:
+        self.session = session or Session()
+        self.lock = threading.Lock()
+
+    def __deepcopy__(self, memo: dict) -> SessionBox:  # Gradio copies a State's initial value per page
+        return SessionBox(self.session)
 
 
 @dataclass
