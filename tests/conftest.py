@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -72,13 +73,21 @@ def export_tiny(tiny_model, tiny_reference):
 
 
 @pytest.fixture()
-def tiny_cli(tmp_path, tiny_model, tiny_config):
-    """``tiny_cli(*args, with_checkpoint=True)``: the exporter's CLI on the tiny model (saved as a
-    checkpoint, its architecture in a JSON file) over 5 of the bundled images; returns the exit code."""
+def tiny_model_files(tmp_path, tiny_model, tiny_config) -> SimpleNamespace:
+    """The tiny reference model as a user has it: ``checkpoint`` (a safetensors file) and ``config``
+    (its architecture, for ``config=`` or ``--model_config``)."""
     checkpoint = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, checkpoint)
     config = tmp_path / "tiny_config.json"
     config.write_text(json.dumps(tiny_config.to_dict()))
+    return SimpleNamespace(checkpoint=checkpoint, config=config, config_object=tiny_config)
+
+
+@pytest.fixture()
+def tiny_cli(tmp_path, tiny_model_files):
+    """``tiny_cli(*args, with_checkpoint=True)``: the exporter's CLI on the tiny model (saved as a
+    checkpoint, its architecture in a JSON file) over 5 of the bundled images; returns the exit code."""
+    checkpoint, config = tiny_model_files.checkpoint, tiny_model_files.config
     images = tmp_path / "images"
     images.mkdir()
     for index in (0, 2, 3, 5, 7):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.reference import pool, query_rows
 from vggt import capture
 from vggt.capture import AttentionCapture, LayerRef, QueryGrid, SequenceLayout, Workspace, capture_layer
 
@@ -24,26 +25,15 @@ def plain_attention(q: torch.Tensor, k: torch.Tensor) -> np.ndarray:
 
 
 def pooled_by_hand(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of the query grid's patches, then of the camera tokens, pooled cell by cell.
+    """Rows of the query grid's patches, then of the camera tokens, pooled as the tests' reference does.
 
     Returns maps ``[heads, R, S, H_ds, W_ds]`` and special mass ``[heads, R, S, 2]``.
     """
     per_frame = LAYOUT.patch_start + GRID.num_patches
-    patch_rows = [
-        LAYOUT.patch_start + r * GRID.grid_w + c
-        for r in range(0, GRID.grid_h, GRID.stride_h)
-        for c in range(0, GRID.grid_w, GRID.stride_w)
-    ]
+    patch_rows = query_rows(GRID.grid_h, GRID.grid_w, GRID.stride_h, GRID.stride_w, LAYOUT.patch_start)
     rows = patch_rows + [frame * per_frame for frame in LAYOUT.special_queries]
-    by_frame = probs[:, rows].reshape(HEADS, len(rows), LAYOUT.key_frames, per_frame)
-    patches = by_frame[..., LAYOUT.patch_start :].reshape(*by_frame.shape[:3], GRID.grid_h, GRID.grid_w)
-    maps = np.zeros((*by_frame.shape[:3], GRID.H_ds, GRID.W_ds))
-    for r in range(GRID.H_ds):
-        for c in range(GRID.W_ds):
-            rs = slice(r * GRID.stride_h, (r + 1) * GRID.stride_h)
-            cs = slice(c * GRID.stride_w, (c + 1) * GRID.stride_w)
-            maps[..., r, c] = patches[..., rs, cs].sum(axis=(-2, -1))
-    return maps, by_frame[..., : LAYOUT.patch_start]
+    grid = (GRID.grid_h, GRID.grid_w, GRID.stride_h, GRID.stride_w)
+    return pool(probs[:, rows], LAYOUT.key_frames, *grid, special=LAYOUT.patch_start)
 
 
 @pytest.mark.parametrize("per_head", [True, False])

@@ -67,10 +67,10 @@ def test_bf16_on_old_gpu_is_refused(fake_cuda) -> None:
 @pytest.mark.parametrize(
     ("device", "dtype", "message"),
     [
-        ("tpu9", None, "unknown device 'tpu9'"),
-        ("cuda:x", None, "unknown device 'cuda:x'"),
-        ("mps", None, "unknown device 'mps'"),
-        ("cpu", "float8", "unknown dtype 'float8'"),
+        ("tpu9", None, "unknown device='tpu9'"),
+        ("cuda:x", None, "unknown device='cuda:x'"),
+        ("mps", None, "unknown device='mps'"),
+        ("cpu", "float8", "unknown dtype='float8'"),
         ("cuda", None, "CUDA is not available"),
         ("cuda:0", "fp16", "CUDA is not available"),
     ],

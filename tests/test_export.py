@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.reference import expected_pooled
 from vggt import export as export_module
 from vggt.attn_format import ExportWriter, open_export
 from vggt.export import ExportError, ExportOptions, export_attention, parse_layers
@@ -21,30 +22,6 @@ from vggt.preprocess import load_and_preprocess_images, to_uint8_frames
 
 EXAMPLE_IMAGES = Path(__file__).parents[1] / "examples" / "synthetic_room" / "images"
 PATCH = 14
-
-
-def expected_pooled(reference, layer: int, stride_h: int, stride_w: int, per_head: bool):
-    """Upstream's global attention of frame 0's query-grid patches, pooled as the schema says.
-
-    Returns float64 maps ``[Q, (heads,) S, H_ds, W_ds]`` and special mass ``[Q, (heads,) S, 5]``.
-    """
-    probs = reference[f"expected.attn.global.{layer}"][0].double().numpy()  # [heads, N, N]
-    _, frames, _, height, width = reference["input.images"].shape
-    grid_h, grid_w, special = height // PATCH, width // PATCH, 5
-    per_frame = special + grid_h * grid_w
-    rows = [special + r * grid_w + c for r in range(0, grid_h, stride_h) for c in range(0, grid_w, stride_w)]
-    H_ds, W_ds = math.ceil(grid_h / stride_h), math.ceil(grid_w / stride_w)
-    queries = probs[:, rows].reshape(probs.shape[0], len(rows), frames, per_frame)  # [heads, Q, S, T]
-    patches = queries[..., special:].reshape(*queries.shape[:3], grid_h, grid_w)
-    pooled = np.zeros((*queries.shape[:3], H_ds, W_ds))
-    for r in range(H_ds):
-        for c in range(W_ds):
-            block = patches[..., r * stride_h : (r + 1) * stride_h, c * stride_w : (c + 1) * stride_w]
-            pooled[..., r, c] = block.sum(axis=(-2, -1))
-    maps, special_mass = pooled.swapaxes(0, 1), queries[..., :special].swapaxes(0, 1)
-    if not per_head:
-        return maps.mean(axis=1), special_mass.mean(axis=1)
-    return maps, special_mass
 
 
 def dequantized(export, name: str) -> np.ndarray:
@@ -277,9 +254,14 @@ def test_forward_pass_stops_after_the_last_chosen_layer(tiny_model, tiny_referen
         for handle in handles:
             handle.remove()
     assert ran == []  # neither global layer 1's attention output nor anything after it was computed
-    # The progress bar counts the one global block the pass entered, and ends full.
-    forward_bar = [line for line in capsys.readouterr().err.split("\r") if line.startswith("forward pass")]
-    assert "1/1" in forward_bar[-1]
+    # One progress bar: a step per block the pass entered (every DINOv2 block, frame block 1, global
+    # block 1), full when the pass stops; then the writes, as its postfix.
+    lines = [line.strip() for line in capsys.readouterr().err.split("\r") if line.strip()]
+    entered = len(aggregator.patch_embed.blocks) + 2
+    forward = [line for line in lines if line.startswith("forward pass")]
+    assert f"{entered}/{entered}" in forward[-1] and "0/1 layers written" in forward[0]
+    assert lines[-1].startswith("writing") and "1/1 layers written" in lines[-1]
+    assert all(line.startswith(("forward pass", "writing")) for line in lines)  # no other bar
     export = open_export(out)
     want, _ = expected_pooled(tiny_reference, 0, 1, 1, per_head=True)
     scale = np.asarray(export.layer_meta("layer_01")["per_head_vmax99"])[None, :, None, None, None]

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from tests.reference import PATCH, SPECIAL, pool, query_rows
 from vggt.attn_format import open_export
 from vggt.export import ExportError
 from vggt.export_cli import main
 from vggt.rollout import rollout_storage
 
-PATCH, SPECIAL = 14, 5
 EXAMPLE_IMAGES = Path(__file__).parents[1] / "examples" / "synthetic_room" / "images"
 
 
@@ -26,24 +26,6 @@ def geometry(reference):
     _, frames, _, height, width = reference["input.images"].shape
     grid_h, grid_w = height // PATCH, width // PATCH
     return frames, grid_h, grid_w, SPECIAL + grid_h * grid_w
-
-
-def query_rows(grid_h: int, grid_w: int, stride_h: int, stride_w: int) -> list[int]:
-    """Rows (within a frame) of the query grid's patches, row-major."""
-    return [SPECIAL + r * grid_w + c for r in range(0, grid_h, stride_h) for c in range(0, grid_w, stride_w)]
-
-
-def pool(rows: np.ndarray, frames: int, grid_h: int, grid_w: int, stride_h: int, stride_w: int):
-    """``[..., frames * T]`` probabilities -> pooled ``[..., frames, H_ds, W_ds]``, ``[..., frames, 5]``."""
-    by_frame = rows.reshape(*rows.shape[:-1], frames, SPECIAL + grid_h * grid_w)
-    patches = by_frame[..., SPECIAL:].reshape(*by_frame.shape[:-1], grid_h, grid_w)
-    H_ds, W_ds = math.ceil(grid_h / stride_h), math.ceil(grid_w / stride_w)
-    pooled = np.zeros((*by_frame.shape[:-1], H_ds, W_ds))
-    for r in range(H_ds):
-        for c in range(W_ds):
-            block = patches[..., r * stride_h : (r + 1) * stride_h, c * stride_w : (c + 1) * stride_w]
-            pooled[..., r, c] = block.sum(axis=(-2, -1))
-    return pooled, by_frame[..., :SPECIAL]
 
 
 def full_matrices(reference):

@@ -12,11 +12,12 @@ import torch
 from huggingface_hub import constants as hub_constants
 from safetensors.torch import save_file
 
+from vggt.api import load_model
 from vggt.geometry.depth import unproject_depth_map_to_point_map
 from vggt.geometry.pose_encoding import extri_intri_to_pose_encoding, pose_encoding_to_extri_intri
 from vggt.models.config import AggregatorConfig, VGGTConfig
 from vggt.models.vggt import VGGT
-from vggt.weights import WeightsError, assign_weights, load_model
+from vggt.weights import WeightsError, assign_weights
 
 from .conftest import FIXTURES
 from .test_weights import COMMIT, make_hub_cache

@@ -20,6 +20,7 @@ from huggingface_hub.utils import EntryNotFoundError, RepositoryNotFoundError, R
 from safetensors.torch import save_file
 from torch import nn
 
+from vggt.arguments import command_line_spelling
 from vggt.models.vggt import VGGT
 from vggt.weights import (
     DEFAULT_MODEL_ID,
@@ -386,7 +387,10 @@ def test_empty_cache_offline_explains_how_to_get_weights(tmp_path) -> None:
     assert "offline mode is on" in message
     assert f"hf download {DEFAULT_MODEL_ID} model.safetensors --revision v1 --cache-dir {cache}" in message
     assert "huggingface-cli download" in message
-    assert "--checkpoint PATH" in message
+    # A Python caller reads of its arguments; the command line of its flags (one message, two spellings).
+    assert "checkpoint=PATH" in message and "random_weights=True" in message and "--checkpoint" not in message
+    spelled = info.value.spelled(command_line_spelling({"model_id": "model"}))
+    assert "--checkpoint PATH" in spelled and "--random_weights" in spelled and "checkpoint=" not in spelled
     assert str(cache) in message
 
 
@@ -467,7 +471,7 @@ def test_missing_weights_message_in_subprocess(tmp_path) -> None:
     result = _run_user_script(_script_env(tmp_path, HF_HUB_CACHE=str(cache)))
     message = result["error"]
     assert "hf download facebook/VGGT-1B model.safetensors" in message
-    assert "--checkpoint PATH" in message
+    assert "checkpoint=PATH" in message and "random_weights=True" in message
     assert f"Hub cache looked in: {cache}" in message
 
 

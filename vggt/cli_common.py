@@ -18,12 +18,12 @@ from tqdm.auto import tqdm
 
 from vggt.arguments import EXIT_USAGE, SpelledError, UsageError, command_line_spelling
 from vggt.attn_format import FormatError
-from vggt.device import select_device_and_dtype
+from vggt.device import DeviceError, select_device_and_dtype
 from vggt.geometry.correspondence import is_scene_dir, scene_of_image_dir
 from vggt.models.config import VGGTConfig
 from vggt.models.vggt import VGGT
 from vggt.preprocess import ImageLoadError, list_images
-from vggt.weights import DEFAULT_MODEL_ID, WeightsError, assign_weights, resolve_checkpoint
+from vggt.weights import DEFAULT_MODEL_ID, WeightsError, assign_weights, exclusive_sources, resolve_checkpoint
 
 EXIT_INTERRUPTED = 130
 DEFAULT_IMAGE_SET = "synthetic_room"
@@ -149,18 +149,14 @@ def model_config(args: argparse.Namespace) -> VGGTConfig:
 
 def check_weights_flags(args: argparse.Namespace) -> None:
     """Flags that cannot work, named before anything is loaded (a missing local checkpoint, say)."""
-    if args.checkpoint and args.random_weights:
-        raise UsageError("--checkpoint and --random_weights exclude each other")
+    exclusive_sources(args.checkpoint, args.random_weights)
     if args.checkpoint:
         resolve_checkpoint(checkpoint=args.checkpoint)
 
 
 def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype | None]:
     """``--device`` and ``--dtype`` resolved (see :func:`vggt.device.select_device_and_dtype`)."""
-    try:
-        return select_device_and_dtype(args.device, args.dtype)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    return select_device_and_dtype(args.device, args.dtype)
 
 
 def load_weights(args: argparse.Namespace, model: VGGT, device: torch.device, progress: bool) -> dict:
@@ -212,7 +208,7 @@ def run_command(
     spelling = command_line_spelling({"model_id": "model", **(renamed_flags or {})})
     try:
         run(parser.parse_args(argv))
-    except (UsageError, WeightsError, ImageLoadError, FormatError, *errors) as err:
+    except (UsageError, WeightsError, DeviceError, ImageLoadError, FormatError, *errors) as err:
         message = err.spelled(spelling) if isinstance(err, SpelledError) else str(err)
         print(f"error: {' '.join(message.split())}", file=sys.stderr)
         return EXIT_USAGE

@@ -7,6 +7,13 @@ from contextlib import AbstractContextManager
 
 import torch
 
+from vggt.arguments import SpelledError, argument
+
+
+class DeviceError(SpelledError, ValueError):
+    """A device or dtype this machine cannot run (one line, naming the argument as the caller spells it)."""
+
+
 _DTYPES: dict[str, torch.dtype | None] = {
     "float32": None,
     "fp32": None,
@@ -40,7 +47,7 @@ def select_device_and_dtype(
 
     Raises
     ------
-    ValueError
+    DeviceError
         For an unknown device or dtype, a CUDA device that is not available, or bfloat16 on a GPU
         without bfloat16 support.
     """
@@ -57,14 +64,19 @@ def _select_device(device: str | None) -> torch.device:
     except RuntimeError:
         resolved = None
     if resolved is None or resolved.type not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'")
+        raise DeviceError(
+            f"unknown {argument('device', repr(device))}: use 'cpu', 'cuda', 'cuda:N' or 'auto'"
+        )
     if resolved.type == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was requested but CUDA is not available; use --device cpu")
+        raise DeviceError(
+            f"{argument('device', repr(device))} was requested but CUDA is not available; "
+            f"use {argument('device', 'cpu')}"
+        )
     count = torch.cuda.device_count()
     if resolved.index is not None and resolved.index >= count:
-        raise ValueError(f"device {device!r} does not exist: this machine has {count} CUDA device(s)")
+        raise DeviceError(f"device {device!r} does not exist: this machine has {count} CUDA device(s)")
     return resolved
 
 
@@ -77,10 +89,12 @@ def _select_dtype(dtype: str | None, device: torch.device) -> torch.dtype | None
         return torch.bfloat16 if major >= 8 else torch.float16
     if name not in _DTYPES:
         choices = ", ".join(repr(n) for n in [*_DTYPES, "auto"])
-        raise ValueError(f"unknown dtype {dtype!r}: use one of {choices}")
+        raise DeviceError(f"unknown {argument('dtype', repr(dtype))}: use one of {choices}")
     chosen = _DTYPES[name]
     if chosen is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"this GPU ({device}) does not support bfloat16; use --dtype float16 or float32")
+        raise DeviceError(
+            f"this GPU ({device}) does not support bfloat16; use {argument('dtype', 'float16')} or float32"
+        )
     return chosen
 
 

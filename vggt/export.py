@@ -21,8 +21,8 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,9 +45,15 @@ from vggt.capture import (
     qk_hook_point,
     sequence_layout,
 )
-from vggt.device import autocast_context
+from vggt.device import autocast_context, select_device_and_dtype
 from vggt.device_quantize import DeviceEncodedMaps, encode_layer_on_device
-from vggt.export_geometry import check_heads, predict_geometry, query_points_of, truth_arrays
+from vggt.export_geometry import (
+    GEOMETRY_TIME_SHARE,
+    check_heads,
+    predict_geometry,
+    query_points_of,
+    truth_arrays,
+)
 from vggt.geometry.correspondence import SceneError, geometry_meta
 from vggt.layer_queue import LayerWriteQueue
 from vggt.models.hooks import StopAfter
@@ -214,6 +220,84 @@ def estimate_export_bytes(
     return total + frames + 65536
 
 
+@dataclass(frozen=True)
+class CapturePlan:
+    """One capture's inputs, checked: the layers to capture, the query grid and the frames' names.
+
+    Made by :func:`plan_capture`; shared by :func:`export_attention` and
+    :func:`vggt.captured.capture_attention`, so that both capture and describe layers alike.
+    """
+
+    options: ExportOptions
+    layers: list[LayerRef]
+    grid: QueryGrid
+    sources: list[str]
+    image_size: tuple[int, int]
+    patch_size: int
+    heads: dict[str, int]  # heads of each layer kind (the rollout averages the global layers' heads)
+    truth: dict[str, np.ndarray] | None  # true correspondences, where a scene was given
+
+    def layer_name(self, ref: LayerRef) -> str:
+        return layer_name(ref.kind, ref.number, self.options.blocks)
+
+    def layer_meta(self, ref: LayerRef, extra: dict | None = None) -> dict:
+        """What the grid and the model say about a layer, before its maps are encoded."""
+        grid = self.grid
+        return {
+            "H_p": grid.grid_h,
+            "W_p": grid.grid_w,
+            "stride_h": grid.stride_h,
+            "stride_w": grid.stride_w,
+            "patch_size": self.patch_size,
+            "image_size": list(self.image_size),
+            "query_frame": 0,
+            "query_source": Path(self.sources[0]).name,
+            "num_heads": self.heads[ref.kind],
+        } | (extra or {})
+
+
+def plan_capture(
+    model: nn.Module,
+    images: Tensor,
+    options: ExportOptions,
+    sources: Sequence[str] | None = None,
+    scene: str | os.PathLike[str] | None = None,
+    preprocess_mode: str | None = None,
+) -> CapturePlan:
+    """Check a capture's inputs against the model; raises :class:`ExportError` (see
+    :func:`export_attention` for the arguments)."""
+    aggregator = model.aggregator
+    layers = options.validate(layer_depths(aggregator))
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ExportError(f"{argument('images')} must be [S, 3, H, W], got {list(images.shape)}")
+    num_frames, _, height, width = images.shape
+    patch_size = aggregator.patch_size
+    if height % patch_size or width % patch_size:
+        raise ExportError(f"image size {height}x{width} is not a multiple of the patch size {patch_size}")
+    sources = [f"frame_{i:02d}" for i in range(num_frames)] if sources is None else list(sources)
+    if len(sources) != num_frames:
+        raise ExportError(f"{num_frames} frames but {len(sources)} names in {argument('sources')}")
+    if options.geometry:
+        try:
+            check_heads(model)
+        except ValueError as err:
+            raise ExportError(str(err)) from None
+    elif scene is not None:
+        raise ExportError(f"a {argument('scene')} is used only with {argument('geometry', True)}")
+    grid = QueryGrid(height // patch_size, width // patch_size, options.stride_h, options.stride_w)
+    truth = None
+    if scene is not None:  # before the pass: a scene that does not fit fails at once
+        if preprocess_mode is None:
+            raise ExportError("true geometry needs the preprocessing mode (manifest preprocess_mode)")
+        try:
+            truth = truth_arrays(scene, sources, preprocess_mode, (height, width), grid, patch_size)
+        except SceneError as err:
+            raise ExportError(str(err)) from None
+    heads = {kind: attention_blocks(aggregator, kind)[0].attn.num_heads for kind in BLOCK_KINDS}
+    heads[ROLLOUT_KIND] = heads["global"]
+    return CapturePlan(options, layers, grid, sources, (height, width), patch_size, heads, truth)
+
+
 def export_attention(
     model: nn.Module,
     images: Tensor,
@@ -223,7 +307,7 @@ def export_attention(
     options: ExportOptions | None = None,
     manifest: dict | None = None,
     overwrite: bool = False,
-    autocast_dtype: torch.dtype | None = None,
+    autocast_dtype: torch.dtype | str | None = "auto",
     progress: bool = True,
     scene: str | os.PathLike[str] | None = None,
 ) -> Path:
@@ -243,15 +327,16 @@ def export_attention(
     manifest : dict, optional
         Export-wide manifest fields: ``image_set_name``, ``model`` (id, revision, checkpoint_file,
         checkpoint_sha256, random_weights, random_seed; by default ``model.weights_source``, which
-        :func:`vggt.weights.load_model` sets), ``preprocess_mode``, ``first_image_idx``. Missing ones
-        are filled with neutral values.
+        :func:`vggt.load_model` sets), ``preprocess_mode``, ``first_image_idx``. Missing ones are filled
+        with neutral values.
     overwrite : bool
         Replace an existing ``out_dir`` (only once the new export is complete).
-    autocast_dtype : torch.dtype, optional
-        Run the forward pass under autocast to this dtype (bf16/fp16 on CUDA). Attention
-        probabilities are always computed in float32 from the hooked queries and keys.
+    autocast_dtype : torch.dtype, "auto" or None
+        Run the forward pass under autocast to this dtype; ``"auto"`` (default): the dtype
+        :func:`vggt.load_model` chose for the model (bf16 or fp16 on CUDA, as the command line), else
+        none. Attention probabilities are always computed in float32 from the hooked queries and keys.
     progress : bool
-        Show tqdm bars.
+        Show a progress bar.
     scene : path, optional
         With ``options.geometry``: the scene folder the frames come from (``cameras.json``, ``depth/``),
         matched through ``sources``; the export then also holds the true correspondences. Needs
@@ -263,102 +348,81 @@ def export_attention(
         ``out_dir``.
     """
     options = options or ExportOptions()
-    aggregator = model.aggregator
-    layers = options.validate(layer_depths(aggregator))
     out_dir = Path(out_dir)
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ExportError(f"images must be [S, 3, H, W], got {list(images.shape)}")
-    num_frames, _, height, width = images.shape
-    patch_size = aggregator.patch_size
-    if height % patch_size or width % patch_size:
-        raise ExportError(f"image size {height}x{width} is not a multiple of the patch size {patch_size}")
-    sources = [f"frame_{i:02d}" for i in range(num_frames)] if sources is None else list(sources)
-    if len(sources) != num_frames:
-        raise ExportError(f"{num_frames} frames but {len(sources)} source names")
+    plan = plan_capture(model, images, options, sources, scene, (manifest or {}).get("preprocess_mode"))
     if out_dir.exists() and not overwrite:
-        raise ExportError(f"{out_dir} already exists (use --overwrite to replace it)")
-    if options.geometry:
-        try:
-            check_heads(model)
-        except ValueError as err:
-            raise ExportError(str(err)) from None
-    elif scene is not None:
-        raise ExportError("a scene is used only with geometry (ExportOptions(geometry=True))")
-
-    grid = QueryGrid(height // patch_size, width // patch_size, options.stride_h, options.stride_w)
-    truth = None
-    if scene is not None:  # before the pass: a scene that does not fit fails at once
-        mode = (manifest or {}).get("preprocess_mode")
-        if mode is None:
-            raise ExportError("true geometry needs the preprocessing mode (manifest preprocess_mode)")
-        try:
-            truth = truth_arrays(scene, sources, mode, (height, width), grid, patch_size)
-        except SceneError as err:
-            raise ExportError(str(err)) from None
-    # Heads of each kind; the rollout averages the heads of the aggregator's layers.
-    heads = {kind: attention_blocks(aggregator, kind)[0].attn.num_heads for kind in BLOCK_KINDS}
-    heads[ROLLOUT_KIND] = heads["global"]
-    base_meta = {
-        "H_p": grid.grid_h,
-        "W_p": grid.grid_w,
-        "stride_h": grid.stride_h,
-        "stride_w": grid.stride_w,
-        "patch_size": patch_size,
-        "image_size": [height, width],
-        "query_frame": 0,
-        "query_source": Path(sources[0]).name,
-    }
-    staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        writer = ExportWriter(staging, compress=options.compress)
-        writer.write_frames(to_uint8_frames(images), sources)
-        total = len(layers) + int(options.rollout)
-        bar = tqdm(total=total, desc="writing layers", unit="layer", disable=not progress)
-        with bar, LayerWriteQueue(writer.write_layer, on_written=lambda: bar.update(1)) as queue:
+        raise ExportError(f"{out_dir} already exists (pass {argument('overwrite', True)} to replace it)")
+    autocast_dtype = resolve_autocast(model, autocast_dtype)
+    fields = {"model": getattr(model, "weights_source", None)} | run_fields(model, autocast_dtype)
+    with staged_export(out_dir, overwrite, options.compress, images, plan.sources) as writer:
+        with (
+            PassProgress(model, plan, progress) as bar,
+            LayerWriteQueue(writer.write_layer, 2, bar.written) as queue,
+        ):
 
             def write(captured: CapturedLayer, extra: dict | None = None) -> None:
-                name = layer_name(captured.ref.kind, captured.ref.number, options.blocks)
-                meta = base_meta | {"num_heads": heads[captured.ref.kind]} | (extra or {})
-                _queue_layer(queue, name, captured, meta, options.precision)
+                meta = plan.layer_meta(captured.ref, extra)
+                args, tokens = encode_captured(captured, meta, options.precision, queue.buffer)
+                queue.submit(plan.layer_name(captured.ref), *args, **tokens)
 
-            rollout, head_inputs = _forward_with_capture(
-                model, images, grid, layers, options, write, autocast_dtype, progress
-            )
-            geometry = None
-            if head_inputs is not None:
-                # The heads run while the layers are written.
-                with tqdm(total=1, desc="geometry heads", unit="pass", disable=not progress) as heads_bar:
-                    geometry = predict_geometry(
-                        model, *head_inputs, query_points_of(grid, patch_size), autocast_dtype
-                    )
-                    heads_bar.update(1)
-                del head_inputs
-                geometry |= truth or {}
+            rollout, geometry = run_capture(model, images, plan, write, autocast_dtype, bar)
             if rollout is not None:
-                rollout_meta = {
-                    "rollout_discard_ratio": options.rollout_discard,
-                    "rollout_layers": rollout.num_layers,
-                }
-                write(rollout.result(), rollout_meta)
+                write(*rollout)
+            bar.phase("writing")
             queue.finish()
         if geometry is not None:
             writer.write_geometry(geometry, geometry_meta(scene))
-        fields = {"image_set_name": out_dir.name, "model": getattr(model, "weights_source", None)}
         writer.write_manifest(fields | dict(manifest or {}))
+    return out_dir
+
+
+def resolve_autocast(model: nn.Module, autocast_dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """The autocast dtype to run ``model`` with: ``"auto"`` is the one :func:`vggt.load_model` chose
+    for it (``model.autocast_dtype``), else the command line's default for its device."""
+    if autocast_dtype != "auto":
+        return autocast_dtype
+    if hasattr(model, "autocast_dtype"):
+        return model.autocast_dtype
+    return select_device_and_dtype(str(next(model.parameters()).device), "auto")[1]
+
+
+def run_fields(model: nn.Module, autocast_dtype: torch.dtype | None) -> dict:
+    """The manifest's record of how the pass ran: ``device`` and ``autocast_dtype``."""
+    device = next(model.parameters()).device
+    dtype = None if autocast_dtype is None else str(autocast_dtype).removeprefix("torch.")
+    return {"device": str(device), "autocast_dtype": dtype}
+
+
+@contextmanager
+def staged_export(
+    out_dir: Path, overwrite: bool, compress: bool, frames: Tensor | np.ndarray, sources: Sequence[str]
+) -> Iterator[ExportWriter]:
+    """An :class:`ExportWriter` on a hidden folder beside ``out_dir``, its frames (``[S, 3, H, W]`` in
+    [0, 1], or ``[S, H, W, 3]`` uint8) written, renamed into place when the block ends cleanly and removed
+    when it does not."""
+    staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        writer = ExportWriter(staging, compress=compress)
+        writer.write_frames(to_uint8_frames(frames) if isinstance(frames, Tensor) else frames, sources)
+        yield writer
         _move_into_place(staging, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out_dir
 
 
-def _queue_layer(
-    queue: LayerWriteQueue, name: str, captured: CapturedLayer, meta: dict, precision: str
-) -> None:
-    """Encode a captured layer (patch queries and token queries) and queue it for writing.
+def encode_captured(
+    captured: CapturedLayer,
+    meta: dict,
+    precision: str,
+    buffer: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None = None,
+) -> tuple[tuple[np.ndarray, np.ndarray, dict], dict[str, np.ndarray]]:
+    """A captured layer (patch and token queries) encoded as :meth:`ExportWriter.write_layer` takes it,
+    after the layer's name: ``(heatmaps, special_mass, meta)`` and ``{token_heatmaps, token_special_mass}``.
 
-    Everything queued is a copy: the captured arrays are reused for the next layer."""
+    The heatmaps are encoded into ``buffer(shape, dtype)`` when given (the write queue's), else into a
+    new array. All of it is a copy: the captured arrays may be reused for the next layer."""
     ref, layout = captured.ref, captured.layout
     heatmaps, fields = _encode(captured.maps, precision, captured.head_mean)
     token_heatmaps, token_fields = _encode(captured.token_maps, precision)
@@ -366,14 +430,12 @@ def _queue_layer(
         ref.kind, ref.number, layout.key_frames, layout.special_tokens, layout.special_queries,
         fields, token_fields,
     )  # fmt: skip
-    queue.submit(
-        name,
-        heatmaps.encode_into(queue.buffer(heatmaps.shape, heatmaps.dtype)),
-        _float16(captured.special_mass),
-        meta,
-        token_heatmaps=np.asarray(token_heatmaps),
-        token_special_mass=_float16(captured.token_special_mass),
-    )
+    codes = heatmaps.encode_into(buffer(heatmaps.shape, heatmaps.dtype)) if buffer else np.asarray(heatmaps)
+    tokens = {
+        "token_heatmaps": np.asarray(token_heatmaps),
+        "token_special_mass": _float16(captured.token_special_mass),
+    }
+    return (codes, _float16(captured.special_mass), meta), tokens
 
 
 def _encode(
@@ -389,46 +451,115 @@ def _float16(tensor: Tensor) -> np.ndarray:
     return tensor.cpu().numpy().astype(np.float16, order="C")
 
 
+class PassProgress:
+    """The one progress bar of a capture: a step per attention block the forward pass runs (its estimate
+    so follows the pass from its first block on), then the heads' share when geometry is asked for; the
+    layers written so far as its postfix (unless not ``writing``).
+
+    Use as a context manager; :meth:`attach` ticks it from the model's blocks during the pass.
+    """
+
+    def __init__(
+        self, model: nn.Module, plan: CapturePlan, enabled: bool = True, writing: bool = True
+    ) -> None:
+        options = plan.options
+        depth = len(model.aggregator.global_blocks)
+        self.last = _last_layer(plan.layers, options.rollout or options.geometry, depth)
+        self.blocks = _blocks_entered(model.aggregator, self.last)
+        self.head_steps = round(GEOMETRY_TIME_SHARE * len(self.blocks)) if options.geometry else 0
+        self.layers = len(plan.layers) + int(options.rollout) if writing else 0
+        self._written = 0
+        self._bar = tqdm(total=len(self.blocks) + self.head_steps, desc="forward pass", unit="block",
+                         postfix=self._writes(), disable=not enabled, dynamic_ncols=True)  # fmt: skip
+
+    def __enter__(self) -> PassProgress:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._bar.close()
+
+    @contextmanager
+    def attach(self) -> Iterator[None]:
+        """Tick once per block while the pass runs; the block the pass stops in counts on leaving."""
+        handles = [block.register_forward_hook(self._tick) for block in self.blocks]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        self._bar.update(len(self.blocks) - self._bar.n)
+
+    def _tick(self, *_) -> None:  # a forward hook must return None, or it replaces the block's output
+        self._bar.update(1)
+
+    def phase(self, name: str) -> None:
+        """Name what runs now (``"geometry heads"``, ``"rollout"``, ``"writing"``)."""
+        self._bar.set_description_str(name)
+
+    def heads_done(self) -> None:
+        self._bar.update(self.head_steps)
+
+    def written(self) -> None:
+        """One more layer on disk (called from the writer's thread)."""
+        self._written += 1
+        self._bar.set_postfix_str(self._writes())
+
+    def _writes(self) -> str | None:
+        return f"{self._written}/{self.layers} layers written" if self.layers else None
+
+
+def run_capture(
+    model: nn.Module,
+    images: Tensor,
+    plan: CapturePlan,
+    on_layer: Callable[[CapturedLayer], None],
+    autocast_dtype: torch.dtype | None,
+    bar: PassProgress,
+) -> tuple[tuple[CapturedLayer, dict] | None, dict[str, np.ndarray] | None]:
+    """The capture's one forward pass: ``on_layer`` gets each layer in its hook.
+
+    Returns
+    -------
+    rollout : (CapturedLayer, dict) or None
+        The rollout and its metadata fields, when asked for.
+    geometry : dict or None
+        What the heads predict (and the truth, where a scene was given), when geometry is asked for.
+    """
+    options, grid = plan.options, plan.grid
+    rollout, head_inputs = _forward_with_capture(model, images, plan, on_layer, autocast_dtype, bar)
+    geometry = None
+    if head_inputs is not None:
+        bar.phase("geometry heads")  # the layers are written meanwhile
+        points = query_points_of(grid, plan.patch_size)
+        geometry = predict_geometry(model, *head_inputs, points, autocast_dtype) | (plan.truth or {})
+        del head_inputs
+        bar.heads_done()
+    if rollout is None:
+        return None, geometry
+    bar.phase("rollout")
+    extra = {"rollout_discard_ratio": options.rollout_discard, "rollout_layers": rollout.num_layers}
+    return (rollout.result(), extra), geometry
+
+
 def _forward_with_capture(
     model: nn.Module,
     images: Tensor,
-    grid: QueryGrid,
-    layers: list[LayerRef],
-    options: ExportOptions,
+    plan: CapturePlan,
     on_layer: Callable[[CapturedLayer], None],
     autocast_dtype: torch.dtype | None,
-    progress: bool,
+    bar: PassProgress,
 ) -> tuple[RolloutCapture | None, tuple[list[Tensor | None], int, Tensor] | None]:
-    """The export's one forward pass: the rollout (when asked for) and, with geometry, what the heads
-    need (the kept aggregator outputs, ``patch_start_idx`` and the batched images)."""
-    aggregator = model.aggregator
+    """The forward pass: the rollout (when asked for) and, with geometry, what the heads need (the kept
+    aggregator outputs, ``patch_start_idx`` and the batched images)."""
+    aggregator, options, grid = model.aggregator, plan.options, plan.grid
     device = next(aggregator.parameters()).device
     num_frames = images.shape[0]
     model.eval()
-    blocks = aggregator.global_blocks
-    # Nothing after the last captured layer's attention probabilities is needed: the pass stops there.
-    last = _last_layer(layers, options.rollout or options.geometry, len(blocks))
     rollout = None
     with ExitStack() as stack:
-        bar = stack.enter_context(
-            tqdm(total=_global_blocks_reached(last), desc="forward pass", unit="block", disable=not progress)
-        )
-
-        def tick(*_) -> None:  # a forward hook must return None, or it replaces the block's output
-            bar.update(1)
-
-        for block in blocks:
-            stack.callback(block.register_forward_hook(tick).remove)
-        stack.enter_context(
-            AttentionCapture(
-                aggregator,
-                grid,
-                layers,
-                num_frames,
-                options.per_head,
-                on_layer,
-            )
-        )
+        stack.enter_context(bar.attach())
+        capture = AttentionCapture(aggregator, grid, plan.layers, num_frames, options.per_head, on_layer)
+        stack.enter_context(capture)
         if options.rollout:
             rollout = stack.enter_context(
                 RolloutCapture(aggregator, grid, num_frames, options.rollout_discard)
@@ -439,10 +570,10 @@ def _forward_with_capture(
         if options.geometry:  # the whole pass, keeping the outputs the heads read
             tokens, patch_start_idx = aggregator(batch, keep_outputs=model.head_layers())
             return rollout, (tokens, patch_start_idx, batch)
+        # Nothing after the last captured layer's attention probabilities is needed: the pass stops there.
         # Entered last: its hook runs after the captures' hooks on the same hook point.
-        with StopAfter(qk_hook_point(aggregator, last)):
+        with StopAfter(qk_hook_point(aggregator, bar.last)):
             aggregator(batch, keep_outputs=False)
-        bar.update(bar.total - bar.n)  # the block the pass stopped in
     return rollout, None
 
 
@@ -454,11 +585,15 @@ def _last_layer(layers: Sequence[LayerRef], whole_pass: bool, depth: int) -> Lay
     return max(layers, key=lambda ref: ref.forward_position)
 
 
-def _global_blocks_reached(last: LayerRef) -> int:
-    """Global blocks that a forward pass ending at ``last`` enters, the one it ends in included."""
-    if last.kind == "dino":
-        return 0
-    return last.block_index + (1 if last.kind == "global" else 0)
+def _blocks_entered(aggregator: nn.Module, last: LayerRef) -> list[nn.Module]:
+    """The attention blocks a forward pass ending at ``last`` enters (every DINOv2 block, then frame and
+    global blocks in turn), the one it ends in included."""
+    return [
+        block
+        for kind in BLOCK_KINDS
+        for index, block in enumerate(attention_blocks(aggregator, kind))
+        if LayerRef(kind, index).forward_position <= last.forward_position
+    ]
 
 
 def _move_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
@@ -466,7 +601,7 @@ def _move_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
         os.replace(staging, out_dir)
         return
     if not overwrite:
-        raise ExportError(f"{out_dir} already exists (use --overwrite to replace it)")
+        raise ExportError(f"{out_dir} already exists (pass {argument('overwrite', True)} to replace it)")
     # Swap: the old export is set aside first so that a failure never leaves neither in place.
     retired = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
     os.replace(out_dir, retired)

@@ -281,8 +281,6 @@ def run(args: argparse.Namespace) -> Path:
         "model": model_fields,
         "preprocess_mode": args.preprocess,
         "first_image_idx": choice.first_image_idx,
-        "device": str(device),
-        "autocast_dtype": None if autocast_dtype is None else str(autocast_dtype).removeprefix("torch."),
     }
     started = time.perf_counter()
     export_attention(

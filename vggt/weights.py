@@ -21,6 +21,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from vggt.arguments import SpelledError, argument
+
 DEFAULT_MODEL_ID = "facebook/VGGT-1B"
 
 AGGREGATOR = "aggregator"
@@ -35,8 +37,17 @@ _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 logger = logging.getLogger("vggt")
 
 
-class WeightsError(RuntimeError):
-    """A checkpoint cannot be found or does not fit the model; the message is meant for the user."""
+class WeightsError(SpelledError, RuntimeError):
+    """A checkpoint cannot be found or does not fit the model; the message is meant for the user and
+    names arguments as the caller spells them (:mod:`vggt.arguments`)."""
+
+
+def exclusive_sources(checkpoint: str | Path | None, random_weights: bool) -> None:
+    """A :class:`WeightsError` when both a checkpoint and random weights are asked for."""
+    if checkpoint is not None and random_weights:
+        raise WeightsError(
+            f"{argument('checkpoint', 'PATH')} and {argument('random_weights', True)} exclude each other"
+        )
 
 
 @dataclass(frozen=True)
@@ -147,7 +158,7 @@ def _local_checkpoint_file(checkpoint: str | Path) -> Path:
                 return path / name
         raise WeightsError(
             f"checkpoint folder {path} holds neither {SAFETENSORS_NAME} nor {PICKLE_NAME}; "
-            "pass the checkpoint file itself with --checkpoint PATH"
+            f"pass the checkpoint file itself with {argument('checkpoint', 'PATH')}"
         )
     return path
 
@@ -209,7 +220,7 @@ def _download_from_hub(
     if not unreachable:
         raise WeightsError(
             f"{model_id}{at_revision} on the Hugging Face Hub has neither {SAFETENSORS_NAME} nor "
-            f"{PICKLE_NAME}; pass a checkpoint file with --checkpoint PATH"
+            f"{PICKLE_NAME}; pass a checkpoint file with {argument('checkpoint', 'PATH')}"
         )
     hub_cache = Path(cache_dir).expanduser() if cache_dir is not None else Path(constants.HF_HUB_CACHE)
     if constants.HF_HUB_OFFLINE:
@@ -231,8 +242,9 @@ def _download_from_hub(
         f"  * download them once while online (about 5 GB for VGGT-1B):\n"
         f"        hf {command}\n"
         f"    (with an older huggingface_hub: huggingface-cli {command})\n"
-        "  * or pass a checkpoint you already have with --checkpoint PATH\n"
+        f"  * or pass a checkpoint you already have with {argument('checkpoint', 'PATH')}\n"
         f"    (a .safetensors or .pt file, or a folder holding {SAFETENSORS_NAME} or {PICKLE_NAME})\n"
+        f"  * or try the toolkit without them: {argument('random_weights', True)} (seeded random weights)\n"
         f"Hub cache looked in: {hub_cache} (set HF_HOME or HF_HUB_CACHE to use another one)"
     )
 
@@ -648,41 +660,3 @@ def assign_weights(
     model.eval().requires_grad_(False)
     model.weights_source = source
     return source
-
-
-def load_model(
-    model_id: str = DEFAULT_MODEL_ID,
-    revision: str | None = None,
-    checkpoint: str | Path | None = None,
-    cache_dir: str | Path | None = None,
-    device: str | torch.device = "cpu",
-    config=None,
-    random_weights: bool = False,
-    seed: int = 0,
-    heads: bool = False,
-) -> nn.Module:
-    """Build VGGT (VGGT-1B unless ``config`` says otherwise) with its weights.
-
-    The weights are read straight into place: the model is built on ``meta`` and only the tensors of
-    the parts it has are loaded. See :func:`assign_weights` for the arguments.
-
-    Parameters
-    ----------
-    config : VGGTConfig or AggregatorConfig, optional
-    heads : bool
-        Build and load the camera, depth, point and track heads too; by default the aggregator alone
-        (all that attention export needs: the heads' tensors are never read).
-
-    Returns
-    -------
-    VGGT
-        In eval mode, on ``device``, with ``weights_source`` set.
-    """
-    # Here: this module is also used to read checkpoints alone.
-    from vggt.models.config import VGGTConfig
-    from vggt.models.vggt import VGGT
-
-    with torch.device("meta"):
-        model = VGGT.from_config(config if config is not None else VGGTConfig(), heads=heads)
-    assign_weights(model, model_id, revision, checkpoint, cache_dir, random_weights, seed, device)
-    return model
