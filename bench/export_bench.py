@@ -4,6 +4,7 @@
     python bench/export_bench.py --modes rollout,blocks   # what those options add
     python bench/export_bench.py --frames 2 --size 280    # quicker look
     python bench/export_bench.py --device cuda            # on a GPU, under bf16 (fp16) autocast
+    python bench/export_bench.py --geometry --height 392 --stride 2   # --geometry against VGGT.forward
 
 Modes: ``averaged`` and ``per_head`` (global layers, the exporter's default), ``rollout`` (averaged plus
 ``--rollout``) and ``blocks`` (averaged with ``--blocks global,frame,dino``); the last two are also
@@ -23,6 +24,9 @@ allocation.
 and the global blocks (where the capture's hooks run): the first two take the same time in a plain
 forward and an export unless the machine's speed drifts, or threads beside the pass slow it down (an
 export's global phase leaves out the block its pass stops in).
+``--geometry`` builds the whole VGGT (camera, depth, point and track heads), exports with geometry, and
+compares with the plain ``VGGT.forward`` given the query cells' centres as query points (what the export
+computes besides the attention).
 Targets (CPU): export time <= 1.20x the plain forward per head and <= 1.10x averaged; peak <= plain + 1.5 GB.
 """
 
@@ -42,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from vggt.attn_format.grid import cell_centres  # noqa: E402
 from vggt.device import autocast_context, select_device_and_dtype  # noqa: E402
 from vggt.export import ExportOptions, export_attention  # noqa: E402
 from vggt.models.config import VGGTConfig  # noqa: E402
@@ -146,7 +151,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--frames", type=int, default=3)
-    parser.add_argument("--size", type=int, default=518, help="frames are size x size pixels")
+    parser.add_argument("--size", type=int, default=518, help="frames are size pixels wide (and high)")
+    parser.add_argument("--height", type=int, help="frames are this many pixels high (default --size)")
+    parser.add_argument(
+        "--geometry", action="store_true", help="the whole VGGT: exports with geometry vs VGGT.forward"
+    )
     parser.add_argument("--stride", type=int, default=1)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--modes", default="averaged,per_head", help=f"comma-separated: {', '.join(MODES)}")
@@ -170,21 +179,30 @@ def main() -> None:
 
     started = time.perf_counter()
     with torch.device("meta"):
-        model = VGGT.from_config(VGGTConfig(), heads=False)
+        model = VGGT.from_config(VGGTConfig(), heads=args.geometry)
     init_random_weights(model, seed=0)
     model.eval().requires_grad_(False).to(device)
     dtype_name = "float32" if autocast_dtype is None else str(autocast_dtype).removeprefix("torch.")
+    height = args.height or args.size
+    what = "with its heads" if args.geometry else "(aggregator)"
     print(
-        f"random-weight VGGT-1B built in {time.perf_counter() - started:.1f} s (not timed below); "
-        f"{args.frames} frames of {args.size}x{args.size}, stride {args.stride}, on {device} ({dtype_name}), "
+        f"random-weight VGGT-1B {what} built in {time.perf_counter() - started:.1f} s (not timed below); "
+        f"{args.frames} frames of {args.size}x{height}, stride {args.stride}, on {device} ({dtype_name}), "
         f"{args.threads} CPU threads"
     )
-    images = torch.rand(args.frames, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    images = torch.rand(args.frames, 3, height, args.size, generator=torch.Generator().manual_seed(0))
     images = images.to(device)
+    patch = model.config.aggregator.patch_size
+    query_points = torch.from_numpy(
+        cell_centres(height // patch, args.size // patch, args.stride, args.stride, patch)
+    ).to(device)
 
     def plain() -> None:
         with torch.inference_mode(), autocast_context(device, autocast_dtype):
-            model.aggregator(images[None], keep_outputs=False)
+            if args.geometry:
+                model(images, query_points)
+            else:
+                model.aggregator(images[None], keep_outputs=False)
 
     phases = PhaseTimer(model.aggregator) if args.phases else None
     measure("warm-up forward", plain, device, phases)
@@ -197,7 +215,9 @@ def main() -> None:
         before = measure("plain forward", plain, device, phases)
         for _ in range(args.repeats):
             for mode in modes:
-                options = ExportOptions(stride_h=args.stride, stride_w=args.stride, **MODES[mode])
+                options = ExportOptions(
+                    stride_h=args.stride, stride_w=args.stride, geometry=args.geometry, **MODES[mode]
+                )
                 out = workdir / mode
 
                 def export(options: ExportOptions = options, out: Path = out) -> None:
