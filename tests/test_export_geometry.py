@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vggt.attn_format import open_export
+from vggt.attn_format.geometry import ARRAY_SPECS
 from vggt.attn_format.grid import cell_centres
 from vggt.export import ExportError, ExportOptions, export_attention
 from vggt.export_cli import main
@@ -148,6 +149,20 @@ def test_cli_geometry_on_the_bundled_scene_stores_the_truth(tmp_path, heads_cli,
     np.testing.assert_array_equal(stored_xy, xy)
     np.testing.assert_array_equal(stored_visible, visible)
     assert visible[1:].any() and geometry.meta["scene"] == "synthetic_room"
+    # the files as the schema describes them, read with numpy alone
+    meta = json.loads((out / "geometry" / "geometry_metadata.json").read_text())
+    assert json.loads((out / "attn_maps" / "layers_manifest.json").read_text())["geometry"] == {
+        "metadata_path": "../geometry/geometry_metadata.json"
+    }
+    height, width = export.image_size
+    assert meta["npz_path"] == "../geometry/geometry.npz" and meta["sources"] == ["truth", "track", "depth"]
+    assert (meta["S"], meta["H"], meta["W"], meta["Q"]) == (3, height, width, len(geometry.query_points))
+    assert meta["truth_occlusion_rel_tol"] == 0.02 and meta["depth_occlusion_rel_tol"] == 0.05
+    with np.load(out / "geometry" / "geometry.npz", allow_pickle=False) as npz:
+        assert set(npz.files) == set(ARRAY_SPECS)
+        for key, (dtype, _) in ARRAY_SPECS.items():
+            assert npz[key].dtype == np.dtype(dtype), key
+        assert npz["world_points"].shape == (3, height, width, 3)
 
 
 def test_cli_scene_flags(tmp_path, heads_cli, capsys):
