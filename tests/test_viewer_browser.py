@@ -168,6 +168,20 @@ def texts(page, selector: str) -> list[str]:
     return [text.strip() for text in page.locator(selector).all_inner_texts()]
 
 
+def marker_centres(export, qi: int, frame: int, factor: int) -> list[tuple[int, int]]:
+    """Canvas pixels where the page centres the markers of query ``qi`` on ``frame`` (none without
+    geometry)."""
+    geometry = export.geometry()
+    if geometry is None:
+        return []
+    centres = []
+    for source in geometry.sources:
+        xy, visible = geometry.correspondence(source)
+        if visible[frame, qi]:
+            centres.append(tuple(int((v + 0.5) * factor) for v in xy[frame, qi]))
+    return centres
+
+
 # ---- the main view --------------------------------------------------------------------------------------
 
 
@@ -215,6 +229,11 @@ def test_open_click_switch_layer_and_composites(page, export_path: Path) -> None
             qy0, qy1, qx0, qx1 = scaled.cell_box(row, col)
             pixels, reference = pixels.copy(), reference.copy()
             pixels[qy0:qy1, qx0:qx1] = reference[qy0:qy1, qx0:qx1] = 0
+        pixels, reference = pixels.copy(), reference.copy()
+        for x, y in marker_centres(export, qi, frame, factor):  # an export with geometry marks its points
+            reach = max(4, 5 * factor) + 3  # the page's marker radius, and its line
+            pixels[y - reach : y + reach + 1, x - reach : x + reach + 1] = 0
+            reference[y - reach : y + reach + 1, x - reach : x + reach + 1] = 0
         difference = np.abs(pixels.astype(float) - reference)
         assert difference.max() <= 3, (frame, difference.max())  # canvas alpha blending rounds in 8 bits
 
@@ -248,6 +267,38 @@ def test_open_click_switch_layer_and_composites(page, export_path: Path) -> None
     expect(page.locator("#layer-select input")).to_have_value(labels[1])
     assert page.locator("#overlays .av-label").count() == 0
     assert page.locator("#mode-frames").get_attribute("class").count("primary") == 1
+
+
+def test_geometry_markers_in_the_page(page, tmp_path: Path) -> None:
+    expect = sync_api.expect
+    root = write_synthetic_export(
+        tmp_path / "geometry", num_frames=3, H_p=8, W_p=10, num_layers=1, geometry=True
+    )
+    export = open_export(root)
+    geometry = export.geometry()
+    load(page, root)
+    row, col = 4, 3
+    click_frame_pixel(page, "query-view", col * 14 + 7, row * 14 + 7, (140, 112))
+    readout = page.locator("#query-view .av-readout")
+    expect(readout).to_contain_text("truth = green circle · track head = cyan cross")
+    expect(readout).to_contain_text("frame 1 · view_001.png: peak cell")
+    qi = row * 10 + col
+    wanted = {"truth": (0, 255, 0), "track": (0, 255, 255), "depth": (255, 0, 255)}
+    for frame in range(3):
+        canvas = page.locator("#overlays canvas.av-canvas").nth(frame)
+        pixels = canvas_pixels(canvas).astype(int)
+        factor = float(canvas.get_attribute("data-scale"))
+        for source, color in wanted.items():
+            xy, visible = geometry.correspondence(source)
+            assert visible[frame, qi]
+            x, y = (int((v + 0.5) * factor) for v in xy[frame, qi])
+            reach = int(max(4, 5 * factor)) + 3  # the page's marker radius, and its line
+            near = pixels[y - reach : y + reach + 1, x - reach : x + reach + 1]  # the marker around its point
+            closest = np.abs(near - np.array(color)).sum(axis=-1).min()
+            assert closest <= 60, (frame, source, closest)
+    # the last query leaves the frame: its caption says so
+    click_frame_pixel(page, "query-view", 9 * 14 + 7, 7 * 14 + 7, (140, 112))
+    assert texts(page, "#overlays .av-caption")[2].endswith("not visible: truth, track head, depth + cameras")
 
 
 def test_rollout_and_the_heads_grid(page, kinds_export: Path) -> None:

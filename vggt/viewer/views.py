@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from vggt.attn_format import FormatError
 from vggt.attn_format.quantization import vmax99
-from vggt.viewer import render
+from vggt.viewer import markers, render
+from vggt.viewer.markers import Marker, QueryPositions
 from vggt.viewer.state import (
     AVERAGE,
     TOKEN_NAMES,
@@ -42,17 +44,6 @@ from vggt.viewer.state import (
 )
 
 MODES = {"frames": "Frames", "layers": "All layers", "heads": "All heads", "layers_heads": "Layers × heads"}
-
-
-@dataclass(frozen=True)
-class Marker:
-    """A point drawn on a cell: ``(x, y)`` in frame pixels (centre of the top-left pixel at 0, 0)."""
-
-    x: float
-    y: float
-    label: str
-    shape: str = "cross"  # "cross", "circle" or "square"
-    color: str = "#ffffff"
 
 
 @dataclass(frozen=True)
@@ -197,19 +188,51 @@ def query_picker(loaded: LoadedExport, query: tuple[int, int] | None) -> Picker:
     return Picker(0, query, f"query frame · {loaded.labels[0]}")
 
 
+def query_geometry(loaded: LoadedExport, query: tuple[int, int]) -> tuple[QueryPositions | None, list[str]]:
+    """Where the clicked query's point lies in every frame (exports with geometry), and readout lines:
+    the markers' legend, or why the export's geometry cannot be shown (the maps are shown anyway)."""
+    try:
+        geometry = loaded.export.geometry()
+        if geometry is None:
+            return None, []
+        positions = markers.query_positions(geometry, query_index(loaded, query))
+    except FormatError as error:
+        return None, [f"Geometry not shown: {error}"]
+    return positions, [markers.legend(positions.sources)]
+
+
+def _frame_cell(
+    loaded: LoadedExport,
+    frame: int,
+    codes: np.ndarray,
+    caption: str,
+    query: tuple[int, int] | None,
+    opens: tuple[str, int | None] | None,
+    positions: QueryPositions | None,
+) -> Cell:
+    """A map over ``frame``: the query cell outlined on frame 0, the query point's markers, and in the
+    caption the sources that do not see the point there."""
+    note = markers.hidden_note(positions, frame)
+    caption = f"{caption} · {note}" if note else caption
+    outline = query if frame == 0 else None
+    return Cell(frame, codes, caption, outline, opens, markers.frame_markers(positions, frame))
+
+
 def _frame_cells(
     loaded: LoadedExport,
     normalized: np.ndarray,
     frames: list[int],
     query: tuple[int, int] | None,
     opens: tuple[str, int | None] | None = None,
+    positions: QueryPositions | None = None,
 ) -> list[Cell | None]:
     """One cell per frame of the export; frames the maps do not cover stay empty."""
     cells: list[Cell | None] = [None] * loaded.num_frames
     codes = render.to_codes(normalized)
     for position, frame in enumerate(frames):
-        outline = query if frame == 0 else None
-        cells[frame] = Cell(frame, codes[position], loaded.labels[frame], outline, opens)
+        cells[frame] = _frame_cell(
+            loaded, frame, codes[position], loaded.labels[frame], query, opens, positions
+        )
     return cells
 
 
@@ -218,11 +241,16 @@ def frames_view(loaded: LoadedExport, settings: Settings, query: tuple[int, int]
     layer = settings.layer
     frames = key_frames(loaded, layer)
     normalized, scale = display_maps(loaded, layer, query_index(loaded, query), settings.head)
-    cells = [cell for cell in _frame_cells(loaded, normalized, frames, query) if cell is not None]
+    positions, geometry_lines = query_geometry(loaded, query)
+    cells = [cell for cell in _frame_cells(loaded, normalized, frames, query, None, positions) if cell]
     row = Row(f"{loaded.layer_labels[layer]} · {_head_text(settings.head)}", cells, scale, query=query)
     readout = value_readout(loaded, settings, query, scale)
     if len(frames) < loaded.num_frames:
         readout.append(f"{loaded.layer_labels[layer]} attends within frame 0 only: one map")
+    if positions is not None:
+        grid = loaded.export.manifest["grid"]
+        geometry_lines = markers.readout_lines(normalized, frames, positions, grid, loaded.labels)
+    readout.extend(geometry_lines)
     return Grid([row], [cell.caption for cell in cells], scale, _full_colour(scale), readout)
 
 
@@ -233,14 +261,15 @@ def layers_view(loaded: LoadedExport, settings: Settings, query: tuple[int, int]
     which its row label says. Clicking a cell opens that layer (and head) in the frames view.
     """
     qi = query_index(loaded, query)
+    positions, geometry_lines = query_geometry(loaded, query)
     rows = []
     for layer in loaded.export.layer_names:
         head = head_for(loaded, layer, settings.head)
         normalized, scale = display_maps(loaded, layer, qi, head)
         average = " · average" if settings.head is not None and head is None else ""
-        cells = _frame_cells(loaded, normalized, key_frames(loaded, layer), query, (layer, head))
+        cells = _frame_cells(loaded, normalized, key_frames(loaded, layer), query, (layer, head), positions)
         rows.append(Row(f"{loaded.layer_labels[layer]}{average}", cells, scale, _full_colour(scale), query))
-    readout = value_readout(loaded, settings, query, None)
+    readout = value_readout(loaded, settings, query, None) + geometry_lines
     return Grid(rows, list(loaded.labels), None, "each row: 0 to its full colour", readout, "layers")
 
 
@@ -253,12 +282,14 @@ def heads_view(loaded: LoadedExport, settings: Settings, query: tuple[int, int])
     meta = loaded.export.layer_meta(layer)
     maps = loaded.export.query_maps(layer, query_index(loaded, query))  # [heads, K, H_ds, W_ds]
     frames = key_frames(loaded, layer)
+    positions, geometry_lines = query_geometry(loaded, query)
     rows = []
     for head in range(heads):
         scale = single_map_scale(meta, head) or vmax99(maps[head])
-        cells = _frame_cells(loaded, maps[head] / np.float32(scale), frames, query, (layer, head))
+        normalized = maps[head] / np.float32(scale)
+        cells = _frame_cells(loaded, normalized, frames, query, (layer, head), positions)
         rows.append(Row(f"Head {head + 1}", cells, scale, _full_colour(scale), query))
-    readout = value_readout(loaded, settings, query, None)
+    readout = value_readout(loaded, settings, query, None) + geometry_lines
     return Grid(rows, list(loaded.labels), None, "each row: 0 to the head's vmax99", readout, "heads")
 
 
@@ -272,7 +303,7 @@ def layers_heads_view(loaded: LoadedExport, settings: Settings, query: tuple[int
     if not 0 <= frame < loaded.num_frames:
         raise ViewerError(f"frame {frame} out of range 0..{loaded.num_frames - 1}")
     qi = query_index(loaded, query)
-    outline = query if frame == 0 else None
+    positions, geometry_lines = query_geometry(loaded, query)
     most = max((layer_heads(loaded, name) for name in loaded.export.layer_names), default=0)
     rows = []
     for layer in loaded.export.layer_names:
@@ -293,7 +324,9 @@ def layers_heads_view(loaded: LoadedExport, settings: Settings, query: tuple[int
         cells: list[Cell | None] = [None] * (most + 1)
         for column in range(codes.shape[0]):
             head = None if column == 0 else column - 1
-            cells[column] = Cell(frame, codes[column], _head_text(head), outline, (layer, head))
+            cells[column] = _frame_cell(
+                loaded, frame, codes[column], _head_text(head), query, (layer, head), positions
+            )
         rows.append(Row(loaded.layer_labels[layer], cells, scale, _full_colour(scale), query))
     if not rows:
         raise ViewerError(f"no layer of this export attends to frame {frame}")
@@ -303,6 +336,7 @@ def layers_heads_view(loaded: LoadedExport, settings: Settings, query: tuple[int
         "Each row on one scale: its layer's largest head vmax99 (row label); click a cell to open it",
     ]
     readout.append(f"Query cell row {query[0]}, col {query[1]} (qi = {qi})")
+    readout.extend(geometry_lines)
     return Grid(rows, columns, None, "each row: 0 to its full colour", readout, "layers_heads")
 
 
