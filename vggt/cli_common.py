@@ -8,6 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shlex
+import shutil
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,6 +30,15 @@ from vggt.weights import DEFAULT_MODEL_ID, WeightsError, assign_weights, exclusi
 
 EXIT_INTERRUPTED = 130
 DEFAULT_IMAGE_SET = "synthetic_room"
+# The package's commands: the console command ``pip install`` puts beside the interpreter (see
+# pyproject.toml's [project.scripts]), the top-level script of a clone, the module ``python -m`` runs.
+COMMANDS = {
+    "export": ("vggt-attn-export", "compute_layerwise_attentions.py", "vggt.export_cli"),
+    "view": ("vggt-attn-view", "visualize_attn_gradio.py", "vggt.viewer"),
+    "analyze": ("vggt-attn-analyze", "analyze_attention.py", "vggt.analysis.cli"),
+    "intervene": ("vggt-attn-intervene", "intervene_attention.py", "vggt.intervene_cli"),
+    "figure": ("vggt-attn-figure", "attention_figure.py", "vggt.viewer.figures"),
+}
 
 log = logging.getLogger("vggt")
 
@@ -219,3 +231,36 @@ def run_command(
         print("interrupted: nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
+
+
+def shell_command(command: str, *args: str) -> str:
+    """How to run one of :data:`COMMANDS` in the shell that started this process, as a line to print.
+
+    Its console command where ``pip install`` put it beside this interpreter (by name when the shell
+    finds it so, else by path), else this interpreter (``python`` when the shell's ``python`` is it) with
+    the top-level script of the clone this package runs from, else with ``-m`` and the module.
+    """
+    console, script, module = COMMANDS[command]
+    quoted = " ".join(shlex.quote(arg) for arg in args)
+    installed = Path(sys.executable).parent / console
+    if installed.is_file():
+        found = shutil.which(console)
+        program = console if found and os.path.samefile(found, installed) else _shown_path(installed)
+        return f"{program} {quoted}"
+    found = shutil.which("python")
+    python = (
+        "python" if found and os.path.samefile(found, sys.executable) else _shown_path(Path(sys.executable))
+    )
+    clone_script = Path(__file__).resolve().parents[1] / script
+    if clone_script.is_file():
+        return f"{python} {_shown_path(clone_script)} {quoted}"
+    return f"{python} -m {module} {quoted}"
+
+
+def _shown_path(path: Path) -> str:
+    """``path`` relative to the working folder when it lies inside it, else absolute; quoted for a shell."""
+    absolute = path.absolute()
+    try:
+        return shlex.quote(str(absolute.relative_to(Path.cwd())))
+    except ValueError:
+        return shlex.quote(str(absolute))

@@ -32,6 +32,7 @@ from vggt.cli_common import (
     model_config,
     run_command,
     scene_folder,
+    shell_command,
     weights_description,
 )
 from vggt.export import (
@@ -54,10 +55,9 @@ DEFAULT_PREFIX = "attn_first2all_"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
-        prog="compute_layerwise_attentions.py",
         description="Export VGGT's attention from the query frame's patches to every frame, from one forward "
         "pass: every global layer by default; frame and DINOv2 layers (--blocks) and the attention rollout "
-        "(--rollout) on request. Open the result with visualize_attn_gradio.py.",
+        "(--rollout) on request. Open the result with the viewer (vggt-attn-view).",
     )
 
     add = flag_adder(parser)
@@ -297,7 +297,7 @@ def run(args: argparse.Namespace) -> Path:
     )
     if progress:
         print(f"Wrote {out_dir} in {time.perf_counter() - started:.1f} s. View it with:\n"
-              f"  python visualize_attn_gradio.py --attn_dir {out_dir}")  # fmt: skip
+              f"  {shell_command('view', '--attn_dir', str(out_dir))}")  # fmt: skip
     return out_dir
 
 
@@ -306,3 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(
         build_parser(), run, argv, errors=(ExportError,), renamed_flags={"per_head": "save_per_head"}
     )
+
+
+if __name__ == "__main__":  # python -m vggt.export_cli
+    raise SystemExit(main())

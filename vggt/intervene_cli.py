@@ -72,7 +72,6 @@ SWEEP_NAME = "sweep.json"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
-        prog="intervene_attention.py",
         description="Ablate heads, mask keys, turn global layers into frame layers or sparsify attention, "
         "one intervention at a time, and measure what VGGT's cameras, depth, world points and tracks lose "
         "against the unmodified run (and the true geometry of a scene). Writes results.csv and figures.",
@@ -491,3 +490,7 @@ def run(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: returns the process exit code."""
     return run_command(build_parser(), run, argv, errors=(InterventionError,))
+
+
+if __name__ == "__main__":  # python -m vggt.intervene_cli
+    raise SystemExit(main())

@@ -23,7 +23,6 @@ MAX_WORKERS = 4
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
-        prog="analyze_attention.py",
         description="Per layer and head: where attention goes, whether it finds the true correspondence, "
         "how concentrated and how stable it is. Writes layer_head_metrics.csv, per_query.npz, summary.json "
         "and figures (definitions: docs/analysis.md).",
@@ -130,3 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  stability reference: {options['reference_layer']}; true positions: {source}")
         print(f"wrote {len(written)} files into {out}")
     return 0
+
+
+if __name__ == "__main__":  # python -m vggt.analysis.cli
+    raise SystemExit(main())
