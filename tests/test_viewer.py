@@ -566,8 +566,8 @@ def test_strings_from_the_export_reach_the_page_as_text(tmp_path: Path) -> None:
 
 def test_viewer_and_reader_never_import_torch() -> None:
     code = (
-        "import sys; import visualize_attn_gradio, vggt.viewer.app, vggt.viewer.handlers, vggt.attn_format; "
-        "visualize_attn_gradio.build_app(None); "
+        "import sys; import visualize_attn_gradio, vggt.viewer.cli, vggt.viewer.app, vggt.viewer.handlers; "
+        "import vggt.attn_format; vggt.viewer.app.build_app(None); "
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     result = subprocess.run(
