@@ -1,17 +1,22 @@
-"""Runs the hostile corpus in a child process: ``python -m tests.hostile_child CASES.json RESULTS.json``.
+"""Runs the hostile corpus in a child process:
+``python -m tests.hostile_child CASES.json RESULTS.json reader|viewer``.
 
 The child limits its own address space to what it had after start-up plus :data:`EXTRA_ADDRESS_SPACE`,
 records every file it opens (Python's audit hook), and after each case records the bytes under its
 temporary folder (``TMPDIR``, private to it: the parent checks it is empty once the child has exited)
-before and after the case's export is closed. Each case is opened as the viewer opens an export,
-then every layer, head, query row, reverse view and frame it offers is read.
+before and after the case's export is closed. ``reader``: each case is opened as the viewer opens an
+export, then every layer, head, query row, reverse view and frame it offers is read. ``viewer``: each
+case goes through the viewer's Gradio handlers as a browser session would use them, then malformed
+clicks and control values are sent.
 """
 
 from __future__ import annotations
 
 import gc
+import html
 import json
 import os
+import re
 import resource
 import sys
 import tempfile
@@ -116,7 +121,152 @@ def view_with_reader(case: Case, temporary: Path, result: dict) -> list[str]:
         export.close()
 
 
-def run_case(case: Case, corpus: Path, opened: OpenedFiles, temporary: Path) -> dict:
+class _Event:
+    """What Gradio hands a ``.select`` handler (``evt._data``), as the page may send it."""
+
+    def __init__(self, data: object) -> None:
+        self._data = data
+
+
+# Click data a page (or anyone posting to the server) may send; each must end as a message or a view.
+MALFORMED_CLICKS = [
+    None, "x", 3, [], {}, {"x": None, "y": 1}, {"x": "a", "y": "b"}, {"x": float("nan"), "y": 0},
+    {"x": float("inf"), "y": 0}, {"x": 1e308, "y": -1e308}, {"x": 10**400, "y": 0}, {"x": [1], "y": [2]},
+    {"x": True, "y": False}, {"layer": None}, {"layer": {"a": 1}, "head": "x"},
+    {"layer": "layer_01", "head": 1.5}, {"layer": "layer_01", "head": 10**30},
+    {"layer": "layer_01", "head": -1}, {"layer": "x" * 100_000},
+]  # fmt: skip
+# Values the controls may send (a stale page, a hand-made request).
+MALFORMED_CONTROLS = [None, "", "Head 0", "Head 99999999999999999999", "Head -1", "\ud800", {"a": 1}, [1, 2],
+                      float("nan"), 10**400, "x" * 100_000]  # fmt: skip
+FUZZED_CASE = "surrogates_and_markup_in_names"  # the case also drawn as a figure and sent malformed input
+_WRAPPER = re.compile(r'<div class="viewer-[a-z -]+"( role="status")?>|</div>')
+
+
+def _html_text(value: object, where: str) -> str:
+    """The text of an HTML output of the viewer's own (escaped lines in ``<div>``s); anything else in it
+    is markup that came from somewhere else, a failure."""
+    if not isinstance(value, str):
+        return ""
+    inner = _WRAPPER.sub("", value)
+    if "<" in inner or ">" in inner:
+        raise AssertionError(f"markup in {where}: {value[:300]!r}")
+    return html.unescape(inner)
+
+
+def _strings(value: object, found: list[str], depth: int = 0) -> None:
+    """Every string in an output (payload dicts, choices of a dropdown, table cells), for checking."""
+    if depth > 20:
+        return
+    if isinstance(value, str):
+        found.append(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _strings(key, found, depth + 1)
+            _strings(item, found, depth + 1)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _strings(item, found, depth + 1)
+    elif hasattr(value, "to_dict") and callable(value.to_dict):  # a DataFrame
+        _strings(value.to_dict("split"), found, depth + 1)
+    elif hasattr(value, "constructor_args"):  # a gr.Dropdown / gr.Button update
+        _strings(getattr(value, "constructor_args", {}), found, depth + 1)
+
+
+class HandlerCheck:
+    """Calls the viewer's handlers and checks each answer: a one-line escaped message or outputs whose
+    strings are valid Unicode, whose HTML holds no markup but the viewer's own, and whose payloads are
+    valid JSON."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def __call__(self, handler, *args):
+        result = handler(*args)
+        where = getattr(handler, "__name__", "handler")
+        message = _html_text(result.message, f"{where} message")
+        if message:
+            if "\n" in message or len(message) > 600:
+                raise AssertionError(f"{where}: message not one line: {message!r}")
+            if "the viewer failed on this request" in message:
+                raise AssertionError(f"{where}: a bug, not a message: {message}")
+            self.messages.append(message)
+        for name, value in result._asdict().items():
+            if name.endswith("note"):
+                _html_text(value, f"{where} {name}")
+            if isinstance(value, dict):
+                json.dumps(value, allow_nan=False)  # what the page's JSON.parse accepts
+            found: list[str] = []
+            _strings(value, found)
+            for text in found:
+                text.encode("utf-8")
+        return result
+
+
+def view_with_handlers(case: Case, temporary: Path, result: dict) -> list[str]:
+    """Open the case in the viewer's handlers, as a browser session would, and use every view it offers;
+    then send malformed clicks and control values. Returns the messages shown."""
+    from vggt.viewer import handlers, views
+    from vggt.viewer.state import CACHE, Session
+
+    check = HandlerCheck()
+    try:
+        main = check(handlers.on_load, case.path, Session())
+        if main.message:
+            raise ViewerRefused(check.messages[-1])
+        session, layer = main.session, main.layer.value
+        width, height = CACHE.get(session.export_key).export.image_size[::-1]
+        for x, y in ((0, 0), (width - 1, height - 1), (width / 2, height / 3)):
+            session = check(
+                handlers.on_query_select, session, layer, "Average", 0.6, 0, _Event({"x": x, "y": y})
+            ).session
+        for name in CACHE.get(session.export_key).export.layer_names:
+            changed = check(handlers.on_layer_change, session, name, "Average", 0.6, 0)
+            session = changed.session if not changed.message else session
+            for head in changed.head.constructor_args.get("choices", [])[:3] if not changed.message else []:
+                check(
+                    handlers.on_settings_change,
+                    session,
+                    name,
+                    head[0] if isinstance(head, tuple) else head,
+                    0.6,
+                    0,
+                )
+        for mode in views.MODES:
+            moved = check(handlers.on_mode(mode), session, layer, "Average", 0.6, 0)
+            session = moved.session if not moved.message else session
+        for panel in ("tokens", "camera", "reverse"):
+            session = handlers.on_panel(panel)(session)
+            check(handlers.on_panels, session, layer, "Average", 0.6, 0, None, 0)
+        check(handlers.on_token_view, session, layer, "Average", 0.6, 0, None)
+        check(handlers.on_reverse_frame, session, 0, layer, "Average", 0.6, 0)
+        check(handlers.on_reverse_select, session, 0, layer, "Average", 0.6, 0, _Event({"x": 1, "y": 1}))
+        if case.name != FUZZED_CASE:
+            return check.messages
+        check(handlers.on_save_figure, session, layer, "Average", 0.6, 0)
+        for data in MALFORMED_CLICKS:
+            check(handlers.on_query_select, session, layer, "Average", 0.6, 0, _Event(data))
+            check(handlers.on_open_cell, session, 0.6, 0, _Event(data))
+            check(handlers.on_reverse_select, session, 0, layer, "Average", 0.6, 0, _Event(data))
+        for value in MALFORMED_CONTROLS:
+            check(handlers.on_layer_change, session, value, "Average", 0.6, 0)
+            check(handlers.on_settings_change, session, layer, value, 0.6, 0)
+            check(handlers.on_settings_change, session, layer, "Average", value, 0)
+            check(handlers.on_settings_change, session, layer, "Average", 0.6, value)
+            check(handlers.on_reverse_frame, session, value, layer, "Average", 0.6, 0)
+            check(handlers.on_token_view, session, layer, "Average", 0.6, 0, value)
+        return check.messages
+    finally:
+        result["temporary_bytes"] = folder_usage(temporary)[0]
+        CACHE.clear()
+        gc.collect()
+
+
+class ViewerRefused(Exception):
+    """The viewer's Load answered with a message (the case's error outcome)."""
+
+
+def run_case(case: Case, corpus: Path, opened: OpenedFiles, temporary: Path, viewer: bool) -> dict:
     from vggt.attn_format import FormatError
 
     result: dict = {"name": case.name}
@@ -124,11 +274,13 @@ def run_case(case: Case, corpus: Path, opened: OpenedFiles, temporary: Path) -> 
     opened.paths.clear()
     opened.active = True
     try:
-        shown = view_with_reader(case, temporary, result)
+        if viewer:
+            view_with_handlers(case, temporary, result)
+        else:
+            for text in view_with_reader(case, temporary, result):
+                text.encode("utf-8")  # every string shown can be sent to a browser
         result["outcome"] = VIEW
-        for text in shown:
-            text.encode("utf-8")  # every string shown can be sent to a browser
-    except FormatError as exc:
+    except (FormatError, ViewerRefused) as exc:
         result["outcome"], result["message"] = "error", str(exc)
     except BaseException as exc:  # noqa: BLE001 - what escapes is the finding
         result["outcome"] = "escaped"
@@ -144,15 +296,22 @@ def run_case(case: Case, corpus: Path, opened: OpenedFiles, temporary: Path) -> 
 
 
 def main(argv: list[str]) -> int:
-    cases_file, results_file = Path(argv[0]), Path(argv[1])
+    cases_file, results_file, target = Path(argv[0]), Path(argv[1]), argv[2]
     cases = read_cases(cases_file)
     corpus = cases_file.parent.resolve()
     temporary = Path(tempfile.gettempdir()).resolve()
+    viewer = target == "viewer"
     import vggt.attn_format  # noqa: F401 - imported before the limit, as the viewer has it loaded
+
+    if viewer:
+        import matplotlib.figure  # noqa: F401
+
+        import vggt.viewer.figures  # noqa: F401
+        import vggt.viewer.handlers  # noqa: F401
 
     limit = limit_address_space()
     opened = OpenedFiles()
-    results = [run_case(case, corpus, opened, temporary) for case in cases]
+    results = [run_case(case, corpus, opened, temporary, viewer) for case in cases]
     usage = resource.getrusage(resource.RUSAGE_SELF)
     report = {"results": results, "address_limit": limit, "max_rss_kib": usage.ru_maxrss}
     results_file.write_text(json.dumps(report))

@@ -50,6 +50,9 @@ class Case:
         ``"error"`` (a one-line message holding ``match``) or ``"view"`` (opens and renders).
     match : str
         Phrase the error message holds (case-insensitive), for ``"error"``.
+    viewer_outcome : str
+        The outcome in the viewer where it differs from the reader's: ``"any"`` for a damaged part the
+        viewer does not read (the geometry), where an error and a view of the rest are both correct.
     """
 
     name: str
@@ -57,6 +60,7 @@ class Case:
     bound: str
     outcome: str
     match: str = ""
+    viewer_outcome: str = ""  # in the viewer, when it differs: "any" for a part the viewer does not read
 
 
 # ---- small builders -----------------------------------------------------------------------------------
@@ -217,10 +221,16 @@ class _Corpus:
         return root
 
     def add(
-        self, name: str, root: Path, outcome: str, match: str = "", opened: Path | str | None = None
+        self,
+        name: str,
+        root: Path,
+        outcome: str,
+        match: str = "",
+        opened: Path | str | None = None,
+        viewer_outcome: str = "",
     ) -> None:
         path = str(opened if opened is not None else root)
-        self.cases.append(Case(name, path, str(root), outcome, match))
+        self.cases.append(Case(name, path, str(root), outcome, match, viewer_outcome))
 
 
 def _caps(c: _Corpus) -> None:
@@ -422,7 +432,7 @@ def _paths(c: _Corpus) -> None:
     }
     _edit(manifest, image_set_name="set \ud800 " + MARKUP[:200], model=model)
     tokens = ["camera\ud800", MARKUP[:100], "register_2", "register_3", "register_4"]
-    _edit_layers(root, source_images=["\udcff.png", MARKUP[:200], "c.png"], special_tokens=tokens)
+    _edit_layers(root, source_images=["\udcff.png", MARKUP[:200], r"$\frac{1}{$.png"], special_tokens=tokens)
     c.add("surrogates_and_markup_in_names", root, VIEW)
 
 
@@ -613,21 +623,21 @@ def _geometry(c: _Corpus) -> None:
     root = c.export("geometry_metadata_symlink_outside")
     (root / geometry).unlink()
     (root / geometry).symlink_to(c.outside / "secret_geometry.json")
-    c.add("geometry_metadata_symlink_outside", root, ERROR, "points outside")
+    c.add("geometry_metadata_symlink_outside", root, ERROR, "points outside", viewer_outcome="any")
 
     root = c.export("geometry_path_traversal")
     _edit(
         _attn(root) / "layers_manifest.json", geometry={"metadata_path": "../../outside/secret_geometry.json"}
     )
-    c.add("geometry_path_traversal", root, ERROR, "points outside")
+    c.add("geometry_path_traversal", root, ERROR, "points outside", viewer_outcome="any")
 
     root = c.export("geometry_frames_disagree")
     _edit(root / geometry, S=100_000_000)
-    c.add("geometry_frames_disagree", root, ERROR, "the export has 3")
+    c.add("geometry_frames_disagree", root, ERROR, "the export has 3", viewer_outcome="any")
 
     root = c.export("geometry_deep_json")
     (root / geometry).write_text('{"S": ' + "[" * 5000 + "]" * 5000 + "}")
-    c.add("geometry_deep_json", root, ERROR, "nested")
+    c.add("geometry_deep_json", root, ERROR, "nested", viewer_outcome="any")
 
     root = c.export("geometry_header_claims_more")
     npz = root / "geometry/geometry.npz"
@@ -638,7 +648,7 @@ def _geometry(c: _Corpus) -> None:
             assert entry["payload"].count(shape) == 1
             entry["payload"] = entry["payload"].replace(shape, b"(9, 56, 70)")
     npz.write_bytes(raw_zip(entries))
-    c.add("geometry_header_claims_more", root, ERROR, "declares")
+    c.add("geometry_header_claims_more", root, ERROR, "declares", viewer_outcome="any")
 
 
 def build_corpus(folder: Path) -> list[Case]:

@@ -11,8 +11,14 @@ def printable(text: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
     return text
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``text`` as one line of valid Unicode (:func:`printable`) of at most ``limit`` characters."""
+    line = " ".join(printable(str(text)).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 class FormatError(ValueError):
@@ -23,7 +29,4 @@ class FormatError(ValueError):
     """
 
     def __init__(self, message: str) -> None:
-        text = " ".join(printable(str(message)).split())
-        if len(text) > MAX_MESSAGE_CHARS:
-            text = text[: MAX_MESSAGE_CHARS - 1] + "…"
-        super().__init__(text)
+        super().__init__(one_line(message))

@@ -377,6 +377,7 @@ class ZipFiles(ExportFiles):
     """A zipped export: a reader's hold on the shared extraction of its content (see the module)."""
 
     def __init__(self, path: Path, archive_name: str) -> None:
+        self.archive_name = archive_name
         self._content = ZIPS.acquire(path, archive_name)
         self.root = self._content.folder
         self._release = weakref.finalize(self, ZIPS.release, self._content)

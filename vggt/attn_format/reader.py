@@ -245,6 +245,17 @@ class AttnExport(AttentionMaps):
             ) from None
 
     @property
+    def name(self) -> str:
+        """What to call the export: its ``image_set_name``, else the name its owner gave its folder (or
+        zip), never a temporary folder's."""
+        set_name = self.manifest.get("image_set_name")
+        if isinstance(set_name, str) and set_name:
+            return set_name
+        if isinstance(self.files, ZipFiles) and self.root == self.files.root:
+            return Path(self.files.archive_name).stem
+        return self.root.name
+
+    @property
     def random_weights(self) -> bool:
         """Whether the manifest says the model had seeded random weights."""
         model = self.manifest.get("model") or {}

@@ -146,6 +146,7 @@ class JsonBudget:
 
 # String literals of JSON text that parsed (so that every literal is closed: the match is linear).
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # may match escaped backslashes too: then walked
 
 
 def _json_number(text: str, what: str, convert: Callable[[str], Any]) -> Any:
@@ -156,16 +157,19 @@ def _json_number(text: str, what: str, convert: Callable[[str], Any]) -> Any:
     return convert(text)
 
 
-def _json_extent(data: bytes) -> tuple[int, int]:
-    """``(values, depth)`` of valid JSON text: an upper bound on its values (every value but the first
-    of a container follows a comma) and the deepest nesting of arrays and objects."""
+def _json_extent(data: bytes) -> tuple[int, int, int]:
+    """``(values, depth, longest)`` of valid JSON text: an upper bound on its values (every value but the
+    first of a container follows a comma), the deepest nesting of arrays and objects, and the bytes of
+    its longest string literal."""
+    literals = _JSON_STRING.findall(data)
+    longest = max(map(len, literals), default=0)
     skeleton = np.frombuffer(_JSON_STRING.sub(b'""', data), dtype=np.uint8)
     opens = (skeleton == ord("[")) | (skeleton == ord("{"))
     closes = (skeleton == ord("]")) | (skeleton == ord("}"))
     nesting = np.cumsum(opens.astype(np.int32) - closes.astype(np.int32))
     depth = int(nesting.max(initial=0))
     values = 1 + int(np.count_nonzero(skeleton == ord(","))) + int(np.count_nonzero(opens))
-    return values, depth
+    return values, depth, longest
 
 
 def _checked_strings(value: Any, what: str) -> Any:
@@ -208,12 +212,14 @@ def parse_json(data: bytes, what: str, budget: JsonBudget | None = None) -> Any:
         ) from None
     except RecursionError:
         raise FormatError(f"{what}: JSON nested deeper than {limits.MAX_JSON_DEPTH} levels") from None
-    values, depth = _json_extent(data)
+    values, depth, longest = _json_extent(data)
     if depth > limits.MAX_JSON_DEPTH:
         raise FormatError(f"{what}: JSON nested {depth} levels deep (at most {limits.MAX_JSON_DEPTH})")
     limits.check_count(values, limits.MAX_JSON_VALUES, f"the number of JSON values in {what}")
     if budget is not None:
         budget.take(values, what)
+    if longest <= limits.MAX_STRING_CHARS + 2 and not _SURROGATE_ESCAPE.search(data):
+        return value  # no string can be too long or hold a surrogate: no need to walk the values
     return _checked_strings(value, what)  # nesting is bounded now: the walk's recursion is too
 
 

@@ -91,7 +91,7 @@ class Page:
 
 
 def _main_view(initial_path: str | None) -> Page:
-    session = gr.State(SessionBox())
+    session = gr.State(SessionBox(), delete_callback=handlers.on_session_end)
     with gr.Row(equal_height=True):
         path_box = gr.Textbox(
             value=initial_path or "", show_label=False, placeholder=PATH_HINT, container=False, scale=6,

@@ -105,8 +105,15 @@ def view_figure(loaded: LoadedExport, grid: Grid, opacity: float = 0.6, title: s
 
     Columns: the query frame (in a row whose query differs from the row above), then ``grid.columns``;
     rows: ``grid.rows``, labelled on the left with their layer and head and, when each row has its own
-    scale, that scale.
+    scale, that scale. Names from the export are drawn as written (``$`` starts no mathematics).
     """
+    import matplotlib
+
+    with matplotlib.rc_context({"text.parse_math": False}):
+        return _draw_view(loaded, grid, opacity, title)
+
+
+def _draw_view(loaded: LoadedExport, grid: Grid, opacity: float, title: str) -> Figure:
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
@@ -159,7 +166,7 @@ def figure_title(loaded: LoadedExport, grid: Grid, query: tuple[int, int] | None
     """``"kitchen · Global 24 · Head 3 · query cell (10, 12)"``: the export's name, the layer and head
     of a single-row view or the kind of composite, and the query cell."""
     export = loaded.export
-    name = str(export.manifest.get("image_set_name") or export.root.name)
+    name = export.name
     parts = [name]
     if grid.mode in ("frames",) and len(grid.rows) == 1:
         parts.append(grid.rows[0].label)
@@ -196,7 +203,7 @@ def make_figure(
     ``out.svg``; returns their paths. Raises ``FormatError`` or ``ViewerError`` on bad input."""
     loaded = state.load_export(str(Path(export).expanduser()))
     grid = panels_grid(loaded, panels)
-    name = str(loaded.export.manifest.get("image_set_name") or loaded.export.root.name)
+    name = loaded.export.name
     return save(view_figure(loaded, grid, opacity, title=name), out, dpi)
 
 

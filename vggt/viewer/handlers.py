@@ -64,7 +64,9 @@ def reports_errors(outputs: type[NamedTuple]) -> Callable[[Handler], Handler]:
 
 def in_session(handler: Handler) -> Handler:
     """Run ``handler`` (whose first argument is the :class:`Session`) on a page's :class:`SessionBox`,
-    under its lock; the session it returns is left in the box (the State output itself is skipped)."""
+    under its lock; the session it returns is left in the box, and the box is the State's output (the
+    same object: Gradio then knows the page's state is in use, and calls :func:`on_session_end` with it
+    once the page is gone)."""
 
     @functools.wraps(handler)
     def wrapped(box: SessionBox, *args: Any, **kwargs: Any) -> Any:
@@ -73,7 +75,7 @@ def in_session(handler: Handler) -> Handler:
             session = getattr(out, "session", None)
             if isinstance(session, Session):
                 box.session = session
-            return out._replace(session=gr.skip()) if "session" in getattr(out, "_fields", ()) else out
+            return out._replace(session=box) if "session" in getattr(out, "_fields", ()) else out
 
     return wrapped  # type: ignore[return-value]
 
@@ -153,7 +155,7 @@ def _current(session: Session | None, opacity: Any) -> tuple[LoadedExport, Setti
 def _opacity(value: Any) -> float:
     try:
         opacity = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ViewerError(f"unknown opacity {value!r}") from None
     if not 0.0 <= opacity <= 1.0:  # also refuses nan
         raise ViewerError(f"opacity {opacity} outside [0, 1]")
@@ -163,7 +165,7 @@ def _opacity(value: Any) -> float:
 def _frame(loaded: LoadedExport, frame: Any) -> int:
     try:
         index = int(frame or 0)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ViewerError(f"unknown frame {frame!r}") from None
     if not 0 <= index < loaded.num_frames:
         raise ViewerError(f"frame {index} out of range 0..{loaded.num_frames - 1}")
@@ -277,7 +279,7 @@ def describe(loaded: LoadedExport) -> list[str]:
         f"per head ({plural(meta['num_heads'], 'head')})" if meta["per_head_data"] else "averaged over heads"
     )
     info = (
-        f"{export.manifest.get('image_set_name') or export.root.name} · {state.kinds_summary(loaded)} · "
+        f"{export.name} · {state.kinds_summary(loaded)} · "
         f"{plural(meta['S'], 'frame')} of {width} x {height} px (W x H) · query grid {meta['W_ds']} x "
         f"{meta['H_ds']} cells (patch grid {meta['W_p']} x {meta['H_p']}, stride {meta['stride_w']} x "
         f"{meta['stride_h']}) · {per_head} · {meta['dtype']} · model {_model_text(_model_info(export))}"
@@ -299,8 +301,9 @@ def describe(loaded: LoadedExport) -> list[str]:
 def on_load(session: Session | None, path: str) -> MainView:
     """Load button (and ``--attn_dir`` at start): open an export and reset the view for it."""
     loaded = CACHE.open(path or "", reload=True)
-    held = session.frames_token if isinstance(session, Session) else None  # the page keeps its frames
-    session = Session(export_key=CACHE.key_for(path), frames_token=held)
+    previous = session if isinstance(session, Session) else Session()
+    session = Session(export_key=CACHE.key_for(path), frames_token=previous.frames_token)  # page keeps frames
+    CACHE.hold(session.export_key, previous.export_key)
     layer = state.default_layer(loaded)
     settings = Settings(layer=layer, head=None)
     query_view, overlays, session = _views(loaded, session, settings)  # the session holds the view
@@ -316,6 +319,14 @@ def on_load(session: Session | None, path: str) -> MainView:
         overlays=overlays,
         message="",
     )
+
+
+def on_session_end(box: SessionBox | Session | None) -> None:
+    """Gradio ended a page's session (the page closed, its state expired): let go of the export it had
+    open, so that an export no session holds is forgotten and a zip's extraction removed."""
+    session = box.session if isinstance(box, SessionBox) else box
+    if isinstance(session, Session):
+        CACHE.release(session.export_key)
 
 
 # ---- the main view ------------------------------------------------------------------------------------
@@ -337,7 +348,7 @@ def _click_xy(evt: gr.EventData) -> tuple[float, float]:
     data = getattr(evt, "_data", None)
     try:
         x, y = float(data["x"]), float(data["y"])
-    except (TypeError, KeyError, ValueError):
+    except (TypeError, KeyError, ValueError, OverflowError):
         raise ViewerError("unexpected click data") from None
     if not (abs(x) < 1e9 and abs(y) < 1e9):  # also rejects nan and inf
         raise ViewerError("unexpected click position")

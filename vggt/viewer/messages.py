@@ -12,6 +12,7 @@ import html
 import logging
 
 from vggt.attn_format import FormatError
+from vggt.attn_format.errors import one_line
 from vggt.viewer.state import ViewerError
 
 LOG = logging.getLogger("vggt.viewer")
@@ -19,7 +20,8 @@ LOG = logging.getLogger("vggt.viewer")
 
 def error_text(exc: BaseException) -> str:
     """One line saying what went wrong: the reader's and viewer's own messages as they are, a file
-    system error with its reason, anything else (a bug) by its type, its traceback logged."""
+    system error with its reason, anything else (a bug) by its type, its traceback logged. Valid Unicode,
+    a few hundred characters at most (messages quote what was typed or sent)."""
     if isinstance(exc, FormatError | ViewerError):
         text = str(exc)
     elif isinstance(exc, OSError):
@@ -27,7 +29,7 @@ def error_text(exc: BaseException) -> str:
     else:
         LOG.error("viewer handler failed", exc_info=exc)
         text = f"the viewer failed on this request ({type(exc).__name__}); the details are in its terminal"
-    return " ".join(text.split())
+    return one_line(text)
 
 
 def message_html(text: str, kind: str = "error") -> str:

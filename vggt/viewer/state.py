@@ -202,6 +202,7 @@ class ExportCache:
         self._size = size
         self._entries: OrderedDict[str, LoadedExport] = OrderedDict()
         self._typed: OrderedDict[str, str] = OrderedDict()  # key -> the path as the user typed it
+        self._holders: dict[str, int] = {}  # key -> sessions that have it open
         self._lock = threading.Lock()
         self.rule = PathRule()
 
@@ -257,10 +258,32 @@ class ExportCache:
             typed = self._typed.get(key, key)
         return self.open(typed)
 
+    def hold(self, key: str, previous: str | None = None) -> None:
+        """A session now has ``key`` open, and no longer ``previous`` (see :meth:`release`)."""
+        with self._lock:
+            self._holders[key] = self._holders.get(key, 0) + 1
+        if previous is not None:
+            self.release(previous)
+
+    def release(self, key: str | None) -> None:
+        """A session let go of ``key`` (it opened another export, or it ended): once no session holds an
+        export, it is forgotten, and its files (a zip's extraction) are let go of once in-flight requests
+        are done with it."""
+        if key is None:
+            return
+        with self._lock:
+            count = self._holders.get(key, 0) - 1
+            if count > 0:
+                self._holders[key] = count
+                return
+            self._holders.pop(key, None)
+            self._entries.pop(key, None)
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
             self._typed.clear()
+            self._holders.clear()
 
 
 CACHE = ExportCache()

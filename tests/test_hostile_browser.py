@@ -1,0 +1,116 @@
+"""Markup from an export never becomes markup in the page: an export whose names hold HTML, Markdown
+images and scripts is opened and used in Chromium, and the browser never fetches the addresses they
+name, runs their scripts or shows anything but their text."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import pytest
+
+from tests.hostile_exports import MARKUP
+from vggt.testing.synthetic import write_synthetic_export
+from vggt.viewer.state import CACHE, load_export
+
+browser = pytest.importorskip("tests.test_viewer_browser", reason="needs Playwright and Chromium")
+pytestmark = browser.pytestmark
+EVIL_HOST = "example.invalid"
+
+
+def _markup_export(root: Path) -> Path:
+    """A valid export whose every name shown in the page is markup."""
+    write_synthetic_export(root, per_head=True, num_layers=2)
+    attn = root / "attn_maps"
+    manifest = json.loads((attn / "layers_manifest.json").read_text())
+    manifest["image_set_name"] = "set " + MARKUP[:200]
+    manifest["model"] |= {"id": "`x` ![](http://example.invalid/m.png)", "random_seed": MARKUP[:200]}
+    for position, entry in enumerate(manifest["layers"]):
+        entry["name"] = f"<b>L{position}</b><img src=http://{EVIL_HOST}/l{position}.png>"
+    (attn / "layers_manifest.json").write_text(json.dumps(manifest))
+    for meta_path in attn.glob("*_metadata.json"):
+        meta = json.loads(meta_path.read_text())
+        meta["source_images"] = [f"<img src=http://{EVIL_HOST}/s{i}.png>{i}.png" for i in range(2)]
+        meta["source_images"].append(r"$\frac{1}{$ $x^{2$.png")  # mathtext for matplotlib, malformed
+        meta["special_tokens"] = [MARKUP[:100], *meta["special_tokens"][1:]]
+        meta_path.write_text(json.dumps(meta))
+    return root
+
+
+def test_names_from_an_export_are_text_in_the_page(tmp_path: Path) -> None:
+    export = _markup_export(tmp_path / "export")
+    loaded = load_export(str(export))
+    size = (loaded.geometry.width, loaded.geometry.height)
+    demo, url = browser.start_viewer()
+    requests: list[str] = []
+    dialogs: list[str] = []
+    try:
+        with browser.sync_api.sync_playwright() as playwright:
+            chromium = browser.chromium(playwright)
+            try:
+                page = chromium.new_page(viewport=browser.WINDOW)
+                page.set_default_timeout(browser.TIMEOUT_MS)
+                page.on("request", lambda request: requests.append(request.url))
+                page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+                page.goto(url)
+                browser.load(page, export)
+                browser.click_frame_pixel(page, "query-view", 10, 10, size)
+                for mode in ("mode-layers", "mode-heads", "mode-frames"):
+                    browser.press(page, mode)
+                for tab in ("Camera-token view", "Reverse view", "Special tokens"):
+                    page.get_by_role("tab", name=tab).click()
+                    page.wait_for_timeout(300)
+                page.locator("#save-figure").click()
+                browser.sync_api.expect(page.locator("#figure-files")).to_be_visible()
+                # a typed path holding markup comes back in the message as text
+                page.locator("#export-path textarea, #export-path input").first.fill(
+                    f"/no/such/<img src=http://{EVIL_HOST}/typed.png>"
+                )
+                page.locator("#load-button").click()
+                message = page.locator("#export-message")
+                browser.sync_api.expect(message).to_contain_text(f"<img src=http://{EVIL_HOST}/typed.png>")
+
+                body = page.inner_text("body")
+                assert "<b>L1</b>" in body and "<img src=http://example.invalid/s1.png>1.png" in body
+                injected = page.evaluate(
+                    """(host) => [...document.querySelectorAll('img, script, a, iframe, b')]
+                        .filter(e => { const url = e.src || e.href;
+                            return (url && new URL(url, document.baseURI).hostname === host)
+                                || /^L[01]$/.test(e.textContent); })
+                        .map(e => e.outerHTML)""",
+                    EVIL_HOST,
+                )
+                assert injected == []
+            finally:
+                chromium.close()
+    finally:
+        demo.close()
+        CACHE.clear()
+    assert not [address for address in requests if EVIL_HOST in address]
+    assert dialogs == []
+
+
+def test_figures_keep_names_as_text(tmp_path: Path) -> None:
+    """The SVG of Save figure holds the names as escaped text (no markup, no mathtext)."""
+    from vggt.viewer import handlers
+    from vggt.viewer.state import Session
+
+    export = _markup_export(tmp_path / "export")
+    CACHE.clear()
+    main = handlers.on_load(str(export), Session())
+    clicked = handlers.on_query_select(main.session, main.layer.value, "Average", 0.6, 0, _Click(5, 5))
+    saved = handlers.on_save_figure(clicked.session, main.layer.value, "Average", 0.6, 0)
+    assert saved.message == ""
+    svg = next(Path(f) for f in saved.figure_files.constructor_args["value"] if str(f).endswith(".svg"))
+    tree = ElementTree.parse(svg)  # well-formed: the names did not break the XML
+    text = "".join(tree.getroot().itertext())
+    assert "<img" in text and not any(element.tag.endswith("img") for element in tree.iter())
+    assert r"$\frac{1}{$ $x^{2$.png" in text  # drawn as written, not as mathematics
+    handlers.on_session_end(clicked.session)
+    CACHE.clear()
+
+
+class _Click:
+    def __init__(self, x: float, y: float) -> None:
+        self._data = {"x": x, "y": y}
