@@ -211,50 +211,43 @@ def view_with_handlers(case: Case, temporary: Path, result: dict) -> list[str]:
 
     check = HandlerCheck()
     try:
-        main = check(handlers.on_load, case.path, Session())
+        main = check(handlers.on_load, Session(), case.path)
         if main.message:
             raise ViewerRefused(check.messages[-1])
-        session, layer = main.session, main.layer.value
-        width, height = CACHE.get(session.export_key).export.image_size[::-1]
+        session = main.session
+        export = CACHE.get(session.export_key).export
+        width, height = export.image_size[::-1]
         for x, y in ((0, 0), (width - 1, height - 1), (width / 2, height / 3)):
-            session = check(
-                handlers.on_query_select, session, layer, "Average", 0.6, 0, _Event({"x": x, "y": y})
-            ).session
-        for name in CACHE.get(session.export_key).export.layer_names:
-            changed = check(handlers.on_layer_change, session, name, "Average", 0.6, 0)
-            session = changed.session if not changed.message else session
-            for head in changed.head.constructor_args.get("choices", [])[:3] if not changed.message else []:
-                check(
-                    handlers.on_settings_change,
-                    session,
-                    name,
-                    head[0] if isinstance(head, tuple) else head,
-                    0.6,
-                    0,
-                )
+            session = check(handlers.on_query_select, session, 0.6, _Event({"x": x, "y": y})).session
+        for name in export.layer_names:
+            session = check(handlers.on_layer_change, session, name, 0.6).session
+            for head in ("Head 1", "Head 2", "Average"):
+                changed = check(handlers.on_head_change, session, head, 0.6)
+                session = changed.session if not changed.message else session
         for mode in views.MODES:
-            moved = check(handlers.on_mode(mode), session, layer, "Average", 0.6, 0)
+            moved = check(handlers.on_mode(mode), session, 0.6)
             session = moved.session if not moved.message else session
-        for panel in ("tokens", "camera", "reverse"):
-            session = handlers.on_panel(panel)(session)
-            check(handlers.on_panels, session, layer, "Average", 0.6, 0, None, 0)
-        check(handlers.on_token_view, session, layer, "Average", 0.6, 0, None)
-        check(handlers.on_reverse_frame, session, 0, layer, "Average", 0.6, 0)
-        check(handlers.on_reverse_select, session, 0, layer, "Average", 0.6, 0, _Event({"x": 1, "y": 1}))
+        check(handlers.on_grid_frame, session, 1, 0.6)
+        for panel in ("tokens", "camera", "3d", "reverse"):
+            check(handlers.on_panels, session, 0.6, None, 0, panel)
+        check(handlers.on_token_view, session, 0.6, None)
+        check(handlers.on_reverse_frame, session, 0, 0.6)
+        check(handlers.on_reverse_select, session, 0, 0.6, _Event({"x": 1, "y": 1}))
         if case.name != FUZZED_CASE:
             return check.messages
-        check(handlers.on_save_figure, session, layer, "Average", 0.6, 0)
+        check(handlers.on_save_figure, session, 0.6)
         for data in MALFORMED_CLICKS:
-            check(handlers.on_query_select, session, layer, "Average", 0.6, 0, _Event(data))
-            check(handlers.on_open_cell, session, 0.6, 0, _Event(data))
-            check(handlers.on_reverse_select, session, 0, layer, "Average", 0.6, 0, _Event(data))
+            check(handlers.on_query_select, session, 0.6, _Event(data))
+            check(handlers.on_open_cell, session, 0.6, _Event(data))
+            check(handlers.on_reverse_select, session, 0, 0.6, _Event(data))
         for value in MALFORMED_CONTROLS:
-            check(handlers.on_layer_change, session, value, "Average", 0.6, 0)
-            check(handlers.on_settings_change, session, layer, value, 0.6, 0)
-            check(handlers.on_settings_change, session, layer, "Average", value, 0)
-            check(handlers.on_settings_change, session, layer, "Average", 0.6, value)
-            check(handlers.on_reverse_frame, session, value, layer, "Average", 0.6, 0)
-            check(handlers.on_token_view, session, layer, "Average", 0.6, 0, value)
+            check(handlers.on_layer_change, session, value, 0.6)
+            check(handlers.on_head_change, session, value, 0.6)
+            check(handlers.on_head_change, session, "Average", value)
+            check(handlers.on_grid_frame, session, value, 0.6)
+            check(handlers.on_reverse_frame, session, value, 0.6)
+            check(handlers.on_token_view, session, 0.6, value)
+            check(handlers.on_panels, session, 0.6, value, value, value)
         return check.messages
     finally:
         result["temporary_bytes"] = folder_usage(temporary)[0]

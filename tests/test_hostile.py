@@ -76,8 +76,8 @@ def test_every_hostile_case_ends_as_one_line_or_a_view(corpus: Path, tmp_path: P
             failures.append(f"{case['name']}: message is not one line: {message!r}")
         if result["opened_outside"]:
             failures.append(f"{case['name']}: opened files outside the export: {result['opened_outside']}")
-        left = [name for name in result["temporary_left"] if not name.startswith("vggt-figures-")]
-        if left:  # figures (downloads) are kept while the process runs
+        left = [name for name in result["temporary_left"] if not name.startswith("vggt-viewer-")]
+        if left:  # figures and 3D views handed to the page: kept while the process runs
             failures.append(f"{case['name']}: left temporary files: {left}")
         if result.get("temporary_bytes", 0) > limits.MIN_ZIP_ALLOWANCE + (1 << 20):
             failures.append(f"{case['name']}: the temporary folder grew to {result['temporary_bytes']} bytes")
@@ -262,11 +262,11 @@ def test_a_zip_opened_in_the_viewer_is_removed_when_no_session_holds_it(
     archive = _zipped_export(tmp_path)
     other = write_synthetic_export(tmp_path / "other")
     CACHE.clear()
-    first = handlers.on_load(str(archive), Session())
-    second = handlers.on_load(str(archive), Session())
+    first = handlers.on_load(Session(), str(archive))
+    second = handlers.on_load(Session(), str(archive))
     assert first.message == second.message == ""
     (folder,) = private_tmp.iterdir()
-    switched = handlers.on_load(str(other), second.session)  # the second session opens another export
+    switched = handlers.on_load(second.session, str(other))  # the second session opens another export
     assert switched.message == "" and folder.is_dir()  # the first still has the zip open
     handlers.on_session_end(first.session)  # Gradio ends the first session
     gc.collect()

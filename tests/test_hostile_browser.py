@@ -98,9 +98,9 @@ def test_figures_keep_names_as_text(tmp_path: Path) -> None:
 
     export = _markup_export(tmp_path / "export")
     CACHE.clear()
-    main = handlers.on_load(str(export), Session())
-    clicked = handlers.on_query_select(main.session, main.layer.value, "Average", 0.6, 0, _Click(5, 5))
-    saved = handlers.on_save_figure(clicked.session, main.layer.value, "Average", 0.6, 0)
+    main = handlers.on_load(Session(), str(export))
+    clicked = handlers.on_query_select(main.session, 0.6, _Click(5, 5))
+    saved = handlers.on_save_figure(clicked.session, 0.6)
     assert saved.message == ""
     svg = next(Path(f) for f in saved.figure_files.constructor_args["value"] if str(f).endswith(".svg"))
     tree = ElementTree.parse(svg)  # well-formed: the names did not break the XML
@@ -114,3 +114,43 @@ def test_figures_keep_names_as_text(tmp_path: Path) -> None:
 class _Click:
     def __init__(self, x: float, y: float) -> None:
         self._data = {"x": x, "y": y}
+
+
+def test_a_closed_page_lets_go_of_its_zip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gradio ends a closed page's session (after an hour; a second here) and the zip's extraction that
+    only that page had open is removed."""
+    import shutil
+    import time
+
+    from vggt.attn_format.paths import extraction_folders
+
+    monkeypatch.setenv("GRADIO_IS_E2E_TEST", "1")  # Gradio keeps a closed page's state for 1 s, not 1 h
+    export = write_synthetic_export(tmp_path / "kitchen")
+    archive = Path(
+        shutil.make_archive(str(tmp_path / "kitchen"), "zip", root_dir=tmp_path, base_dir="kitchen")
+    )
+    CACHE.clear()
+    before = set(extraction_folders())
+    demo, url = browser.start_viewer()
+    try:
+        with browser.sync_api.sync_playwright() as playwright:
+            chromium = browser.chromium(playwright)
+            try:
+                page = chromium.new_page(viewport=browser.WINDOW)
+                page.set_default_timeout(browser.TIMEOUT_MS)
+                page.goto(url)
+                browser.load(page, archive)
+                browser.sync_api.expect(page.locator("#query-view .av-readout")).to_contain_text("Global")
+                (folder,) = set(extraction_folders()) - before
+                assert folder.is_dir()
+                page.close()
+            finally:
+                chromium.close()
+        deadline = time.monotonic() + 60
+        while folder.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not folder.exists()
+    finally:
+        demo.close()
+        CACHE.clear()
+    assert export.is_dir()
