@@ -4,8 +4,10 @@ name, runs their scripts or shows anything but their text."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,55 +40,62 @@ def _markup_export(root: Path) -> Path:
     return root
 
 
-def test_names_from_an_export_are_text_in_the_page(tmp_path: Path) -> None:
-    export = _markup_export(tmp_path / "export")
-    loaded = load_export(str(export))
-    size = (loaded.geometry.width, loaded.geometry.height)
+@contextlib.contextmanager
+def _viewer_page() -> Iterator[object]:
+    """A Chromium page on a viewer started for the test; the viewer is stopped and its cache cleared."""
     demo, url = browser.start_viewer()
-    requests: list[str] = []
-    dialogs: list[str] = []
     try:
         with browser.sync_api.sync_playwright() as playwright:
             chromium = browser.chromium(playwright)
             try:
                 page = chromium.new_page(viewport=browser.WINDOW)
                 page.set_default_timeout(browser.TIMEOUT_MS)
-                page.on("request", lambda request: requests.append(request.url))
-                page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
-                page.goto(url)
-                browser.load(page, export)
-                browser.click_frame_pixel(page, "query-view", 10, 10, size)
-                for mode in ("mode-layers", "mode-heads", "mode-frames"):
-                    browser.press(page, mode)
-                for tab in ("Camera-token view", "Reverse view", "Special tokens"):
-                    page.get_by_role("tab", name=tab).click()
-                    page.wait_for_timeout(300)
-                page.locator("#save-figure").click()
-                browser.sync_api.expect(page.locator("#figure-files")).to_be_visible()
-                # a typed path holding markup comes back in the message as text
-                page.locator("#export-path textarea, #export-path input").first.fill(
-                    f"/no/such/<img src=http://{EVIL_HOST}/typed.png>"
-                )
-                page.locator("#load-button").click()
-                message = page.locator("#export-message")
-                browser.sync_api.expect(message).to_contain_text(f"<img src=http://{EVIL_HOST}/typed.png>")
-
-                body = page.inner_text("body")
-                assert "<b>L1</b>" in body and "<img src=http://example.invalid/s1.png>1.png" in body
-                injected = page.evaluate(
-                    """(host) => [...document.querySelectorAll('img, script, a, iframe, b')]
-                        .filter(e => { const url = e.src || e.href;
-                            return (url && new URL(url, document.baseURI).hostname === host)
-                                || /^L[01]$/.test(e.textContent); })
-                        .map(e => e.outerHTML)""",
-                    EVIL_HOST,
-                )
-                assert injected == []
+                yield page, url
             finally:
                 chromium.close()
     finally:
         demo.close()
         CACHE.clear()
+
+
+def test_names_from_an_export_are_text_in_the_page(tmp_path: Path) -> None:
+    export = _markup_export(tmp_path / "export")
+    loaded = load_export(str(export))
+    size = (loaded.geometry.width, loaded.geometry.height)
+    requests: list[str] = []
+    dialogs: list[str] = []
+    with _viewer_page() as (page, url):
+        page.on("request", lambda request: requests.append(request.url))
+        page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+        page.goto(url)
+        browser.load(page, export)
+        browser.click_frame_pixel(page, "query-view", 10, 10, size)
+        for mode in ("mode-layers", "mode-heads", "mode-frames"):
+            browser.press(page, mode)
+        for tab in ("Camera-token view", "Reverse view", "Special tokens"):
+            page.get_by_role("tab", name=tab).click()
+            page.wait_for_timeout(300)
+        page.locator("#save-figure").click()
+        browser.sync_api.expect(page.locator("#figure-files")).to_be_visible()
+        # a typed path holding markup comes back in the message as text
+        page.locator("#export-path textarea, #export-path input").first.fill(
+            f"/no/such/<img src=http://{EVIL_HOST}/typed.png>"
+        )
+        page.locator("#load-button").click()
+        message = page.locator("#export-message")
+        browser.sync_api.expect(message).to_contain_text(f"<img src=http://{EVIL_HOST}/typed.png>")
+
+        body = page.inner_text("body")
+        assert "<b>L1</b>" in body and "<img src=http://example.invalid/s1.png>1.png" in body
+        injected = page.evaluate(
+            """(host) => [...document.querySelectorAll('img, script, a, iframe, b')]
+                .filter(e => { const url = e.src || e.href;
+                    return (url && new URL(url, document.baseURI).hostname === host)
+                        || /^L[01]$/.test(e.textContent); })
+                .map(e => e.outerHTML)""",
+            EVIL_HOST,
+        )
+        assert injected == []
     assert not [address for address in requests if EVIL_HOST in address]
     assert dialogs == []
 
@@ -131,26 +140,15 @@ def test_a_closed_page_lets_go_of_its_zip(tmp_path: Path, monkeypatch: pytest.Mo
     )
     CACHE.clear()
     before = set(extraction_folders())
-    demo, url = browser.start_viewer()
-    try:
-        with browser.sync_api.sync_playwright() as playwright:
-            chromium = browser.chromium(playwright)
-            try:
-                page = chromium.new_page(viewport=browser.WINDOW)
-                page.set_default_timeout(browser.TIMEOUT_MS)
-                page.goto(url)
-                browser.load(page, archive)
-                browser.sync_api.expect(page.locator("#query-view .av-readout")).to_contain_text("Global")
-                (folder,) = set(extraction_folders()) - before
-                assert folder.is_dir()
-                page.close()
-            finally:
-                chromium.close()
-        deadline = time.monotonic() + 60
+    with _viewer_page() as (page, url):
+        page.goto(url)
+        browser.load(page, archive)
+        browser.sync_api.expect(page.locator("#query-view .av-readout")).to_contain_text("Global")
+        (folder,) = set(extraction_folders()) - before
+        assert folder.is_dir()
+        page.close()
+        deadline = time.monotonic() + 60  # Gradio checks the states every second
         while folder.exists() and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not folder.exists()
-    finally:
-        demo.close()
-        CACHE.clear()
     assert export.is_dir()
