@@ -463,3 +463,18 @@ def test_the_exports_own_geometry_gives_the_positions(tmp_path: Path) -> None:
     xy, visible = geometry.correspondence("track")
     tracked = run_analysis(export, correspondence=Correspondence("track", xy, visible))
     assert tracked.summary["correspondence"]["source"] == "track"
+
+
+@pytest.mark.parametrize("form", ["layer", "head", "raw"])
+def test_seed_exports_have_no_special_token_columns(tmp_path: Path, form: str) -> None:
+    from tests.test_format import _write_seed_export
+
+    export_dir, _, _ = _write_seed_export(tmp_path, form)
+    export = open_export(export_dir / "attn_maps")
+    correspondence = _positions(export, seed=4)
+    result = run_analysis(export, correspondence=correspondence)
+    _check_every_row(export, result, correspondence)
+    for record in result.records:
+        if record["layer"] != "same_uv":
+            assert math.isnan(record["camera_mass"]) and math.isnan(record["register_mass"])
+            assert 0 < record["entropy"] <= 1

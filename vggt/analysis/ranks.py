@@ -191,4 +191,6 @@ def normalized_entropy(x_log_x: np.ndarray, total: np.ndarray, count: int) -> np
     with np.errstate(divide="ignore", invalid="ignore"):
         entropy = np.log(total) - x_log_x / total
     entropy = np.where(total > 0, entropy, np.nan)
-    return entropy / np.log(count) if count > 1 else np.zeros_like(entropy)
+    if count <= 1:
+        return np.where(total > 0, 0.0, np.nan)
+    return np.clip(entropy / np.log(count), 0.0, 1.0)  # in [0, 1] but for the last bit of rounding
