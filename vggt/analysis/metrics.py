@@ -224,7 +224,11 @@ def block_metrics(
     pck = np.full((n, len(PCK_RADII), positions.size), np.nan)
     corr_mass = np.full((n, positions.size), np.nan)
     if windows is not None and positions.size:
-        cross = frames[:, positions]  # [n, C, cells]
+        contiguous = positions.size == positions[-1] - positions[0] + 1 and bool(
+            np.all(np.diff(positions) == 1)
+        )
+        # [n, C, cells]: a view when the cross-view frames follow each other (they do in exports)
+        cross = frames[:, positions[0] : positions[-1] + 1] if contiguous else frames[:, positions]
         peak = cross.max(axis=-1)
         ties = np.count_nonzero(cross == peak[..., None], axis=-1)
         window = np.take_along_axis(cross, windows.index, axis=-1)  # [n, C, w]
