@@ -224,9 +224,7 @@ def block_metrics(
     pck = np.full((n, len(PCK_RADII), positions.size), np.nan)
     corr_mass = np.full((n, positions.size), np.nan)
     if windows is not None and positions.size:
-        contiguous = positions.size == positions[-1] - positions[0] + 1 and bool(
-            np.all(np.diff(positions) == 1)
-        )
+        contiguous = bool(np.all(np.diff(positions) == 1))
         # [n, C, cells]: a view when the cross-view frames follow each other (they do in exports)
         cross = frames[:, positions[0] : positions[-1] + 1] if contiguous else frames[:, positions]
         peak = cross.max(axis=-1)
