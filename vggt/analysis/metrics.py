@@ -16,6 +16,7 @@ from vggt.analysis.ranks import (
     CODES,
     Runs,
     code_histograms,
+    code_rows_per_call,
     code_runs,
     crossings,
     entropy_terms,
@@ -72,6 +73,15 @@ class Stability:
     positions: np.ndarray
     masses: np.ndarray
     group: int = 1
+
+    def rows(self, rows: slice) -> Stability:
+        """The levels of rows ``rows`` of the block (whole groups)."""
+        return Stability(
+            self.levels[rows.start // self.group : -(-rows.stop // self.group)],
+            self.positions,
+            self.masses,
+            self.group,
+        )
 
 
 @dataclass
@@ -156,6 +166,46 @@ def mask_agreement(
     return recall, tnr
 
 
+def _ranked_metrics(
+    frames: np.ndarray,
+    scale: np.ndarray,
+    special_flat: np.ndarray,
+    total: np.ndarray,
+    stability: Stability | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Entropy, cell shares and mask agreement of rows ``frames [n, K, cells]``: everything that needs a
+    row's values in order. uint8 rows go a few at a time (:func:`code_rows_per_call`), so that their
+    histograms stay in the cache between the steps that read them."""
+    n, num_keys = frames.shape[:2]
+    whole = frames.reshape(n, -1)
+    same_cells = stability is not None and stability.positions.size == num_keys
+    num_masses = stability.masses.size if stability is not None else 0
+    entropy, cells = np.empty(n), np.empty((n, len(CELL_SHARES)))
+    recall, tnr = np.empty((n, num_masses)), np.empty((n, num_masses))
+    group = stability.group if stability is not None else 1
+    if whole.dtype == np.uint8:
+        step = code_rows_per_call(num_masses + 1 if same_cells else 1, group)
+    else:
+        step = n
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        part = stability.rows(rows) if stability is not None else None
+        # Ranks of the whole row (every key frame), split by the reference's levels when they cover the
+        # same cells.
+        runs = _runs(whole[rows], part if same_cells else None)
+        sum_x_log_x = entropy_terms(runs[0], scale[rows]) + x_log_x(special_flat[rows])
+        entropy[rows] = normalized_entropy(sum_x_log_x, total[rows], whole.shape[-1] + special_flat.shape[-1])
+        cells[rows] = crossings(runs[0], np.asarray(CELL_SHARES))[2] / whole.shape[-1]
+        if part is None:
+            continue
+        if same_cells:
+            recall[rows], tnr[rows] = mask_agreement(whole[rows], part, runs)
+        else:
+            shared = frames[rows][:, part.positions].reshape(rows.stop - rows.start, -1)
+            recall[rows], tnr[rows] = mask_agreement(shared, part)
+    return entropy, cells, recall, tnr
+
+
 def block_metrics(
     maps: np.ndarray,
     scale: np.ndarray,
@@ -207,18 +257,8 @@ def block_metrics(
         camera_mass = register_mass = nan
         special_flat = np.zeros((n, 0))
 
-    # Ranks of the whole row (every key frame), split by the reference's levels when they cover the
-    # same cells.
-    whole = frames.reshape(n, -1)
-    same_cells = stability is not None and stability.positions.size == num_keys
-    runs = _runs(whole, stability if same_cells else None)
-    ranked = runs[0]
-
     total = frame_mass.sum(axis=-1) + special_flat.sum(axis=-1)
-    sum_x_log_x = entropy_terms(ranked, scale) + x_log_x(special_flat)
-    entropy = normalized_entropy(sum_x_log_x, total, whole.shape[-1] + special_flat.shape[-1])
-    _, _, smallest = crossings(ranked, np.asarray(CELL_SHARES))
-    cells = smallest / whole.shape[-1]
+    entropy, cells, recall, tnr = _ranked_metrics(frames, scale, special_flat, total, stability)
 
     positions = windows.positions if windows is not None else np.zeros(0, dtype=np.int64)
     pck = np.full((n, len(PCK_RADII), positions.size), np.nan)
@@ -239,13 +279,6 @@ def block_metrics(
         with np.errstate(divide="ignore", invalid="ignore"):
             corr_mass[:] = np.where(windows.valid & (cross_sums > 0), near_mass / cross_sums, np.nan)
 
-    if stability is None:
-        recall = tnr = np.full((n, 0), np.nan)
-    elif same_cells:
-        recall, tnr = mask_agreement(whole, stability, runs)
-    else:
-        shared = frames[:, stability.positions].reshape(n, -1)
-        recall, tnr = mask_agreement(shared, stability)
     return BlockMetrics(
         cross_view_mass=cross_view_mass,
         query_frame_mass=query_frame_mass,

@@ -60,6 +60,11 @@ def code_runs(histograms: np.ndarray) -> Runs:
     return Runs(_CODE_VALUES, np.ascontiguousarray(histograms[..., ::-1]))
 
 
+def code_rows_per_call(num_levels: int = 1, group: int = 1) -> int:
+    """Rows :func:`code_histograms` counts in one pass: whole groups, as many as a 16-bit key holds."""
+    return max(1, CODES // (num_levels * group)) * group
+
+
 def code_histograms(
     codes: np.ndarray, levels: np.ndarray | None = None, num_levels: int = 1, group: int = 1
 ) -> np.ndarray:
@@ -84,8 +89,7 @@ def code_histograms(
     """
     n, cells = codes.shape
     # A 16-bit key per cell: the code in its low byte, (row in the call, label) in its high byte.
-    groups_per_call = max(1, CODES // (num_levels * group))
-    rows_per_call = min(n, groups_per_call * group)
+    rows_per_call = min(n, code_rows_per_call(num_levels, group))
     out = np.empty((n, num_levels, CODES), dtype=np.int64)
     keys = np.empty((rows_per_call, cells), dtype=np.uint16)
     key_bytes = keys.view(np.uint8).reshape(rows_per_call, cells, 2)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from vggt.viewer import analysis as analysis_panel
 from vggt.viewer import handlers, views
 from vggt.viewer.state import AVERAGE, SessionBox
 
@@ -164,6 +165,17 @@ def _panels(page: Page) -> dict[str, gr.Tab]:
                 label="Frame", choices=[], **CHANGING, elem_id="reverse-frame"
             )
             page.panels["reverse_view"] = attention_view("reverse-view")
+        with gr.Tab("Analysis", id="analysis", elem_id="tab-analysis") as tabs["analysis"]:
+            with gr.Row(equal_height=True):
+                page.panels["analysis_metric"] = gr.Dropdown(
+                    label="Metric (layers × heads)", choices=analysis_panel.metric_choices(),
+                    value=analysis_panel.DEFAULT_METRIC, scale=1, min_width=200, elem_id="analysis-metric",
+                )  # fmt: skip
+                page.panels["analysis_note"] = text_area("analysis-note", scale=3)
+            page.panels["analysis_readout"] = text_area("analysis-readout")
+            page.panels["analysis_table"] = gr.Dataframe(
+                interactive=False, show_label=False, max_height=520, elem_id="analysis-table"
+            )
     return tabs
 
 
@@ -241,3 +253,12 @@ def _wire(demo: gr.Blocks, page: Page, tabs: dict[str, gr.Tab], load_at_start: b
     reverse = ([session, panels["reverse_frame"], opacity], [session, panels["reverse_view"], page.message])
     on(panels["reverse_frame"].select, handlers.on_reverse_frame, *reverse)
     on(panels["reverse_view"].select, handlers.on_reverse_select, *reverse)
+    analysis = (
+        [session, opacity, panels["analysis_metric"]],
+        [panels[name] for name in handlers.AnalysisPanel._fields[:-1]] + [page.message],
+    )
+    # queued, with a progress bar over the tab: the first opening may analyse the whole export
+    for event in (tabs["analysis"].select, panels["analysis_metric"].select):
+        on(event, handlers.on_analysis, *analysis, queue=True, show_progress="full",
+           show_progress_on=panels["analysis_table"])  # fmt: skip
+    on(panels["analysis_table"].select, handlers.on_analysis_cell, [session, opacity], main, True)

@@ -27,6 +27,7 @@ import gradio as gr
 import pandas as pd
 
 from vggt.attn_format import AttnExport
+from vggt.viewer import analysis as analysis_panel
 from vggt.viewer import payload, state, views
 from vggt.viewer.messages import error_text, lines_html, message_html
 from vggt.viewer.state import CACHE, LoadedExport, Session, SessionBox, Settings, ViewerError, plural
@@ -112,6 +113,8 @@ class Panels(NamedTuple):
     reverse_view: Any
     points_note: Any
     points_3d: Any
+    analysis_table: Any
+    analysis_readout: Any
     message: str
 
 
@@ -223,8 +226,12 @@ def _views(loaded: LoadedExport, session: Session, settings: Settings) -> tuple[
         overlays = payload.view_value(loaded, opacity, empty=CLICK_PROMPT)
     else:
         grid = views.view_for(loaded, settings, session.query)
+        readout = grid.readout
+        entry = analysis_panel.ANALYSES.get(loaded)
+        if entry is not None and settings.mode == "frames":
+            readout = [*readout, *analysis_panel.query_lines(loaded, entry[0], settings, session.query)]
         query_view = payload.view_value(
-            loaded, opacity, picker=picker, readout=grid.readout, notes=notes, frames=frames
+            loaded, opacity, picker=picker, readout=readout, notes=notes, frames=frames
         )
         overlays = payload.view_value(loaded, opacity, grid=grid)
     return query_view, overlays, session.with_changes(frames_token=loaded.token, view=settings)
@@ -511,6 +518,12 @@ def on_panels(session: Session, opacity: float, token: str | None, reverse_frame
         out["token_query"], out["token_view"] = _token_panel(loaded, settings, token)
     elif panel == "3d":
         out["points_note"], out["points_3d"] = _points_panel(loaded, session, settings)
+    elif panel == "analysis":
+        entry = analysis_panel.ANALYSES.get(loaded)  # computed when the tab opens (on_analysis), not here
+        if entry is not None:
+            out["analysis_readout"] = lines_html(
+                analysis_panel.query_lines(loaded, entry[0], settings, session.query), "note"
+            )
     elif panel == "reverse":
         out["reverse_frame"] = gr.Dropdown(
             choices=[(label, index) for index, label in enumerate(loaded.labels)],
@@ -518,6 +531,61 @@ def on_panels(session: Session, opacity: float, token: str | None, reverse_frame
         )
         out["reverse_view"] = _reverse_panel(loaded, session, settings)
     return Panels(**out)
+
+
+# ---- analysis panel -----------------------------------------------------------------------------------
+
+
+class AnalysisPanel(NamedTuple):
+    """Outputs of the Analysis tab: where the analysis came from, the heat map, the query's readout."""
+
+    analysis_note: Any
+    analysis_table: Any
+    analysis_readout: Any
+    message: str
+
+
+@reports_errors(AnalysisPanel)
+def on_analysis(
+    session: Session,
+    opacity: float,
+    metric: str,
+    progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio's way of asking for a progress bar
+) -> AnalysisPanel:
+    """The Analysis tab opened, or its metric chosen: the export's analysis (read from beside the export,
+    else computed now with a progress bar, and saved there when the folder can be written), the metric
+    as a layers x heads heat map, and the clicked query's own metrics."""
+    if _skipped_before_load(session):
+        return unchanged(AnalysisPanel)
+    loaded, settings = _current(session, opacity)
+    metric = analysis_panel.check_metric(metric)
+
+    def report(done: int, total: int, name: str) -> None:
+        progress((done, total), desc=f"Analysing {loaded.layer_labels.get(name, name)}", unit="layers")
+
+    analysis, origin = analysis_panel.ANALYSES.compute(loaded, report)
+    return AnalysisPanel(
+        analysis_note=lines_html(analysis_panel.status_lines(loaded, analysis, origin), "note"),
+        analysis_table=analysis_panel.heatmap(loaded, analysis, metric),
+        analysis_readout=lines_html(
+            analysis_panel.query_lines(loaded, analysis, settings, session.query), "note"
+        ),
+        message="",
+    )
+
+
+@reports_errors(MainView)
+def on_analysis_cell(session: Session, opacity: float, evt: gr.SelectData) -> MainView:
+    """A click on a cell of the analysis heat map: open its layer and head in the main view."""
+    loaded = _loaded(session)
+    entry = analysis_panel.ANALYSES.get(loaded)
+    if entry is None:
+        raise ViewerError("open the Analysis tab first")
+    index = evt.index if isinstance(evt.index, list | tuple) else None
+    if index is None or len(index) != 2 or not all(isinstance(i, int) for i in index):
+        raise ViewerError("unexpected cell data")
+    layer, head = analysis_panel.cell_layer_head(entry[0], index[0], index[1])
+    return open_layer_head(session, layer, head, opacity)
 
 
 class TokenPanel(NamedTuple):
