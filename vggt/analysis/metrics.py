@@ -26,6 +26,7 @@ from vggt.analysis.ranks import (
 )
 
 CELL_SHARES = (0.5, 0.9)  # cells_50, cells_90
+_CODE_CALLS_PER_CHUNK = 8  # code histogram calls whose rows are ranked together
 PCK_RADII = (0, 1, 2)  # pck_0, pck_1, pck_2
 
 
@@ -113,7 +114,10 @@ def _runs(rows: np.ndarray, stability: Stability | None) -> tuple[Runs, np.ndarr
 
 
 def mask_agreement(
-    rows: np.ndarray, stability: Stability, runs: tuple[Runs, np.ndarray | None] | None = None
+    rows: np.ndarray,
+    stability: Stability,
+    runs: tuple[Runs, np.ndarray | None] | None = None,
+    crossed: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Recall and true-negative rate of each row's mass masks against the reference's.
 
@@ -125,6 +129,8 @@ def mask_agreement(
         The reference's levels for these rows' cells.
     runs : tuple, optional
         ``_runs(rows, stability)`` when already computed.
+    crossed : tuple, optional
+        The masks' thresholds and sizes (``crossings(runs, masses)[:2]``) when already computed.
 
     Returns
     -------
@@ -135,7 +141,7 @@ def mask_agreement(
     num_masses = masses.size
     levels = stability.levels
     ranked, by_level = runs if runs is not None else _runs(rows, stability)
-    threshold, in_mask, _ = crossings(ranked, masses)
+    threshold, in_mask = crossed if crossed is not None else crossings(ranked, masses)[:2]
     needed = num_masses - np.arange(num_masses)  # reference mask j: levels >= M - j
     if by_level is not None:
         # Codes descending: the mask of row r and mass j holds the runs up to its threshold's.
@@ -184,9 +190,14 @@ def _ranked_metrics(
     recall, tnr = np.empty((n, num_masses)), np.empty((n, num_masses))
     group = stability.group if stability is not None else 1
     if whole.dtype == np.uint8:
-        step = code_rows_per_call(num_masses + 1 if same_cells else 1, group)
+        # Histograms of a few hundred rows at a time: small enough for the cache, large enough that each
+        # numpy call does real work.
+        step = _CODE_CALLS_PER_CHUNK * code_rows_per_call(num_masses + 1 if same_cells else 1, group)
     else:
         step = n
+    # One search for every share: the cell shares', then (when the masks cover the same cells) the masks'.
+    fractions = np.concatenate([CELL_SHARES, stability.masses if same_cells else []])
+    shares = len(CELL_SHARES)
     for start in range(0, n, step):
         rows = slice(start, min(start + step, n))
         part = stability.rows(rows) if stability is not None else None
@@ -195,11 +206,13 @@ def _ranked_metrics(
         runs = _runs(whole[rows], part if same_cells else None)
         sum_x_log_x = entropy_terms(runs[0], scale[rows]) + x_log_x(special_flat[rows])
         entropy[rows] = normalized_entropy(sum_x_log_x, total[rows], whole.shape[-1] + special_flat.shape[-1])
-        cells[rows] = crossings(runs[0], np.asarray(CELL_SHARES))[2] / whole.shape[-1]
+        threshold, in_mask, smallest = crossings(runs[0], fractions)
+        cells[rows] = smallest[:, :shares] / whole.shape[-1]
         if part is None:
             continue
         if same_cells:
-            recall[rows], tnr[rows] = mask_agreement(whole[rows], part, runs)
+            crossed = (threshold[:, shares:], in_mask[:, shares:])
+            recall[rows], tnr[rows] = mask_agreement(whole[rows], part, runs, crossed)
         else:
             shared = frames[rows][:, part.positions].reshape(rows.stop - rows.start, -1)
             recall[rows], tnr[rows] = mask_agreement(shared, part)

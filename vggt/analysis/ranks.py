@@ -53,6 +53,7 @@ def sorted_runs(values: np.ndarray) -> Runs:
 
 _CODE_VALUES = np.arange(CODES - 1, -1, -1)
 _CODE_X_LOG_X = np.where(_CODE_VALUES > 0, _CODE_VALUES * np.log(np.maximum(_CODE_VALUES, 1)), 0.0)
+_CODE_TABLE = np.stack([_CODE_X_LOG_X, _CODE_VALUES.astype(np.float64)], axis=-1)  # [256, 2]
 
 
 def code_runs(histograms: np.ndarray) -> Runs:
@@ -173,11 +174,10 @@ def entropy_terms(runs: Runs, scale: np.ndarray) -> np.ndarray:
     """``sum(x log x)`` over each row's cells, ``x = value * scale`` (``0 log 0 = 0``): ``[n]`` float64."""
     scale = np.asarray(scale, dtype=np.float64)
     if runs.counts is not None:
-        # x log x = s c log c + s log(s) c for code c: two dot products with the histogram.
-        counts = runs.counts.astype(np.float64)
-        with np.errstate(divide="ignore"):
-            log_scale = np.where(scale > 0, np.log(np.where(scale > 0, scale, 1.0)), 0.0)
-        return scale * (counts @ _CODE_X_LOG_X + log_scale * (counts @ _CODE_VALUES.astype(np.float64)))
+        # x log x = s c log c + s log(s) c for code c: one product of the histogram with both columns.
+        sums = runs.counts @ _CODE_TABLE  # [n, 2]: sum of c log c, sum of c
+        log_scale = np.log(np.where(scale > 0, scale, 1.0))
+        return scale * (sums[:, 0] + log_scale * sums[:, 1])
     return x_log_x(runs.values * scale[:, None])
 
 
