@@ -493,3 +493,28 @@ def test_the_3d_panel_shows_the_predicted_points(page, tmp_path: Path) -> None:
     if os.environ.get("VGGT_SCREENSHOT") == "1":
         page.wait_for_timeout(2000)
         page.locator("#points-3d").screenshot(path=str(SCREENSHOT.with_name("viewer_3d.png")))
+
+
+def test_the_analysis_tab_opens_a_layer_and_head_from_its_heat_map(page, kinds_export: Path) -> None:
+    expect = sync_api.expect
+    loaded = load_export(str(kinds_export))
+    load(page, kinds_export)
+    expect(page.locator("#layer-select input")).to_have_value("Global 04")  # the page holds the export
+    page.get_by_role("tab", name="Analysis").click()
+    table = page.locator("#analysis-table")
+    expect(page.locator("#analysis-note")).to_contain_text("Analysis computed now", timeout=120_000)
+    expect(table).to_contain_text("Global 02")
+    # Cells are coloured by value (jet, as the overlays): the heat map is in the page, not only numbers.
+    style = table.locator('[data-testid="cell-1-1"]').get_attribute("style") or ""
+    assert "background-color: rgb(" in style
+    assert (kinds_export / "analysis" / "per_query.npz").is_file()
+    # The cell of Global 02, Head 2 (the layer label is the first column): the main view opens it.
+    before = drawn(page, "overlays")
+    table.locator('[data-testid="cell-1-3"]').click()
+    wait_drawn(page, "overlays", before)
+    expect(page.locator("#layer-select input")).to_have_value("Global 02")
+    expect(page.locator("#head-select input")).to_have_value("Head 2")
+    click_frame_pixel(page, "query-view", 3, 3, (loaded.geometry.width, loaded.geometry.height))
+    expect(page.locator("#query-view .av-readout")).to_contain_text(
+        "Analysis of this query (Global 02, Head 2)"
+    )
