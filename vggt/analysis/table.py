@@ -37,7 +37,7 @@ from vggt.analysis.metrics import (
     block_metrics,
     mask_agreement,
 )
-from vggt.analysis.ranks import crossings, sorted_runs
+from vggt.analysis.ranks import code_histograms, code_runs, crossings, sorted_runs
 from vggt.attn_format import AttnExport, FormatError, open_export
 from vggt.attn_format.grid import cell_centres
 from vggt.attn_format.paths import FolderFiles
@@ -229,8 +229,10 @@ class _Layer:
 
 
 def reference_levels(values: np.ndarray, masses: np.ndarray) -> np.ndarray:
-    """In how many of the fork's mass masks each cell lies: ``values [n, N]`` -> ``[n, N]`` uint8."""
-    thresholds, _, _ = crossings(sorted_runs(values), masses)
+    """In how many of the fork's mass masks each cell lies: ``values [n, N]`` (uint8 codes or floats)
+    -> ``[n, N]`` uint8."""
+    runs = code_runs(code_histograms(values)[:, 0]) if values.dtype == np.uint8 else sorted_runs(values)
+    thresholds, _, _ = crossings(runs, masses)
     levels = np.zeros(values.shape, dtype=np.uint8)
     for j in range(masses.size):
         levels += values >= thresholds[:, j : j + 1]
@@ -242,14 +244,17 @@ def _reference_levels(
 ) -> dict[tuple[int, ...], np.ndarray]:
     """The reference layer's levels (:func:`reference_levels` of its head average) over each set of
     shared frames: ``{frames: [Q, len(frames) * cells] uint8}``; one mask per query or, with scope
-    ``all``, one over all queries."""
+    ``all``, one over all queries. An averaged layer's stored values are used as they are (a mask does
+    not see the scale)."""
     layer = _Layer(export, name)
     cells = layer.meta["H_ds"] * layer.meta["W_ds"]
     num_queries = layer.meta["Q"]
-    maps = np.empty((num_queries, len(layer.key_frames), cells), dtype=np.float64)
+    stored = not layer.per_head
+    dtype = layer.stored.dtype if stored else np.float64
+    maps = np.empty((num_queries, len(layer.key_frames), cells), dtype=dtype)
     for block in _query_blocks(num_queries, layer.bytes_per_query):
-        average, scale, _ = layer.average_rows(block)
-        maps[block] = average.reshape(average.shape[0], average.shape[1], -1) * scale[:, None, None]
+        average, _, _ = layer.average_rows(block)
+        maps[block] = average.reshape(average.shape[0], average.shape[1], -1)
     export.release(name)
     levels = {}
     for frames in frame_sets:
