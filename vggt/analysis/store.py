@@ -66,9 +66,8 @@ def load_analysis(folder: Path, export: AttnExport) -> Analysis | None:
         return None
     if not _arrays_fit(arrays, export, summary):
         return None
-    floats = {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in arrays.items()}
     source = (summary.get("correspondence") or {}).get("source")
-    return Analysis(records_from_arrays(floats, source if isinstance(source, str) else None), floats, summary)
+    return Analysis(records_from_arrays(arrays, source if isinstance(source, str) else None), arrays, summary)
 
 
 def _arrays_fit(arrays: dict[str, np.ndarray], export: AttnExport, summary: dict) -> bool:

@@ -62,7 +62,13 @@ class _Analyses:
         with lock:
             entry = self.get(loaded)
             if entry is None:
-                entry = analysis_for(loaded.export, progress)
+                analysis, origin = analysis_for(loaded.export, progress)
+                # Kept for the page: float32 is the precision shown (and what is saved on disk).
+                arrays = {
+                    k: v.astype(np.float32) if v.dtype == np.float64 else v
+                    for k, v in analysis.per_query.items()
+                }
+                entry = (Analysis(analysis.records, arrays, analysis.summary), origin)
                 with self._lock:
                     self._entries[loaded.key] = entry
                     while len(self._entries) > _KEPT:
