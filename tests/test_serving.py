@@ -57,7 +57,7 @@ def test_cli_refuses_before_listening(tmp_path: Path, capsys: pytest.CaptureFixt
     for args, said in (
         (["--server_name", "0.0.0.0"], "give --root DIR"),
         (["--share"], "give --root DIR"),
-        (["--auth", "nopassword"], "--auth takes user:password"),
+        (["--auth", "nopassword"], "takes user:password"),
         (["--root", str(tmp_path / "missing")], "is not a folder"),
         (["--root", str(tmp_path), "--attn_dir", "../elsewhere"], "in the folder this viewer serves"),
     ):
@@ -133,8 +133,8 @@ def test_a_shared_server_asks_for_a_login_warns_and_cleans_up_when_stopped(tmp_p
     temporary.mkdir()
     port = _free_port()
     command = [sys.executable, "visualize_attn_gradio.py", "--attn_dir", "kitchen.zip", "--root", str(served),
-               "--server_name", "0.0.0.0", "--server_port", str(port), "--auth", "ann:s3cret"]  # fmt: skip
-    env = dict(os.environ, TMPDIR=str(temporary), PYTHONPATH=str(REPO))
+               "--server_name", "0.0.0.0", "--server_port", str(port)]  # fmt: skip
+    env = dict(os.environ, TMPDIR=str(temporary), PYTHONPATH=str(REPO), VGGT_VIEWER_AUTH="ann:s3cret")
     server = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

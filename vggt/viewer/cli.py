@@ -5,11 +5,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from vggt.viewer.app import build_app, launch
 from vggt.viewer.messages import error_text
-from vggt.viewer.serving import PathRule, ServingError, check_serving, exit_on_sigterm, parse_auth
+from vggt.viewer.serving import (
+    AUTH_VARIABLE,
+    PathRule,
+    ServingError,
+    check_serving,
+    exit_on_sigterm,
+    parse_auth,
+)
 from vggt.viewer.state import CACHE
 
 
@@ -37,9 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "path typed into the page all the same, instead of requiring --root",
     )  # fmt: skip
     parser.add_argument(
-        "--auth", metavar="USER:PASSWORD",
-        help="require this login (Gradio's authentication) before the page opens; for shared servers "
-        "(other users of this machine can see a password given on the command line)",
+        "--auth", metavar="USER:PASSWORD", default=os.environ.get(AUTH_VARIABLE),
+        help="require this login (Gradio's authentication) before the page opens; for shared servers. "
+        f"Other users of this machine can read a command line: set {AUTH_VARIABLE}=USER:PASSWORD in the "
+        "environment instead",
     )  # fmt: skip
     return parser.parse_args(argv)
 

@@ -22,6 +22,8 @@ from vggt.attn_format import FormatError
 from vggt.attn_format.paths import check_path_text, is_inside
 
 _LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
+# The login, when not given with --auth: the environment is private to its user, a command line is not.
+AUTH_VARIABLE = "VGGT_VIEWER_AUTH"
 
 
 class ServingError(ValueError):
@@ -46,7 +48,7 @@ def parse_auth(text: str) -> tuple[str, str]:
     """``"user:password"`` as Gradio's ``auth`` pair; the password may contain ``:``."""
     user, _, password = text.partition(":")
     if not user or not password:
-        raise ServingError("--auth takes user:password (both non-empty)")
+        raise ServingError(f"--auth (or {AUTH_VARIABLE}) takes user:password (both non-empty)")
     return user, password
 
 
