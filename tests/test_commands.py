@@ -52,8 +52,9 @@ def two_images(tmp_path) -> Path:
 
 
 def test_closing_hint_of_the_clones_script_works_as_printed(tiny_model_files, two_images, tmp_path) -> None:
-    """``python compute_layerwise_attentions.py ...`` from a clone: the hint runs the clone's viewer
-    script with this interpreter; run as printed (with ``--help``, so that no server starts), it works."""
+    """``python compute_layerwise_attentions.py ...`` from a clone: the hint runs the installed console
+    command where pip put one beside this interpreter, else the clone's viewer script with this
+    interpreter; run as printed (with ``--help``, so that no server starts), it works."""
     env = os.environ | {"PYTHONPATH": str(REPO)}
     run = subprocess.run(
         [sys.executable, str(REPO / "compute_layerwise_attentions.py"),
@@ -63,7 +64,11 @@ def test_closing_hint_of_the_clones_script_works_as_printed(tiny_model_files, tw
     assert run.returncode == 0, run.stderr
     hint = _hint(run.stdout)
     assert hint[-2:] == ["--attn_dir", "my export"] and (tmp_path / hint[-1] / "attn_maps").is_dir()
-    assert Path(hint[1]).name == "visualize_attn_gradio.py"
+    console, script, _ = COMMANDS["view"]
+    if (Path(sys.executable).parent / console).is_file():  # the package is installed beside the interpreter
+        assert Path(hint[0]).name == console
+    else:
+        assert Path(hint[1]).name == script
     shown = subprocess.run(hint + ["--help"], cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=300)  # fmt: skip
     assert shown.returncode == 0 and "--attn_dir" in shown.stdout, shown.stderr

@@ -259,8 +259,10 @@ def test_forward_pass_stops_after_the_last_chosen_layer(tiny_model, tiny_referen
     lines = [line.strip() for line in capsys.readouterr().err.split("\r") if line.strip()]
     entered = len(aggregator.patch_embed.blocks) + 2
     forward = [line for line in lines if line.startswith("forward pass")]
-    assert f"{entered}/{entered}" in forward[-1] and "0/1 layers written" in forward[0]
-    assert lines[-1].startswith("writing") and "1/1 layers written" in lines[-1]
+    # tqdm redraws at most every 0.1 s, so the full count may first be drawn under the next phase's name.
+    assert "0/1 layers written" in forward[0]
+    assert lines[-1].startswith("writing") and f"{entered}/{entered}" in lines[-1]
+    assert "1/1 layers written" in lines[-1]
     assert all(line.startswith(("forward pass", "writing")) for line in lines)  # no other bar
     export = open_export(out)
     want, _ = expected_pooled(tiny_reference, 0, 1, 1, per_head=True)
