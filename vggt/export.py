@@ -273,7 +273,9 @@ def plan_capture(
     num_frames, _, height, width = images.shape
     patch_size = aggregator.patch_size
     if height % patch_size or width % patch_size:
-        raise ExportError(f"image size {height}x{width} is not a multiple of the patch size {patch_size}")
+        raise ExportError(
+            f"image size {width} x {height} (W x H) is not a multiple of the patch size {patch_size}"
+        )
     sources = [f"frame_{i:02d}" for i in range(num_frames)] if sources is None else list(sources)
     if len(sources) != num_frames:
         raise ExportError(f"{num_frames} frames but {len(sources)} names in {argument('sources')}")
