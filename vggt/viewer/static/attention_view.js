@@ -7,6 +7,7 @@
 
 const FRAMES = (window.vggtFrames = window.vggtFrames || new Map()); // export -> Promise<images>
 const VIEWS = (window.vggtViews = window.vggtViews || new Set()); // redraw(opacity) of every view
+const REGISTERED = new WeakSet(); // the values whose frames were taken into FRAMES
 window.vggtSetOpacity = (opacity) => VIEWS.forEach((redraw) => redraw(Number(opacity)));
 
 const PICKER_HEIGHT = 250; // css pixels: the query frame and the overlays fit a 900 px high window
@@ -31,7 +32,8 @@ function bytes(base64) {
 }
 
 // The decoded frames of an export, shared by the views of the page: the first value after a Load
-// carries them; views drawn before they arrive wait for them.
+// carries them (one promise per frame, so that a view waits for its own frames only); views drawn
+// before they arrive wait for them.
 function framesEntry(key) {
   let entry = FRAMES.get(key);
   if (!entry) {
@@ -44,17 +46,23 @@ function framesEntry(key) {
   return entry;
 }
 
-function frameImages(value) {
+function decode(url) {
+  return fetch(url).then((r) => r.blob()).then((b) => createImageBitmap(b)).catch(() => null);
+}
+
+// The frames in `needed` as an array indexed by frame (null where a frame could not be decoded).
+async function frameImages(value, needed) {
   const entry = framesEntry(value.export);
-  if (value.frames) {
-    const decoded = Promise.all(
-      value.frames.map((url) => fetch(url).then((r) => r.blob()).then((b) => createImageBitmap(b)))
-    );
-    entry.resolve(decoded);
-    FRAMES.set(value.export, { promise: decoded, resolve: () => {} });
-    return decoded;
+  if (value.frames && !REGISTERED.has(value)) {
+    REGISTERED.add(value); // a redraw of the same value (opacity, a page) decodes nothing again
+    const decoding = value.frames.map(decode);
+    entry.resolve(decoding);
+    FRAMES.set(value.export, { promise: Promise.resolve(decoding), resolve: () => {} });
   }
-  return entry.promise;
+  const decoding = await entry.promise;
+  const images = [];
+  await Promise.all([...needed].map(async (frame) => { images[frame] = await decoding[frame]; }));
+  return images;
 }
 
 // The map of one cell as a tiny canvas: one pixel per grid cell, jet colour, alpha = code x opacity.
@@ -223,9 +231,10 @@ function layout(value, width) {
   return { labelled, perPage, perRow: perPage, cell, label };
 }
 
-function drawGrid(container, value, images, lut) {
+// The columns of the grid on the current page.
+function pageOf(value) {
   const view = value.view;
-  const width = root.clientWidth || 1000; // `container` is not in the page yet
+  const width = root.clientWidth || 1000;
   const shape = layout(value, width);
   const columns = view.columns.length;
   const pages = Math.max(1, Math.ceil(columns / shape.perPage));
@@ -237,6 +246,25 @@ function drawGrid(container, value, images, lut) {
   page = Math.min(page, pages - 1);
   const first = page * shape.perPage;
   const shown = [...Array(Math.min(shape.perPage, columns - first)).keys()].map((i) => first + i);
+  return { shape, columns, pages, first, shown };
+}
+
+// The frames a value draws on this page.
+function neededFrames(value) {
+  const needed = new Set();
+  if (value.picker) needed.add(value.picker.frame);
+  if (value.view) {
+    const { shown } = pageOf(value);
+    for (const row of value.view.rows) {
+      for (const column of shown) if (row.cells[column]) needed.add(row.cells[column].frame);
+    }
+  }
+  return needed;
+}
+
+function drawGrid(container, value, images, lut) {
+  const view = value.view;
+  const { shape, columns, pages, first, shown } = pageOf(value);
 
   const head = el("div", "av-head");
   drawColorbar(head, value, lut);
@@ -294,7 +322,7 @@ function drawGrid(container, value, images, lut) {
 }
 
 async function draw(value) {
-  const images = value.export ? await frameImages(value) : null;
+  const images = value.export ? await frameImages(value, neededFrames(value)) : null;
   if (value !== current) return; // a newer value arrived while the frames decoded
   const lut = value.lut ? bytes(value.lut) : null;
   const container = el("div", "av-body");
