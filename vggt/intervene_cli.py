@@ -479,7 +479,7 @@ def run(args: argparse.Namespace) -> Path:
         "seconds": round(time.perf_counter() - started, 2),
         "columns": dict(COLUMNS),
     }
-    weights = "random weights" if args.random_weights else weights_description(args)
+    weights = "random weights" if args.random_weights else Path(weights_description(args)).name
     title = f"{args.image_set_name}, {len(choice.paths)} frames, {weights}"
     write_output(out_dir, rows, sweep, args.overwrite, title)
     if progress:

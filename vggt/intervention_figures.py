@@ -13,8 +13,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
+from vggt.analysis.figures import draw_heatmap
 from vggt.intervention_metrics import TRUTH_PREFIX
 from vggt.intervention_results import ResultRow, ablation_grid
 
@@ -46,7 +45,7 @@ def _measured(rows: Sequence[ResultRow], columns: Sequence[str]) -> list[str]:
 def _save(figure, out_dir: Path, name: str) -> list[Path]:
     paths = [out_dir / f"{name}.{fmt}" for fmt in FORMATS]
     for path in paths:
-        figure.savefig(path, dpi=150, bbox_inches="tight")
+        figure.savefig(path, dpi=120)
     return paths
 
 
@@ -58,18 +57,14 @@ def ablation_heatmap(rows: Sequence[ResultRow], out_dir: Path, title: str) -> li
     if not kinds or not columns:
         return []
     plt = _pyplot()
-    figure, axes = plt.subplots(len(kinds), len(columns), figsize=(3.6 * len(columns), 3.2 * len(kinds)),
-                                squeeze=False)  # fmt: skip
+    figure, axes = plt.subplots(len(kinds), len(columns), figsize=(4.2 * len(columns), 3.4 * len(kinds)),
+                                squeeze=False, layout="constrained")  # fmt: skip
     for row_axes, kind in zip(axes, kinds, strict=True):
         for axis, column in zip(row_axes, columns, strict=True):
             layers, heads, grid = ablation_grid(ablations, column, kind)
-            image = axis.imshow(grid, cmap="magma", aspect="auto", interpolation="nearest")
-            axis.set_xticks(range(heads), [str(h + 1) for h in range(heads)], fontsize=6)
-            axis.set_yticks(range(len(layers)), [str(n) for n in layers], fontsize=6)
-            axis.set_xlabel("head")
-            axis.set_ylabel(f"{kind} layer")
-            axis.set_title(FIGURE_ERRORS[column], fontsize=9)
-            figure.colorbar(image, ax=axis, shrink=0.85)
+            labels = [f"{kind} {number}" for number in layers]
+            draw_heatmap(axis, grid, labels, [str(h + 1) for h in range(heads)], FIGURE_ERRORS[column],
+                         vmin=0.0, cmap="magma", value_format=".2g")  # fmt: skip
     figure.suptitle(f"{title}: error after ablating one head", fontsize=10)
     paths = _save(figure, out_dir, "ablation_heatmap")
     plt.close(figure)
@@ -77,28 +72,38 @@ def ablation_heatmap(rows: Sequence[ResultRow], out_dir: Path, title: str) -> li
 
 
 def kept_mass_curves(rows: Sequence[ResultRow], kind: str, out_dir: Path, title: str) -> list[Path]:
-    """Errors against the kept mass (key masks) or threshold (block sparsity) of the ``kind`` rows."""
+    """Errors against the kept mass (key masks) or threshold (block sparsity) of the ``kind`` rows: a row
+    of panels against the unmodified run and, where measured, one against the truth (with the unmodified
+    run's own error as a dashed line)."""
     chosen = [row for row in rows if row.kind == kind and not math.isnan(row["value"])]
-    candidates = [c for name in FIGURE_ERRORS for c in (name, TRUTH_PREFIX + name)]
-    columns = _measured(chosen, candidates)
-    if not chosen or not columns:
+    names = _measured(chosen, list(FIGURE_ERRORS))
+    if not chosen or not names:
         return []
+    truth = _measured(chosen, [TRUTH_PREFIX + name for name in names])
+    references = [("", "against the unmodified run")] + (
+        [(TRUTH_PREFIX, "against the truth")] if truth else []
+    )
+    unmodified = next((row for row in rows if row.kind == "none"), None)
     plt = _pyplot()
-    names = [c for c in FIGURE_ERRORS if c in columns or TRUTH_PREFIX + c in columns]
-    figure, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.2), squeeze=False)
+    size = (3.8 * len(names), 3.2 * len(references))
+    figure, axes = plt.subplots(
+        len(references), len(names), figsize=size, squeeze=False, layout="constrained"
+    )
     series = sorted({row.layers for row in chosen})
-    for axis, name in zip(axes[0], names, strict=True):
-        for layers in series:
-            line = sorted((row["value"], row) for row in chosen if row.layers == layers)
-            values = np.array([value for value, _ in line])
-            for column, style in ((name, "o-"), (TRUTH_PREFIX + name, "s--")):
-                if column in columns:
-                    label = layers + (" vs truth" if column.startswith(TRUTH_PREFIX) else " vs unmodified")
-                    axis.plot(values, [row[column] for _, row in line], style, label=label, markersize=4)
-        axis.set_xlabel(CURVE_VALUE[kind])
-        axis.set_title(FIGURE_ERRORS[name], fontsize=9)
-        axis.grid(True, linestyle=":", alpha=0.5)
-    axes[0][0].legend(fontsize=7)
+    for row_axes, (prefix, against) in zip(axes, references, strict=True):
+        for axis, name in zip(row_axes, names, strict=True):
+            column = prefix + name
+            for layers in series:
+                line = sorted((row["value"], row[column]) for row in chosen if row.layers == layers)
+                axis.plot([x for x, _ in line], [y for _, y in line], "o-", markersize=4, label=layers)
+            if prefix and unmodified is not None and math.isfinite(unmodified[column]):
+                axis.axhline(
+                    unmodified[column], color="gray", linestyle="--", linewidth=1, label="unmodified"
+                )
+            axis.set_xlabel(CURVE_VALUE[kind])
+            axis.set_title(f"{FIGURE_ERRORS[name]}\n{against}", fontsize=9)
+            axis.grid(True, linestyle=":", alpha=0.5)
+        row_axes[0].legend(fontsize=7)
     figure.suptitle(title, fontsize=10)
     paths = _save(figure, out_dir, f"{kind}_curve")
     plt.close(figure)

@@ -41,9 +41,10 @@ def draw_heatmap(
     vmax: float | None = None,
     cmap: str = "viridis",
     colorbar_label: str = "",
+    value_format: str = ".2f",
 ):
     """Draw a layers (rows) x heads (columns) table on ``ax``, empty cells in gray, values written in the
-    cells when the table is small. Returns the image (for a colour bar)."""
+    cells (with ``value_format``) when the table is small. Returns the image (for a colour bar)."""
     masked = np.ma.masked_invalid(np.asarray(values, dtype=np.float64))
     colormap = _pyplot().get_cmap(cmap).with_extremes(bad="#d9d9d9")
     image = ax.imshow(masked, aspect="auto", cmap=colormap, vmin=vmin, vmax=vmax, interpolation="nearest")
@@ -57,7 +58,9 @@ def draw_heatmap(
             if math.isfinite(value):
                 shade = image.norm(value)  # dark text on the bright end of the colour map
                 color = "black" if np.ma.getdata(shade) > 0.6 else "white"
-                ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=6, color=color)
+                ax.text(
+                    col, row, format(value, value_format), ha="center", va="center", fontsize=6, color=color
+                )
     colorbar = ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
     if colorbar_label:
         colorbar.set_label(colorbar_label)
