@@ -3,6 +3,7 @@ weights, edited by hand."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -416,3 +417,32 @@ def test_a_sweep_resumes_each_intervention_and_predicts_what_running_from_scratc
         assert_outputs_equal(prediction_tensors(predictions), prediction_tensors(scratch))
         assert_changed(prediction_tensors(predictions), prediction_tensors(plain))
         assert share == pytest.approx(3 / 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["float32", "bf16 autocast"])
+def test_interventions_on_cuda_match_the_cpu(tiny_model, images, heads_reference, dtype):
+    cuda_model = copy.deepcopy(tiny_model).to("cuda")
+    query_points = heads_reference["input.query_points"][0]
+    keep = torch.rand(1, FRAMES, PATCHES, generator=torch.Generator().manual_seed(0)) < 0.5
+    layers = (LayerRef("global", 1), LayerRef("global", 2))
+    interventions = [
+        HeadAblation(LayerRef("frame", 1), (2,), "mean"),
+        KeyMask(layers, keep),
+        GlobalToFrame((LayerRef("global", 0),)),
+        BlockSparsity(layers, 0.5, block_size=8),
+    ]
+    for intervention in interventions:
+        cpu = InterventionRunner(tiny_model, images[0], query_points)
+        cpu.run_unmodified([intervention.first_layer()])
+        expected, expected_kept = cpu.run([intervention])
+        gpu = InterventionRunner(cuda_model, images[0].cuda(), query_points.cuda(), autocast_dtype=dtype)
+        gpu.run_unmodified([intervention.first_layer()])
+        got, kept = gpu.run([intervention])
+        tolerance = 1e-3 if dtype is None else 0.1
+        for name in ("depth", "world_points"):
+            torch.testing.assert_close(
+                got[name].float().cpu(), expected[name], rtol=tolerance, atol=tolerance
+            )
+        if not isinstance(intervention, BlockSparsity) or dtype is None:  # bf16 may pick other blocks
+            assert kept == pytest.approx(expected_kept)
