@@ -381,9 +381,8 @@ def run_sweep(
         sessions.append(KeyImportanceCapture(model, plan.reference_layer, images.shape[0], args.importance))
     resume_at = {item.first_layer for item in plan.items}
     with tqdm(total=len(plan.items) + 1, desc="unmodified run", unit="run", disable=not progress) as bar:
-        reference_predictions = runner.run_unmodified(resume_at, sessions)
+        reference = run_geometry(runner.run_unmodified(resume_at, sessions))  # its tensors are not kept
         bar.update(1)
-        reference = run_geometry(reference_predictions)
         rows = [result_row(None, 1.0, reference, reference, truth)]
         if sessions:
             importance = sessions[0].importance
