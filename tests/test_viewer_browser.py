@@ -518,3 +518,50 @@ def test_the_analysis_tab_opens_a_layer_and_head_from_its_heat_map(page, kinds_e
     expect(page.locator("#query-view .av-readout")).to_contain_text(
         "Analysis of this query (Global 02, Head 2)"
     )
+
+
+def test_intervention_results_beside_the_analysis_heat_map(page, kinds_export: Path, tmp_path: Path) -> None:
+    from vggt.intervention_results import NUMBER_COLUMNS, ResultRow, write_results
+
+    expect = sync_api.expect
+    numbers = dict.fromkeys(NUMBER_COLUMNS, float("nan"))
+    rows = [ResultRow("unmodified", "none", "", None, numbers | {"depth_abs_rel": 0.0})] + [
+        ResultRow(f"ablate head {head} of global 2", "ablate_heads", "global:2", head,
+                  numbers | {"depth_abs_rel": 0.1 * head, "track_px": 3.0 - head})
+        for head in (1, 2, 3, 4)
+    ]  # fmt: skip
+    write_results(tmp_path / "results.csv", rows)
+    load(page, kinds_export)
+    expect(page.locator("#layer-select input")).to_have_value("Global 04")
+    page.get_by_role("tab", name="Analysis").click()
+    expect(page.locator("#intervention-note")).to_contain_text("Intervention results: the results.csv")
+    expect(page.locator("#intervention-side")).to_be_hidden()  # the analysis heat map has the width
+    page.locator("#intervention-path textarea, #intervention-path input").first.fill(str(tmp_path))
+    page.locator("#intervention-open").click()
+    table = page.locator("#intervention-table")
+    expect(page.locator("#intervention-note")).to_contain_text("4 head ablations in the file; 4 on this")
+    expect(table).to_contain_text("Global 02")
+    expect(page.locator("#analysis-table")).to_contain_text("Global 02", timeout=120_000)  # beside it
+    table_box, analysis_box = table.bounding_box(), page.locator("#analysis-table").bounding_box()
+    assert table_box["x"] > analysis_box["x"] + analysis_box["width"] - 1  # to its right
+    # Global 02, Head 4 is the largest depth error: the top of jet; the column is chosen in a dropdown.
+    style = table.locator('[data-testid="cell-1-5"]').get_attribute("style") or ""
+    red, green, blue = render.JET_LUT[255]
+    assert f"background-color: rgb({red}, {green}, {blue})" in style
+    page.locator("#intervention-column input").click()
+    page.get_by_role("option", name="track_px", exact=True).click()
+    expect(page.locator("#intervention-note")).to_contain_text("coloured from 0 to 2 (track_px")
+    # A cell opens its layer and head in the main view.
+    before = drawn(page, "overlays")
+    table.locator('[data-testid="cell-1-3"]').click()
+    wait_drawn(page, "overlays", before)
+    expect(page.locator("#layer-select input")).to_have_value("Global 02")
+    expect(page.locator("#head-select input")).to_have_value("Head 2")
+    # A file that is not a sweep's: one line beside the path box; the table stays.
+    (tmp_path / "bad.csv").write_text("<b>a</b>,b\n")
+    page.locator("#intervention-path textarea, #intervention-path input").first.fill(
+        str(tmp_path / "bad.csv")
+    )
+    page.locator("#intervention-open").click()
+    expect(page.locator("#export-message")).to_contain_text("is not an intervention results file")
+    expect(table).to_contain_text("Global 02")

@@ -12,6 +12,7 @@ import csv
 import io
 import math
 import os
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ COLUMNS: Mapping[str, str] = {
 NUMBER_COLUMNS = ("value", "kept_pairs", *ERROR_COLUMNS, *(TRUTH_PREFIX + name for name in ERROR_COLUMNS))
 MAX_RESULTS_BYTES = 64 << 20
 MAX_ROWS = 100_000
+MAX_HEAD = 4096
 
 
 class ResultsError(ValueError):
@@ -81,39 +83,62 @@ def write_results(path: str | os.PathLike[str], rows: Iterable[ResultRow]) -> No
 
 
 def read_results(path: str | os.PathLike[str]) -> list[ResultRow]:
-    """Read a ``results.csv``; raises :class:`ResultsError` for anything that is not one."""
+    """Read a ``results.csv`` (or the folder holding one); raises :class:`ResultsError` for anything that
+    is not one: not a regular file, over :data:`MAX_RESULTS_BYTES` or :data:`MAX_ROWS`, other columns,
+    an unknown kind, a head that is not a positive number, a number column holding text or infinity."""
     path = Path(path)
     try:
         if path.is_dir():
             path = path / RESULTS_NAME
-        if path.stat().st_size > MAX_RESULTS_BYTES:
+        if not stat.S_ISREG(path.stat().st_mode):  # a device or a pipe would be read without end
+            raise ResultsError(f"{path} is not a results file (not a regular file)")
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_RESULTS_BYTES + 1)
+        if len(data) > MAX_RESULTS_BYTES:
             raise ResultsError(f"{path} is larger than {MAX_RESULTS_BYTES >> 20} MB: not a results file")
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise ResultsError(f"cannot read {path}: {err}") from None
+        raise ResultsError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
     reader = csv.reader(io.StringIO(text))
-    header = next(reader, None)
-    if header is None or list(header) != list(COLUMNS):
-        raise ResultsError(f"{path} is not an intervention results file (its columns differ)")
-    rows = []
-    for line, fields in enumerate(reader, start=2):
-        if len(rows) >= MAX_ROWS:
-            raise ResultsError(f"{path} holds more than {MAX_ROWS} rows")
-        if len(fields) != len(COLUMNS):
-            raise ResultsError(f"{path}, line {line}: {len(fields)} fields, expected {len(COLUMNS)}")
-        intervention, kind, layers, head = fields[:4]
-        if kind not in KINDS:
-            raise ResultsError(f"{path}, line {line}: unknown kind {kind[:40]!r}")
-        try:
-            head_number = int(head) if head else None
-            numbers = {
-                column: float(text) if text else math.nan
-                for column, text in zip(NUMBER_COLUMNS, fields[4:], strict=True)
-            }
-        except ValueError:
-            raise ResultsError(f"{path}, line {line}: a number column holds something else") from None
-        rows.append(ResultRow(intervention, kind, layers, head_number, numbers))
-    return rows
+    try:
+        header = next(reader, None)
+        if header is None or list(header) != list(COLUMNS):
+            raise ResultsError(f"{path} is not an intervention results file (its columns differ)")
+        return [_parse_row(path, line, fields) for line, fields in enumerate(reader, start=2)]
+    except csv.Error as err:
+        raise ResultsError(f"{path}, line {reader.line_num}: not CSV ({err})") from None
+
+
+def _parse_row(path: Path, line: int, fields: list[str]) -> ResultRow:
+    if line > MAX_ROWS + 1:
+        raise ResultsError(f"{path} holds more than {MAX_ROWS} rows")
+    if len(fields) != len(COLUMNS):
+        raise ResultsError(f"{path}, line {line}: {len(fields)} fields, expected {len(COLUMNS)}")
+    intervention, kind, layers, head = fields[:4]
+    if kind not in KINDS:
+        raise ResultsError(f"{path}, line {line}: unknown kind {kind[:40]!r}")
+    if head and not (head.isascii() and head.isdigit() and 1 <= int(head) <= MAX_HEAD):
+        raise ResultsError(f"{path}, line {line}: head {head[:40]!r} is not a number from 1 to {MAX_HEAD}")
+    try:
+        numbers = {
+            column: float(text) if text else math.nan
+            for column, text in zip(NUMBER_COLUMNS, fields[4:], strict=True)
+        }
+    except ValueError:
+        raise ResultsError(f"{path}, line {line}: a number column holds something else") from None
+    if any(math.isinf(value) for value in numbers.values()):
+        raise ResultsError(f"{path}, line {line}: a number column holds an infinity")
+    return ResultRow(intervention, kind, layers, int(head) if head else None, numbers)
+
+
+def ablated_layer(row: ResultRow) -> tuple[str, int] | None:
+    """The layer kind and 1-based number of a single-head ablation row (``global:12``), else None."""
+    if row.kind != "ablate_heads" or row.head is None:
+        return None
+    kind, _, number = row.layers.partition(":")
+    if not (number.isascii() and number.isdigit()) or len(number) > 6:
+        return None
+    return kind, int(number)
 
 
 def ablation_grid(
@@ -126,11 +151,9 @@ def ablation_grid(
     """
     cells: dict[tuple[int, int], float] = {}
     for row in rows:
-        if row.kind != "ablate_heads" or row.head is None:
-            continue
-        kind, _, number = row.layers.partition(":")
-        if kind == layer_kind and number.isdigit():
-            cells[int(number), row.head] = row[column]
+        layer = ablated_layer(row)
+        if layer is not None and layer[0] == layer_kind:
+            cells[layer[1], row.head] = row[column]
     layers = sorted({layer for layer, _ in cells})
     heads = max((head for _, head in cells), default=0)
     grid = np.full((len(layers), heads), np.nan)

@@ -104,14 +104,40 @@ def status_lines(loaded: LoadedExport, analysis: Analysis, origin: str) -> list[
     return lines
 
 
-def _colour(value: float) -> str:
-    """CSS of a table cell: the viewer's jet colours over [0, 1], dark text on the bright middle."""
+def _colour(value: float, vmax: float = 1.0) -> str:
+    """CSS of a table cell: the viewer's jet colours over [0, vmax], dark text on the bright middle."""
     if not np.isfinite(value):
         return f"background-color: {_MISSING_COLOR}; color: #555"
-    code = int(round(float(np.clip(value, 0.0, 1.0)) * 255))
+    code = int(round(float(np.clip(value / vmax, 0.0, 1.0)) * 255))
     red, green, blue = (int(c) for c in render.JET_LUT[code])
     text = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 140 else "white"
     return f"background-color: rgb({red}, {green}, {blue}); color: {text}"
+
+
+def layer_head_styler(
+    row_labels: list[str],
+    values: np.ndarray,
+    heads: int,
+    text: Callable[[float], str] = format_value,
+    vmax: float = 1.0,
+):
+    """A layers x heads table for the page: the layer label first, then ``Average`` and ``Head 1..heads``
+    (``values``: ``[layers, 1 + heads]``), each cell written with ``text`` and coloured by its value on
+    [0, vmax] (gray where not finite).
+
+    Returns
+    -------
+    pandas.io.formats.style.Styler
+    """
+    columns = [LAYER_COLUMN, AVERAGE, *(f"Head {h}" for h in range(1, heads + 1))]
+    frame = pd.DataFrame(
+        [[label, *(text(v) for v in row)] for label, row in zip(row_labels, values, strict=True)],
+        columns=columns,
+    )
+    styles = pd.DataFrame(
+        [["", *(_colour(v, vmax) for v in row)] for row in values], columns=columns, index=frame.index
+    )
+    return frame.style.apply(lambda _: styles, axis=None).hide(axis="index")
 
 
 def heatmap(loaded: LoadedExport, analysis: Analysis, metric: str):
@@ -123,18 +149,8 @@ def heatmap(loaded: LoadedExport, analysis: Analysis, metric: str):
     pandas.io.formats.style.Styler
     """
     values, layers, heads = layer_head_table(analysis.records, check_metric(metric))
-    columns = [AVERAGE] + [f"Head {h}" for h in heads[1:]]
-    frame = pd.DataFrame(
-        [
-            [loaded.layer_labels.get(name, name), *(format_value(v) for v in row)]
-            for name, row in zip(layers, values, strict=True)
-        ],
-        columns=[LAYER_COLUMN, *columns],
-    )
-    styles = pd.DataFrame(
-        [["", *(_colour(v) for v in row)] for row in values], columns=frame.columns, index=frame.index
-    )
-    return frame.style.apply(lambda _: styles, axis=None).hide(axis="index")
+    labels = [loaded.layer_labels.get(name, name) for name in layers]
+    return layer_head_styler(labels, values, len(heads) - 1)
 
 
 def cell_layer_head(analysis: Analysis, row: int, column: int) -> tuple[str, int | None]:

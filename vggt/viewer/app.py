@@ -29,6 +29,7 @@ from vggt.viewer.state import AVERAGE, SessionBox
 TITLE = "VGGT attention viewer"
 STATIC = Path(__file__).parent / "static"
 PATH_HINT = "Export path: its folder, attn_maps/, layers_manifest.json, a layer's metadata JSON or a .zip"
+INTERVENTION_HINT = "results.csv of intervene_attention.py, or its folder"
 PAGE_CSS = """
 .viewer-error { color: var(--error-text-color); background: var(--error-background-fill);
   border: 1px solid var(--error-border-color); border-radius: 6px; padding: 4px 10px; }
@@ -173,10 +174,37 @@ def _panels(page: Page) -> dict[str, gr.Tab]:
                 )  # fmt: skip
                 page.panels["analysis_note"] = text_area("analysis-note", scale=3)
             page.panels["analysis_readout"] = text_area("analysis-readout")
-            page.panels["analysis_table"] = gr.Dataframe(
-                interactive=False, show_label=False, max_height=520, elem_id="analysis-table"
-            )
+            _intervention_controls(page)
+            with gr.Row(equal_height=False):
+                page.panels["analysis_table"] = gr.Dataframe(
+                    interactive=False, show_label=False, max_height=520, elem_id="analysis-table"
+                )
+                _intervention_table(page)
     return tabs
+
+
+def _intervention_controls(page: Page) -> None:
+    """The Analysis tab's intervention results: a path box for a sweep's results.csv, the column drawn."""
+    with gr.Row(equal_height=True):
+        page.panels["intervention_path"] = gr.Textbox(
+            label="Intervention results", placeholder=INTERVENTION_HINT, scale=4, elem_id="intervention-path"
+        )
+        page.panels["intervention_column"] = gr.Dropdown(
+            label="Error (layers × heads)", choices=[], **CHANGING, scale=2, min_width=200,
+            elem_id="intervention-column",
+        )  # fmt: skip
+        page.panels["intervention_open"] = gr.Button(
+            "Open", size="sm", scale=1, min_width=80, elem_id="intervention-open"
+        )
+    page.panels["intervention_note"] = text_area("intervention-note")
+
+
+def _intervention_table(page: Page) -> None:
+    """The sweep's heat map, beside the analysis heat map (hidden until a sweep is opened)."""
+    with gr.Column(visible=False, elem_id="intervention-side") as page.panels["intervention_side"]:
+        page.panels["intervention_table"] = gr.Dataframe(
+            interactive=False, show_label=False, max_height=520, elem_id="intervention-table"
+        )
 
 
 def launch(demo: gr.Blocks, **options) -> None:
@@ -262,3 +290,18 @@ def _wire(demo: gr.Blocks, page: Page, tabs: dict[str, gr.Tab], load_at_start: b
         on(event, handlers.on_analysis, *analysis, queue=True, show_progress="full",
            show_progress_on=panels["analysis_table"])  # fmt: skip
     on(panels["analysis_table"].select, handlers.on_analysis_cell, [session, opacity], main, True)
+    _wire_interventions(page, tabs, on)
+
+
+def _wire_interventions(page: Page, tabs: dict[str, gr.Tab], on) -> None:
+    """The Analysis tab's intervention results: opened (Open, Enter, a column chosen), redrawn when the
+    tab opens; a cell of the table opens its layer and head (``on``: :func:`_wire`'s way of wiring)."""
+    panels = page.panels
+    inputs = [page.session, panels["intervention_path"], panels["intervention_column"]]
+    outputs = [panels[name] for name in handlers.InterventionPanel._fields[:-1]] + [page.message]
+    for event in (panels["intervention_open"].click, panels["intervention_path"].submit,
+                  panels["intervention_column"].select):  # fmt: skip
+        on(event, handlers.on_interventions, inputs, outputs)
+    on(tabs["analysis"].select, handlers.on_interventions_shown, inputs, outputs)
+    on(panels["intervention_table"].select, handlers.on_intervention_cell, [page.session, page.opacity],
+       page.main_outputs, True)  # fmt: skip

@@ -28,6 +28,7 @@ import pandas as pd
 
 from vggt.attn_format import AttnExport
 from vggt.viewer import analysis as analysis_panel
+from vggt.viewer import interventions as interventions_panel
 from vggt.viewer import payload, state, views
 from vggt.viewer.messages import error_text, lines_html, message_html
 from vggt.viewer.state import CACHE, LoadedExport, Session, SessionBox, Settings, ViewerError, plural
@@ -666,3 +667,57 @@ def on_save_figure(session: Session, opacity: float) -> Saved:
     folder = Path(tempfile.mkdtemp(dir=_output_folder()))
     paths = figures.save(figure, folder / figures.file_stem(loaded, grid, session.query))
     return Saved(gr.File(value=[str(path) for path in paths], visible=True), "")
+
+
+# ---- intervention results (Analysis tab) -----------------------------------------------------------------
+
+
+class InterventionPanel(NamedTuple):
+    """Outputs of the Analysis tab's intervention results: the column choice, what the table shows and the
+    layers x heads table of a sweep's head ablations (:mod:`.interventions`)."""
+
+    intervention_column: Any
+    intervention_note: Any
+    intervention_table: Any
+    intervention_side: Any
+    message: str
+
+
+def _intervention_panel(session: Session, path: str, column: str | None) -> InterventionPanel:
+    loaded = _loaded(session)
+    drawn = interventions_panel.sweep_heatmap(loaded, interventions_panel.open_results(path), column or None)
+    return InterventionPanel(
+        intervention_column=gr.Dropdown(choices=drawn.columns, value=drawn.column, interactive=True),
+        intervention_note=lines_html(drawn.lines, "note"),
+        intervention_table=drawn.table,
+        intervention_side=gr.Column(visible=True),
+        message="",
+    )
+
+
+@reports_errors(InterventionPanel)
+def on_interventions(session: Session, path: str, column: str | None) -> InterventionPanel:
+    """The intervention results' path given (Open, Enter) or its column chosen: the sweep's head ablations
+    as a heat map on the export's layers and heads, beside the analysis heat map."""
+    return _intervention_panel(session, path, column)
+
+
+@reports_errors(InterventionPanel)
+def on_interventions_shown(session: Session, path: str, column: str | None) -> InterventionPanel:
+    """The Analysis tab opened: the intervention heat map redrawn where a path is given (the export may
+    have changed), else a word on what the path box is for."""
+    if _skipped_before_load(session) or not (isinstance(path, str) and path.strip()):
+        out = unchanged(InterventionPanel)
+        return out._replace(intervention_note=lines_html([interventions_panel.PROMPT], "note"))
+    return _intervention_panel(session, path, column)
+
+
+@reports_errors(MainView)
+def on_intervention_cell(session: Session, opacity: float, evt: gr.SelectData) -> MainView:
+    """A click on a cell of the intervention heat map: open its layer and head in the main view."""
+    loaded = _loaded(session)
+    index = evt.index if isinstance(evt.index, list | tuple) else None
+    if index is None or len(index) != 2 or not all(isinstance(i, int) for i in index):
+        raise ViewerError("unexpected cell data")
+    layer, head = interventions_panel.cell_layer_head(loaded, index[0], index[1])
+    return open_layer_head(session, layer, head, opacity)

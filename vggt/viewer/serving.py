@@ -113,13 +113,14 @@ class PathRule:
         if self.root is not None and not self.root.is_dir():
             raise ServingError(f"--root {root} is not a folder")
 
-    def locate(self, typed: str) -> Located:
-        """Where the path typed into the path box leads; raises :class:`PathRefused`."""
+    def locate(self, typed: str, what: str = "export") -> Located:
+        """Where the path typed into the path box leads (``what``: the kind of file asked for, as the
+        refusal names it); raises :class:`PathRefused`."""
         text = typed.strip().strip('"').strip("'") if isinstance(typed, str) else ""
         if not text:
             raise PathRefused("enter the path of an export (folder, attn_maps/, a JSON file or a .zip)")
         try:
-            check_path_text(text, "export path")
+            check_path_text(text, f"{what} path")
         except FormatError as exc:
             raise PathRefused(str(exc)) from None
         if self.root is None:
@@ -135,7 +136,7 @@ class PathRule:
             resolved = None
         if resolved is None or not is_inside(resolved, self.root) or not os.path.exists(resolved):
             # No word on whether something exists there: outside the root that would tell too much.
-            raise PathRefused(f"no export at {text} in the folder this viewer serves")
+            raise PathRefused(f"no {what} at {text} in the folder this viewer serves")
         return Located(str(resolved), str(resolved), text)
 
     def quote_typed(self, message: str, located: Located) -> str:
