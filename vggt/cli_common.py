@@ -67,8 +67,18 @@ def add_image_flags(add: FlagAdder) -> None:
         help="use this many images, evenly spaced over the sorted folder (default: all)",
     )
     add("image_extension", help="only files with this extension, e.g. png (default: common image types)")
-    add("first_image_idx", type=int, default=0, help="which chosen image becomes frame 0, the query frame")
-    add("preprocess", choices=("crop", "pad"), default="crop", help="upstream preprocessing mode")
+    add(
+        "first_image_idx",
+        type=int,
+        default=0,
+        help="which chosen image becomes frame 0, the query frame (default %(default)s)",
+    )
+    add(
+        "preprocess",
+        choices=("crop", "pad"),
+        default="crop",
+        help="upstream preprocessing mode (default %(default)s)",
+    )
 
 
 def add_weights_flags(add: FlagAdder) -> None:
@@ -84,8 +94,12 @@ def add_weights_flags(add: FlagAdder) -> None:
         "model_config",
         help="JSON architecture (VGGTConfig, or AggregatorConfig fields) for a model other than VGGT-1B",
     )
-    add("device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    add("dtype", default="auto", help="autocast dtype: auto, float32, bfloat16 or float16")
+    add("device", default="auto", help="cpu, cuda, cuda:N or auto (default %(default)s)")
+    add(
+        "dtype",
+        default="auto",
+        help="autocast dtype: auto, float32, bfloat16 or float16 (default %(default)s)",
+    )
 
 
 @dataclass(frozen=True)

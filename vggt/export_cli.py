@@ -94,10 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --geometry: a scene folder (cameras.json and depth/) whose views the images are, for true "
         "correspondences (default: the image folder's parent, when it is one)",
     )
-    add("precision", choices=("uint8", "float16"), default="uint8", help="uint8 codes or raw float16")
+    add(
+        "precision",
+        choices=("uint8", "float16"),
+        default="uint8",
+        help="uint8 codes or raw float16 (default %(default)s)",
+    )
     add("compress", action="store_true", help="deflate NPZ files (smaller to share, not memory-mappable)")
 
-    add("output_dir_prefix", default=DEFAULT_PREFIX, help="output folder is <prefix><image_set_name>")
+    add(
+        "output_dir_prefix",
+        default=DEFAULT_PREFIX,
+        help="output folder is <prefix><image_set_name> (default %(default)s)",
+    )
     add("output_dir", help="output folder (overrides --output_dir_prefix)")
     add("overwrite", action="store_true", help="replace an existing output folder")
 
