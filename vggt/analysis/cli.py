@@ -15,6 +15,7 @@ from vggt.analysis.output import check_writable, write_outputs
 from vggt.analysis.table import DEFAULT_MASSES, SCOPES, AnalysisError, run_analysis
 from vggt.arguments import EXIT_USAGE, OneLineParser, UsageError
 from vggt.attn_format import FormatError, open_export
+from vggt.attn_format.hub import hub_url, is_hub_path, parse_hub_path
 from vggt.attn_format.quantization import worker_threads
 
 ANALYSIS_DIR = "analysis"
@@ -27,8 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
         "how concentrated and how stable it is. Writes layer_head_metrics.csv, per_query.npz, summary.json "
         "and figures (definitions: docs/analysis.md).",
     )
-    parser.add_argument(
-        "--attn_dir", required=True, help="the export: folder, its attn_maps/, manifest or .zip"
+    export = parser.add_mutually_exclusive_group(required=True)
+    export.add_argument(
+        "--attn_dir",
+        help="the export: folder, its attn_maps/, manifest, .zip, or hf://datasets/<owner>/<name>",
+    )
+    export.add_argument(
+        "--repo",
+        help="the export as a Hugging Face dataset: <owner>/<name>[@<revision>] (read into its cache)",
     )
     parser.add_argument("--out", help="output folder (default: EXPORT/analysis)")
     parser.add_argument(
@@ -80,7 +87,10 @@ def _masses(text: str) -> list[float]:
 
 
 def default_output(attn_dir: str, export_root: Path) -> Path:
-    """``EXPORT/analysis`` for a folder; ``NAME_analysis`` beside a zip (its extracted copy is temporary)."""
+    """``EXPORT/analysis`` for a folder; ``NAME_analysis`` beside a zip (its extracted copy is temporary),
+    in the working folder for a dataset of the hub (its copy is the hub's cache)."""
+    if is_hub_path(attn_dir):
+        return Path(f"{parse_hub_path(attn_dir)[0].split('/')[1]}_{ANALYSIS_DIR}")
     given = Path(attn_dir).expanduser()
     if given.suffix.lower() == ".zip":
         return given.with_name(given.stem + "_" + ANALYSIS_DIR)
@@ -95,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers < 1:
             raise AnalysisError(f"--workers must be 1 or more, got {args.workers}")
         masses = _masses(args.masses)
+        if args.repo is not None:
+            args.attn_dir = hub_url(args.repo)
         export = open_export(args.attn_dir)
         out = Path(args.out).expanduser() if args.out else default_output(args.attn_dir, export.root)
         check_writable(out)

@@ -51,6 +51,7 @@ MAX_ZIP_RATIO = 50  # what a zip may extract to, relative to its own size ...
 MIN_ZIP_ALLOWANCE = 64 << 20  # ... but at least this much ...
 MAX_ZIP_EXTRACT_BYTES = 16 << 30  # ... and never more than this, for the whole extraction
 ZIP_FREE_SPACE_MARGIN = 256 << 20  # disk space left free in the temporary folder after extracting
+MAX_DOWNLOAD_BYTES = 64 << 30  # what one export read from the Hugging Face Hub may download, all files
 
 
 def mib(size: int) -> str:

@@ -21,6 +21,7 @@ from PIL import Image
 from vggt.attn_format import limits
 from vggt.attn_format.errors import printable
 from vggt.attn_format.geometry import ExportGeometry, open_geometry
+from vggt.attn_format.hub import is_hub_path, open_hub_files
 from vggt.attn_format.maps import AttentionMaps, checked_index
 from vggt.attn_format.npz import NpyMember, load_member, scan_npz
 from vggt.attn_format.paths import (
@@ -508,8 +509,11 @@ def _open_files(text: str) -> tuple[ExportFiles, Path, Path | None]:
 
     Nothing outside the export is followed: the root is the folder the user named (or the folder
     above a named ``attn_maps/`` or JSON file), resolved once; every location below it must resolve
-    inside it. Messages quote the path as typed, never a resolved one.
+    inside it. Messages quote the path as typed, never a resolved one. ``hf://datasets/...`` is a
+    dataset repository of the Hugging Face Hub (:mod:`.hub`).
     """
+    if is_hub_path(text):
+        return (*open_hub_files(text), None)
     try:
         given = Path(text).expanduser()
         status = os.stat(given)
@@ -557,9 +561,11 @@ def open_export(path: str | os.PathLike[str]) -> AttnExport:
     ----------
     path : str or PathLike
         The export folder, its ``attn_maps/`` folder, ``layers_manifest.json``, one layer's
-        ``*_metadata.json`` (that layer alone), or a ``.zip`` of an export folder (its members are
+        ``*_metadata.json`` (that layer alone), a ``.zip`` of an export folder (its members are
         checked first, then extracted as they are read into a private temporary folder shared by every
-        reader of the same zip, removed when the last one is closed and at exit).
+        reader of the same zip, removed when the last one is closed and at exit), or a dataset of the
+        Hugging Face Hub, ``hf://datasets/<owner>/<name>[@<revision>][/<folder>]`` (its files fetched
+        into the hub's cache as they are read).
 
     Returns
     -------

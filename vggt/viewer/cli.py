@@ -8,6 +8,7 @@ import argparse
 import os
 import sys
 
+from vggt.attn_format.hub import hub_url
 from vggt.viewer.app import build_app, launch
 from vggt.viewer.messages import error_text
 from vggt.viewer.serving import (
@@ -25,7 +26,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Gradio viewer for VGGT attention exports.")
     parser.add_argument(
         "--attn_dir", "--attn-dir",
-        help="export to open at start: folder, attn_maps/, layers_manifest.json, layer metadata or .zip",
+        help="export to open at start: folder, attn_maps/, layers_manifest.json, layer metadata, .zip or "
+        "hf://datasets/<owner>/<name>",
+    )  # fmt: skip
+    parser.add_argument(
+        "--repo", metavar="OWNER/NAME[@REVISION]",
+        help="open at start the export published as this Hugging Face dataset (read into the hub's cache)",
     )  # fmt: skip
     parser.add_argument(
         "--server_name", "--server-name", default="127.0.0.1",
@@ -55,6 +61,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.repo is not None:
+        if args.attn_dir is not None:
+            print("error: give --attn_dir or --repo, not both", file=sys.stderr)
+            return 2
+        args.attn_dir = hub_url(args.repo)
     try:
         warnings = check_serving(args.server_name, args.share, args.root, args.allow_any_path)
         auth = parse_auth(args.auth) if args.auth else None

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vggt.attn_format import FormatError
+from vggt.attn_format.hub import is_hub_path
 from vggt.attn_format.paths import check_path_text, is_inside
 
 _LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
@@ -123,6 +124,10 @@ class PathRule:
             check_path_text(text, f"{what} path")
         except FormatError as exc:
             raise PathRefused(str(exc)) from None
+        if is_hub_path(text):  # a dataset of the Hugging Face Hub: read into its cache, not a local path
+            if self.root is not None:
+                raise PathRefused("this viewer serves the exports of one folder, not datasets of the hub")
+            return Located(text, text, text)
         if self.root is None:
             try:
                 key = str(Path(text).expanduser().resolve())
