@@ -102,7 +102,8 @@ class CapturedAttention(AttentionMaps):
         Captured layers, in the order an export lists them (``layer_01`` ... or ``global_01``,
         ``frame_01``, ``dino_01`` ..., then ``rollout``).
     manifest : dict
-        What an export's manifest would say: model, device, autocast dtype, frames, grid, options.
+        What an export's manifest would say of the capture: model, device, autocast dtype,
+        preprocessing, frames, grid, heads, layers.
     frame_sources : list of str
         The frames' names (``sources``), model order.
     geometry : dict of np.ndarray or None
@@ -136,8 +137,6 @@ class CapturedAttention(AttentionMaps):
             "per_head_data": plan.options.per_head,
             "num_heads": plan.heads["global"],
             "precision": "float32",
-            "blocks": list(plan.options.blocks),
-            "rollout": {"discard_ratio": plan.options.rollout_discard} if plan.options.rollout else None,
             "layers": [{"name": name, "kind": self._meta[name]["layer_kind"]} for name in self.layer_names],
         }
 

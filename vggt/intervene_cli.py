@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from vggt import __version__
 from vggt.arguments import OneLineParser, UsageError
 from vggt.attn_format.grid import cell_centres
+from vggt.attn_format.schema import BLOCK_KINDS, is_stride
 from vggt.capture import LayerRef, attention_blocks
 from vggt.cli_common import (
     ImageChoice,
@@ -66,7 +67,7 @@ from vggt.models.vggt import VGGT
 from vggt.preprocess import load_and_preprocess_images
 
 DEFAULT_PREFIX = "interventions_"
-KINDS = ("global", "frame", "dino")
+KINDS = BLOCK_KINDS
 SWEEP_NAME = "sweep.json"
 
 
@@ -432,7 +433,7 @@ def run(args: argparse.Namespace) -> Path:
         model = VGGT.from_config(config, heads=True)
     device, autocast_dtype = device_and_dtype(args)
     plan = plan_sweep(args, model)
-    if args.stride < 1:
+    if not is_stride(args.stride):
         raise UsageError(f"--stride must be at least 1, got {args.stride}")
     check_weights_flags(args)
     choice = choose_images_from_flags(args)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vggt.analysis.figures import draw_heatmap
+from vggt.attn_format.schema import BLOCK_KINDS
 from vggt.intervention_metrics import TRUTH_PREFIX
 from vggt.intervention_results import ResultRow, ablation_grid
 
@@ -52,7 +53,7 @@ def _save(figure, out_dir: Path, name: str) -> list[Path]:
 def ablation_heatmap(rows: Sequence[ResultRow], out_dir: Path, title: str) -> list[Path]:
     """Layers x heads heatmaps of the head-ablation rows, one row of panels per layer kind."""
     ablations = [row for row in rows if row.kind == "ablate_heads"]
-    kinds = [k for k in ("global", "frame", "dino") if any(r.layers.startswith(f"{k}:") for r in ablations)]
+    kinds = [k for k in BLOCK_KINDS if any(r.layers.startswith(f"{k}:") for r in ablations)]
     columns = _measured(ablations, list(FIGURE_ERRORS))
     if not kinds or not columns:
         return []

@@ -16,6 +16,7 @@ import numpy as np
 
 from vggt.analysis.columns import METRICS
 from vggt.analysis.table import BASELINES, Analysis, layer_head_table
+from vggt.attn_format.schema import ROLLOUT_KIND
 
 # Shares in [0, 1]: drawn on a fixed scale so that figures of different exports compare.
 _UNIT_RANGE = set(METRICS)
@@ -118,7 +119,7 @@ def _curves_figure(records: Sequence[dict], folder: Path, random_weights: bool) 
     x = np.arange(len(names))
     kinds: dict[str, list[int]] = {}
     for i, name in enumerate(names):
-        kinds.setdefault(name.rsplit("_", 1)[0] if name != "rollout" else "rollout", []).append(i)
+        kinds.setdefault(name.rsplit("_", 1)[0] if name != ROLLOUT_KIND else ROLLOUT_KIND, []).append(i)
     for ax, metric in zip(axes.flat, metrics, strict=False):
         values = np.array([r[metric] for r in averages], dtype=np.float64)
         for kind, index in kinds.items():

@@ -41,6 +41,7 @@ from vggt.analysis.ranks import code_histograms, code_runs, crossings, sorted_ru
 from vggt.attn_format import AttnExport, FormatError, open_export
 from vggt.attn_format.grid import cell_centres
 from vggt.attn_format.paths import FolderFiles
+from vggt.attn_format.schema import ROLLOUT_KIND
 
 DEFAULT_MASSES = (0.3, 0.5, 0.7)
 SCOPES = ("query", "all")
@@ -150,7 +151,9 @@ def resolve_reference(export: AttnExport, spec: str | int | None) -> str:
     globals_ = [n for n in export.layer_names if export.layer_meta(n)["layer_kind"] == "global"]
     numbered = {export.layer_meta(n)["block_index"]: n for n in globals_}
     if spec is None or str(spec).strip() == "":
-        pool = globals_ or [n for n in export.layer_names if export.layer_meta(n)["layer_kind"] != "rollout"]
+        pool = globals_ or [
+            n for n in export.layer_names if export.layer_meta(n)["layer_kind"] != ROLLOUT_KIND
+        ]
         pool = pool or export.layer_names
         return pool[len(pool) // 2]
     text = str(spec).strip()

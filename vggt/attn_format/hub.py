@@ -25,7 +25,7 @@ from urllib.parse import unquote
 
 from vggt.attn_format import limits
 from vggt.attn_format.errors import FormatError
-from vggt.attn_format.paths import ExportFiles, is_inside
+from vggt.attn_format.paths import LexicalFiles, is_inside
 from vggt.attn_format.schema import MANIFEST_NAME
 
 SCHEME = "hf://datasets/"
@@ -92,7 +92,7 @@ def _hub_error(error: Exception, repo_id: str, revision: str | None) -> FormatEr
     return FormatError(f"dataset {repo_id}{at}: the Hugging Face Hub answered {type(error).__name__}: {text}")
 
 
-class HubFiles(ExportFiles):
+class HubFiles(LexicalFiles):
     """A dataset repository of the hub, seen as an export's files (see the module).
 
     Parameters
@@ -178,16 +178,6 @@ class HubFiles(ExportFiles):
                 sizes[PurePosixPath(path.relative_to(self.root).as_posix())] = -1  # measured when read
                 limits.check_count(len(sizes), limits.MAX_ZIP_ENTRIES, f"files of dataset {self.repo_id}")
         return sizes
-
-    def _relative(self, location: Path) -> PurePosixPath | None:
-        try:
-            return PurePosixPath(location.relative_to(self.root).as_posix())
-        except ValueError:
-            return None
-
-    def inside(self, path: Path) -> Path | None:
-        normalized = Path(os.path.normpath(path))  # the snapshot's entries are links to blobs: lexical
-        return normalized if is_inside(normalized, self.root) else None
 
     def is_file(self, location: Path) -> bool:
         relative = self._relative(location)

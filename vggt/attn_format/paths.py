@@ -373,7 +373,22 @@ def sweep_stale_zip_folders() -> None:
             continue
 
 
-class ZipFiles(ExportFiles):
+class LexicalFiles(ExportFiles):
+    """Files whose locations are checked lexically, by their names below :attr:`root`: a zip's extraction
+    (which holds no links) and a hub dataset's snapshot (whose links to blobs are checked when read)."""
+
+    def _relative(self, location: Path) -> PurePosixPath | None:
+        try:
+            return PurePosixPath(location.relative_to(self.root).as_posix())
+        except ValueError:
+            return None
+
+    def inside(self, path: Path) -> Path | None:
+        normalized = Path(os.path.normpath(path))  # ".." is lexical here
+        return normalized if is_inside(normalized, self.root) else None
+
+
+class ZipFiles(LexicalFiles):
     """A zipped export: a reader's hold on the shared extraction of its content (see the module)."""
 
     def __init__(self, path: Path, archive_name: str) -> None:
@@ -384,16 +399,6 @@ class ZipFiles(ExportFiles):
 
     def close(self) -> None:
         self._release()
-
-    def _relative(self, location: Path) -> PurePosixPath | None:
-        try:
-            return PurePosixPath(location.relative_to(self.root).as_posix())
-        except ValueError:
-            return None
-
-    def inside(self, path: Path) -> Path | None:
-        normalized = Path(os.path.normpath(path))  # no links in an extraction: ".." is lexical
-        return normalized if is_inside(normalized, self.root) else None
 
     def is_file(self, location: Path) -> bool:
         return self._relative(location) in self._content.members

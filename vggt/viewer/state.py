@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from vggt.attn_format import AttnExport, FormatError, open_export
+from vggt.attn_format.schema import ROLLOUT_KIND
 from vggt.viewer import render
 from vggt.viewer.serving import Located, PathRefused, PathRule
 
@@ -307,7 +308,7 @@ def layer_label(name: str, meta: dict) -> str:
     """Display label of a layer: its kind and number (``"Global 24"``, ``"Frame 03"``, ``"DINOv2 05"``,
     the number as in its name), or ``"Rollout (discard 0.9)"``; the name itself for unknown kinds."""
     kind = layer_kind(meta)
-    if kind == "rollout":
+    if kind == ROLLOUT_KIND:
         ratio = discard_text(meta)
         return "Rollout" if ratio is None else f"Rollout (discard {ratio})"
     number = meta.get("layer_index")
@@ -339,7 +340,7 @@ def layer_description(loaded: LoadedExport, layer: str) -> str:
     """``Global 02 (global_02) · global attention (...)``: label, name and what the kind is."""
     meta = loaded.export.layer_meta(layer)
     kind = layer_kind(meta)
-    if kind == "rollout":
+    if kind == ROLLOUT_KIND:
         depth = meta.get("rollout_layers")
         through = (
             f"through {depth} frame and global layers" if depth else "through the frame and global layers"
@@ -360,11 +361,11 @@ def kinds_summary(loaded: LoadedExport) -> str:
         meta = export.layer_meta(name)
         kind = layer_kind(meta)
         counts[kind] = counts.get(kind, 0) + 1
-        if kind == "rollout":
+        if kind == ROLLOUT_KIND:
             rollout = discard_text(meta)
     parts = []
     for kind, count in counts.items():
-        if kind == "rollout":
+        if kind == ROLLOUT_KIND:
             parts.append("rollout" + (f" with discard {rollout}" if rollout else ""))
         else:
             parts.append(f"{count} {'DINOv2' if kind == 'dino' else kind}")

@@ -26,6 +26,7 @@ import numpy as np
 
 from vggt.attn_format import FormatError
 from vggt.attn_format.quantization import vmax99
+from vggt.attn_format.schema import ROLLOUT_KIND
 from vggt.viewer import markers, render
 from vggt.viewer.markers import Marker, QueryPositions
 from vggt.viewer.state import (
@@ -405,7 +406,7 @@ def value_readout(
             lines.append("Frame and DINOv2 layers attend within a frame: their rows hold frame 0 only")
         for name in export.layer_names:
             ratio = discard_text(export.layer_meta(name))
-            if layer_kind(export.layer_meta(name)) == "rollout" and ratio:
+            if layer_kind(export.layer_meta(name)) == ROLLOUT_KIND and ratio:
                 lines.append(f"{loaded.layer_labels[name]}: discard ratio {ratio}, head average")
         if settings.head is not None:
             lines.append(f"Head {settings.head + 1} where a layer has it, else the layer's head average")
