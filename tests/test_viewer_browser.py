@@ -1,7 +1,8 @@
 """End to end in a real browser: Debian's chromium driven by Playwright against the running app.
 
 Set ``VGGT_VIEWER_EXPORT=path`` to drive the main test on a given export (for example the bundled
-example's), and ``VGGT_SCREENSHOT=1`` to save the page as ``docs/viewer_screenshot.png``.
+example's), and ``VGGT_SCREENSHOT=1`` to save the window, after a click on the default layer, as
+``docs/viewer_screenshot.png`` (the README's screenshot; the command is in the README).
 """
 
 from __future__ import annotations
@@ -133,11 +134,20 @@ def load(page, path: Path) -> None:
     wait_drawn(page, "query-view", before)
 
 
+def visible_box(locator) -> dict:
+    """The element's box once it is shown (a loaded machine may draw a tab's view a while after it opened)."""
+    locator.wait_for(state="visible")
+    sync_api.expect(locator).to_be_visible()
+    box = locator.bounding_box()
+    assert box is not None and box["width"] > 0, box
+    return box
+
+
 def click_frame_pixel(page, view: str, x: float, y: float, size: tuple[int, int]) -> None:
     """Click where frame pixel (x, y) is drawn on the picker of ``view`` (``size`` = frame W, H); wait
     for the answer."""
     canvas = page.locator(f"#{view} .av-picker-canvas").first
-    box = canvas.bounding_box()
+    box = visible_box(canvas)
     target = "overlays" if view == "query-view" else view
     before = drawn(page, target)
     canvas.click(position={"x": (x + 0.5) * box["width"] / size[0], "y": (y + 0.5) * box["height"] / size[1]})
@@ -162,6 +172,28 @@ def canvas_pixels(locator) -> np.ndarray:
     """What a canvas holds, exactly: ``[H, W, 3] uint8``."""
     url = locator.evaluate("canvas => canvas.toDataURL('image/png')")
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
+
+
+def assert_readable_grid(page) -> None:
+    """A composite as the issue asks: every cell at least 160 px wide, each row's label and scale and each
+    column's title as text outside the images (the images carry no text)."""
+    widths = [visible_box(c)["width"] for c in page.locator("#overlays canvas.av-canvas").all()]
+    assert widths and min(widths) >= 160, widths
+    rows = page.locator("#overlays .av-label").count()
+    assert rows and len(texts(page, "#overlays .av-label-name")) == rows
+    assert all(note.startswith("full colour = ") for note in texts(page, "#overlays .av-label-note"))
+    assert all(texts(page, "#overlays .av-column"))
+    assert page.locator("#overlays img").count() == 0  # no picture of text
+
+
+def save_screenshot(page, path: Path) -> None:
+    """The window as the user sees it (1400 x 900, scrolled to the top) as a 256-colour PNG (a few hundred
+    kilobytes for the README)."""
+    page.evaluate("window.scrollTo(0, 0)")
+    page.mouse.move(0, 0)  # no hover outline
+    shot = Image.open(io.BytesIO(page.screenshot())).convert("RGB")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shot.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
 
 
 def texts(page, selector: str) -> list[str]:
@@ -243,9 +275,7 @@ def test_open_click_switch_layer_and_composites(page, export_path: Path) -> None
     expect(readout).to_contain_text(f"Query cell row {row}, col {col}")
     if os.environ.get("VGGT_SCREENSHOT") == "1":
         pick(page, "layer-select", loaded.layer_labels[default])
-        page.evaluate("window.scrollTo(0, 0)")
-        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SCREENSHOT))
+        save_screenshot(page, SCREENSHOT)
 
     # all layers at once: one row per layer of every kind, its label and scale as text outside the
     # images, one column per frame; each cell at least 160 px wide
@@ -256,9 +286,15 @@ def test_open_click_switch_layer_and_composites(page, export_path: Path) -> None
     assert (
         texts(page, "#overlays .av-column")[: loaded.num_frames] == list(loaded.labels)[: loaded.num_frames]
     )
-    widths = [box["width"] for box in (c.bounding_box() for c in page.locator("#overlays canvas").all())]
-    assert widths and min(widths) >= 160
-    assert page.locator("#overlays .av-canvas img, #overlays .av-label img").count() == 0  # no text in images
+    assert_readable_grid(page)
+
+    # all heads of the layer: one row per head (its vmax99 as text), one column per frame
+    if export.layer_meta(default)["per_head_data"]:
+        press(page, "mode-heads")
+        heads = export.layer_meta(default)["num_heads"]
+        assert texts(page, "#overlays .av-label-name") == [f"Head {h}" for h in range(1, heads + 1)]
+        assert_readable_grid(page)
+        press(page, "mode-layers")
 
     # clicking a cell opens its layer and head in the frames view
     before = drawn(page, "overlays")
@@ -281,7 +317,11 @@ def test_geometry_markers_in_the_page(page, tmp_path: Path) -> None:
     click_frame_pixel(page, "query-view", col * 14 + 7, row * 14 + 7, (140, 112))
     readout = page.locator("#query-view .av-readout")
     expect(readout).to_contain_text("truth = green circle · track head = cyan cross")
-    expect(readout).to_contain_text("frame 1 · view_001.png: peak cell")
+    # each frame's caption: where the attention peaks and how far that is from each marker, as text
+    expect(page.locator("#overlays .av-caption").nth(1)).to_contain_text(
+        "frame 1 · view_001.png · peak cell ("
+    )
+    expect(page.locator("#overlays .av-caption").nth(1)).to_contain_text("truth ")
     qi = row * 10 + col
     wanted = {"truth": (0, 255, 0), "track": (0, 255, 255), "depth": (255, 0, 255)}
     for frame in range(3):
@@ -298,7 +338,9 @@ def test_geometry_markers_in_the_page(page, tmp_path: Path) -> None:
             assert closest <= 60, (frame, source, closest)
     # the last query leaves the frame: its caption says so
     click_frame_pixel(page, "query-view", 9 * 14 + 7, 7 * 14 + 7, (140, 112))
-    assert texts(page, "#overlays .av-caption")[2].endswith("not visible: truth, track head, depth + cameras")
+    assert texts(page, "#overlays .av-caption")[2].endswith(
+        "truth not visible · track head not visible · depth + cameras not visible"
+    )
 
 
 def test_rollout_and_the_heads_grid(page, kinds_export: Path) -> None:
@@ -316,6 +358,7 @@ def test_rollout_and_the_heads_grid(page, kinds_export: Path) -> None:
     press(page, "mode-layers-heads")
     assert texts(page, "#overlays .av-column") == ["Average", "Head 1", "Head 2", "Head 3", "Head 4"]
     assert texts(page, "#overlays .av-label-name") == list(loaded.layer_labels.values())
+    assert_readable_grid(page)
     expect(page.locator("#grid-frame input")).to_be_enabled()
 
     # the rollout: its discard ratio in the readout, the Head control and the heads views disabled
@@ -360,8 +403,8 @@ def test_layout_fits_a_1400_by_900_window_and_many_frames_come_in_pages(page, tm
                                    num_layers=1)  # fmt: skip
     load(page, three)
     click_frame_pixel(page, "query-view", 200, 200, (518, 518))
-    query = page.locator("#query-view .av-picker-canvas").bounding_box()
-    boxes = [c.bounding_box() for c in page.locator("#overlays canvas.av-canvas").all()]
+    query = visible_box(page.locator("#query-view .av-picker-canvas"))
+    boxes = [visible_box(c) for c in page.locator("#overlays canvas.av-canvas").all()]
     assert len(boxes) == 3
     assert query["y"] + query["height"] <= WINDOW["height"]  # all visible without scrolling
     assert all(box["width"] >= 400 and box["y"] + box["height"] <= WINDOW["height"] for box in boxes), boxes
@@ -371,7 +414,7 @@ def test_layout_fits_a_1400_by_900_window_and_many_frames_come_in_pages(page, tm
     click_frame_pixel(page, "query-view", 20, 20, (70, 56))
     expect(page.locator("#overlays canvas.av-canvas")).to_have_count(8)
     expect(page.locator("#overlays .av-page-text")).to_have_text("frames 1–8 of 32")
-    boxes = [c.bounding_box() for c in page.locator("#overlays canvas.av-canvas").all()]
+    boxes = [visible_box(c) for c in page.locator("#overlays canvas.av-canvas").all()]
     assert all(box["y"] + box["height"] <= WINDOW["height"] for box in boxes)
     page.locator("#overlays .av-page-button").nth(1).click()
     expect(page.locator("#overlays .av-page-text")).to_have_text("frames 9–16 of 32")
@@ -409,19 +452,30 @@ def test_save_figure_gives_png_and_svg(page, export_path: Path) -> None:
     page.locator("#save-figure").click()
     links = page.locator("#figure-files a")
     expect(links).to_have_count(2, timeout=60_000)
-    addresses = [link.get_attribute("href") for link in links.all()]
-    assert sorted(Path(address.split("?")[0]).suffix for address in addresses) == [".png", ".svg"]
-    for address in addresses:
-        response = page.request.get(address)
-        assert response.ok
-        if address.split("?")[0].endswith(".png"):
-            image = Image.open(io.BytesIO(response.body()))
-            assert image.width >= 1500 and round(image.info["dpi"][0]) == 300  # print resolution
-        else:
-            drawing = response.text()
-            assert "<text" in drawing and "query frame" in drawing
-            name = str(loaded.export.manifest.get("image_set_name"))
-            assert re.sub(r"\s+", " ", name) in drawing
+    addresses = {
+        Path(link.get_attribute("href").split("?")[0]).suffix: link.get_attribute("href")
+        for link in links.all()
+    }
+    assert sorted(addresses) == [".png", ".svg"]
+    responses = {suffix: page.request.get(address) for suffix, address in addresses.items()}
+    assert all(response.ok for response in responses.values())
+    image = Image.open(io.BytesIO(responses[".png"].body()))
+    assert image.width >= 1500 and round(image.info["dpi"][0]) == 300  # print resolution
+    drawing = responses[".svg"].text()
+    # the same figure: the SVG's size in points is the PNG's in pixels at 300 dpi
+    width_pt, height_pt = (float(re.search(rf'<svg[^>]* {key}="([0-9.]+)pt"', drawing).group(1))
+                           for key in ("width", "height"))  # fmt: skip
+    assert abs(width_pt * 300 / 72 - image.width) <= 2 and abs(height_pt * 300 / 72 - image.height) <= 2
+    # text kept as text: the query frame, the layer, the head and the export's name
+    assert "<text" in drawing and "query frame" in drawing
+    export = loaded.export
+    default = [name for name in export.layer_names if export.layer_meta(name)["layer_kind"] == "global"][-1]
+    for wanted in (
+        loaded.layer_labels[default],
+        "Average",
+        str(loaded.export.manifest.get("image_set_name")),
+    ):
+        assert re.sub(r"\s+", " ", wanted) in drawing, wanted
 
 
 def test_strings_of_the_export_are_shown_as_text(page, tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """The viewer on exports with geometry: each frame's map carries the clicked cell's point by every source
-(truth, track head, depth and cameras), a frame says where a source does not see it, and the readout gives
-per frame the attention's peak cell and its distance in cells from each marker."""
+(truth, track head, depth and cameras), a frame says where a source does not see it, and each frame's
+caption gives the attention's peak cell there and its distance in cells from each marker."""
 
 from __future__ import annotations
 
@@ -71,23 +71,26 @@ def test_a_point_a_source_does_not_see_is_said_and_not_drawn(geometry_export: Pa
     out = _click_cell(geometry_export, row, col)
     cells = out.overlays["view"]["rows"][0]["cells"]
     assert [m["label"] for m in cells[0]["markers"]] == ["truth", "track head", "depth + cameras"]
-    assert cells[0]["caption"] == "frame 0 · view_000.png"
+    assert cells[0]["caption"].startswith("frame 0 · view_000.png · peak cell (")
+    assert "not visible" not in cells[0]["caption"]
     assert cells[2]["markers"] == []
-    assert cells[2]["caption"] == "frame 2 · view_002.png · not visible: truth, track head, depth + cameras"
-    lines = text(out.query_view).splitlines()
-    assert [line for line in lines if line.startswith("frame 2 · view_002.png: ")][0].endswith(
+    assert cells[2]["caption"].startswith("frame 2 · view_002.png · peak cell (")
+    assert cells[2]["caption"].endswith(
         "truth not visible · track head not visible · depth + cameras not visible"
     )
+    # a figure's column title (the view's columns) keeps the short form
+    title = "frame 2 · view_002.png · not visible: truth, track head, depth + cameras"
+    assert out.overlays["view"]["columns"][2] == title
 
 
-def test_readout_gives_the_peak_cell_and_its_distance_from_each_marker(geometry_export: Path) -> None:
+def test_captions_give_the_peak_cell_and_its_distance_from_each_marker(geometry_export: Path) -> None:
     row, col = 2, 1
     qi = row * W_P + col
     out = _click_cell(geometry_export, row, col)
     export = open_export(geometry_export)
     maps = export.query_maps("layer_02", qi)  # [S, H_ds, W_ds]
     geometry = export.geometry()
-    lines = text(out.query_view).splitlines()
+    captions = [cell["caption"] for cell in out.overlays["view"]["rows"][0]["cells"]]
     for frame in range(3):
         peak = np.unravel_index(int(np.argmax(maps[frame])), maps[frame].shape)
         parts = []
@@ -96,10 +99,10 @@ def test_readout_gives_the_peak_cell_and_its_distance_from_each_marker(geometry_
             cell = (int((y + 0.5) // 14), int((x + 0.5) // 14))  # stride 1: a cell is a patch
             distance = np.hypot(cell[0] - peak[0], cell[1] - peak[1])
             parts.append(f"{STYLES[source].label} {distance:.1f} cells")
-        expected = f"frame {frame} · view_{frame:03d}.png: peak cell ({peak[0]}, {peak[1]}) · " + " · ".join(
+        expected = f"frame {frame} · view_{frame:03d}.png · peak cell ({peak[0]}, {peak[1]}) · " + " · ".join(
             parts
         )
-        assert expected in lines
+        assert captions[frame] == expected
 
 
 def test_composites_carry_the_markers_too(geometry_export: Path) -> None:

@@ -93,7 +93,7 @@ class Aggregator(nn.Module):
         batch, frames, channels, height, width = images.shape
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(
-                f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}"
+                f"image size {width} x {height} (W x H) is not a multiple of the patch size {self.patch_size}"
             )
         if dino_tokens is None:
             images = (images - self._resnet_mean) / self._resnet_std

@@ -94,13 +94,15 @@ class Page:
 
 def _main_view(initial_path: str | None) -> Page:
     session = gr.State(SessionBox(), delete_callback=handlers.on_session_end)
-    with gr.Row(equal_height=True):
+    # the message beside the path box gets a third of the row (a gr.HTML grows as scale 1), so that a
+    # message is one line that does not push the page down
+    with gr.Row(equal_height=False):
         path_box = gr.Textbox(
-            value=initial_path or "", show_label=False, placeholder=PATH_HINT, container=False, scale=6,
+            value=initial_path or "", show_label=False, placeholder=PATH_HINT, container=False, scale=2,
             elem_id="export-path",
         )  # fmt: skip
-        load_button = gr.Button("Load", variant="primary", scale=1, min_width=90, elem_id="load-button")
-        message = text_area("export-message", scale=5)  # every failure is said here (reports_errors)
+        load_button = gr.Button("Load", variant="primary", scale=0, min_width=100, elem_id="load-button")
+        message = text_area("export-message")  # every failure is said here (reports_errors)
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, min_width=560):
             query_view = attention_view("query-view")

@@ -1,5 +1,5 @@
 """Where the clicked query lies in each frame, for exports with geometry: markers on the maps, their
-legend, and per frame the attention's peak cell and its distance from each marker.
+legend, and per frame the attention's peak cell and its distance from each marker (in the frame's caption).
 
 A query's point is its query patch's centre in frame 0 (``geometry.query_points``); the export gives its
 position in every frame by up to three sources (``truth``, ``track``, ``depth``; ``attn_maps_schema.md``,
@@ -138,26 +138,26 @@ def distances_in_cells(
     return result
 
 
-def readout_lines(
-    maps: np.ndarray, frames: Sequence[int], positions: QueryPositions, grid: Mapping, labels: Sequence[str]
+def peak_notes(
+    maps: np.ndarray, frames: Sequence[int], positions: QueryPositions, grid: Mapping
 ) -> list[str]:
-    """The legend, then per frame the attention's peak cell and its distance in cells from each marker.
+    """Per frame, the attention's peak cell and its distance in cells from each marker (a caption's text,
+    e.g. ``"peak cell (12, 20) · truth 1.4 cells · track head not visible"``).
 
     Parameters
     ----------
     maps : np.ndarray
         ``[K, H_ds, W_ds]`` the maps in view, one per entry of ``frames``.
-    labels : sequence of str
-        Each frame's label (``"frame i · source"``).
     """
     peaks = peak_cells(maps)
     distances = distances_in_cells(peaks, frames, positions, grid)
-    lines = [legend(positions.sources)]
-    for k, frame in enumerate(frames):
-        parts = []
+    notes = []
+    for k in range(len(frames)):
+        parts = [f"peak cell ({peaks[k, 0]}, {peaks[k, 1]})"]
         for source in positions.sources:
             value = distances[source][k]
-            text = "not visible" if np.isnan(value) else f"{value:.1f} cells"
-            parts.append(f"{STYLES[source].label} {text}")
-        lines.append(f"{labels[frame]}: peak cell ({peaks[k, 0]}, {peaks[k, 1]}) · " + " · ".join(parts))
-    return lines
+            parts.append(
+                f"{STYLES[source].label} {'not visible' if np.isnan(value) else f'{value:.1f} cells'}"
+            )
+        notes.append(" · ".join(parts))
+    return notes

@@ -20,7 +20,7 @@ so a code and its row's scale give back the probability a colour stands for.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -244,15 +244,18 @@ def frames_view(loaded: LoadedExport, settings: Settings, query: tuple[int, int]
     normalized, scale = display_maps(loaded, layer, query_index(loaded, query), settings.head)
     positions, geometry_lines = query_geometry(loaded, query)
     cells = [cell for cell in _frame_cells(loaded, normalized, frames, query, None, positions) if cell]
+    columns = [cell.caption for cell in cells]
+    if positions is not None:  # each frame's caption: where its attention peaks, how far from each marker
+        grid = loaded.export.manifest["grid"]
+        notes = markers.peak_notes(normalized, frames, positions, grid)
+        captions = [f"{loaded.labels[cell.frame]} · {note}" for cell, note in zip(cells, notes, strict=True)]
+        cells = [replace(cell, caption=caption) for cell, caption in zip(cells, captions, strict=True)]
     row = Row(f"{loaded.layer_labels[layer]} · {_head_text(settings.head)}", cells, scale, query=query)
     readout = value_readout(loaded, settings, query, scale)
     if len(frames) < loaded.num_frames:
         readout.append(f"{loaded.layer_labels[layer]} attends within frame 0 only: one map")
-    if positions is not None:
-        grid = loaded.export.manifest["grid"]
-        geometry_lines = markers.readout_lines(normalized, frames, positions, grid, loaded.labels)
     readout.extend(geometry_lines)
-    return Grid([row], [cell.caption for cell in cells], scale, _full_colour(scale), readout)
+    return Grid([row], columns, scale, _full_colour(scale), readout)
 
 
 def layers_view(loaded: LoadedExport, settings: Settings, query: tuple[int, int]) -> Grid:

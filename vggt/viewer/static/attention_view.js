@@ -181,6 +181,7 @@ function drawPicker(container, value, images, lut) {
   box.appendChild(canvas);
   box.appendChild(el("div", "av-caption", picker.caption));
   container.appendChild(box);
+  return (cssWidth * h) / w + 20; // its height in css pixels, with its caption
 }
 
 function drawColorbar(container, value, lut) {
@@ -202,10 +203,15 @@ function drawColorbar(container, value, lut) {
   container.appendChild(bar);
 }
 
-function readout(container, lines, notes) {
+// The readout: lines of text, then notes on the export. Beside a picker it is as high as the picker
+// (the overlays below stay in the window); its lines scroll when they need more, the notes stay shown.
+function readout(container, lines, notes, height) {
   const box = el("div", "av-readout");
-  for (const line of lines || []) box.appendChild(el("div", "av-line", line));
+  const body = el("div", "av-lines");
+  for (const line of lines || []) body.appendChild(el("div", "av-line", line));
+  box.appendChild(body);
   for (const line of notes || []) box.appendChild(el("div", "av-note", line));
+  if (height) box.style.maxHeight = `${height}px`;
   container.appendChild(box);
 }
 
@@ -329,8 +335,8 @@ async function draw(value) {
   if (value.empty) container.appendChild(el("div", "av-empty", value.empty));
   if (value.picker) {
     const top = el("div", "av-top");
-    drawPicker(top, value, images, lut);
-    readout(top, value.readout, value.notes);
+    const height = drawPicker(top, value, images, lut);
+    readout(top, value.readout, value.notes, height);
     container.appendChild(top);
   } else if (value.readout) {
     readout(container, value.readout, value.notes);
