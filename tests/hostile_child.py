@@ -108,6 +108,10 @@ def view_with_reader(case: Case, temporary: Path, result: dict) -> list[str]:
             export.token_special_mass(name)
         for index in range(len(export.frame_paths)):
             export.frame(index)
+        if case.name.startswith(ANALYSIS_CASES):
+            from vggt.analysis.store import analysis_for
+
+            analysis_for(export, save=False)  # read back when whole and this export's, else computed
         geometry = export.geometry()
         if geometry is not None:
             for key in ("extrinsic", "intrinsic", "depth", "depth_conf", "world_points", "query_points"):
@@ -139,6 +143,7 @@ MALFORMED_CLICKS = [
 # Values the controls may send (a stale page, a hand-made request).
 MALFORMED_CONTROLS = [None, "", "Head 0", "Head 99999999999999999999", "Head -1", "\ud800", {"a": 1}, [1, 2],
                       float("nan"), 10**400, "x" * 100_000]  # fmt: skip
+ANALYSIS_CASES = "analysis_"  # cases whose analysis/ folder is read (and, in the viewer, written)
 FUZZED_CASE = "surrogates_and_markup_in_names"  # the case also drawn as a figure and sent malformed input
 _WRAPPER = re.compile(r'<div class="viewer-[a-z -]+"( role="status")?>|</div>')
 
@@ -233,6 +238,8 @@ def view_with_handlers(case: Case, temporary: Path, result: dict) -> list[str]:
         check(handlers.on_token_view, session, 0.6, None)
         check(handlers.on_reverse_frame, session, 0, 0.6)
         check(handlers.on_reverse_select, session, 0, 0.6, _Event({"x": 1, "y": 1}))
+        if case.name.startswith(ANALYSIS_CASES):  # read back, else computed and saved beside the export
+            check(handlers.on_analysis, session, 0.6, "cross_view_mass")
         if case.name != FUZZED_CASE:
             return check.messages
         check(handlers.on_save_figure, session, 0.6)

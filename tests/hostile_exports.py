@@ -104,6 +104,13 @@ def _npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _npy_raw(header: str, data: bytes) -> bytes:
+    """A version 1.0 ``.npy`` member with any header text (padded as numpy pads it) and data."""
+    text = header.encode("latin1")
+    text += b" " * (-(10 + len(text) + 1) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text + data
+
+
 def _npy_members(npz: Path) -> dict[str, bytes]:
     with zipfile.ZipFile(npz) as archive:
         return {name: archive.read(name) for name in archive.namelist()}
@@ -212,6 +219,7 @@ class _Corpus:
         shutil.copy(self.base / "images/frame_00.png", self.outside / "secret.png")
         shutil.copy(self.base / "geometry/geometry_metadata.json", self.outside / "secret_geometry.json")
         shutil.copytree(_attn(self.base), self.outside / "secret_attn_maps")
+        (self.outside / "victim.txt").write_text("a file no case may write")
         self.cases: list[Case] = []
 
     def export(self, name: str, base: Path | None = None) -> Path:
@@ -342,6 +350,20 @@ def _json(c: _Corpus) -> None:
     )
     c.add("layer_name_is_an_object", root, ERROR, "manifest field layers")
 
+    for name, changes, match in (
+        ("layer_vmax_nan", {"layer_vmax99": float("nan")}, "layer_vmax99"),
+        ("layer_vmax_infinity", {"layer_vmax99": float("inf")}, "layer_vmax99"),
+        ("frames_nan", {"S": float("nan")}, "frame count"),
+        ("patch_size_infinity", {"patch_size": float("-inf")}, "patch size"),
+        ("image_size_nan", {"image_size": [float("nan"), 70]}, "image_size"),
+        ("stride_fraction", {"stride_h": 1.5}, "stride"),
+        ("heads_true", {"num_heads": True}, "head count"),
+        ("query_frame_nan", {"query_frame": float("nan")}, "query_frame"),
+    ):
+        root = c.export(name)
+        _edit_layers(root, **changes)  # written as the JSON literals NaN and Infinity
+        c.add(name, root, ERROR, match)
+
     for name, value, match in (
         ("vmax_nan", [float("nan")] * 4, "positive numbers"),
         ("vmax_string", "abc", "positive numbers"),
@@ -396,6 +418,20 @@ def _paths(c: _Corpus) -> None:
     root = c.export("npz_path_absolute")
     _edit(_attn(root) / "layer_01_metadata.json", npz_path=str(c.outside / "secret.npz"))
     c.add("npz_path_absolute", root, ERROR, "points outside")
+
+    root = c.export("image_path_traversal")
+    _edit_layers(root, image_paths=["../images/frame_00.png", "../../../outside/secret.png",
+                                    "../images/frame_02.png"])  # fmt: skip
+    c.add("image_path_traversal", root, ERROR, "points outside")
+
+    root = c.export("npz_path_markup")
+    _edit(_attn(root) / "layer_01_metadata.json", npz_path=MARKUP[:60] + ".npz")
+    c.add("npz_path_markup", root, ERROR, "<img src=")  # quoted in the message, as text
+
+    root = c.export("hardlinked_frame")  # a hard link is the file itself: its name is the export's
+    (root / "images/frame_01.png").unlink()
+    os.link(c.outside / "secret.png", root / "images/frame_01.png")
+    c.add("hardlinked_frame", root, VIEW)
 
     root = c.export("npz_path_nul")
     _edit(_attn(root) / "layer_01_metadata.json", npz_path="layer_01/heat\u0000maps_uint8.npz")
@@ -470,6 +506,52 @@ def _npz(c: _Corpus) -> None:
     entries[0].update(payload=_deflate(real + bytes(1 << 20)), method=8)
     npz.write_bytes(raw_zip(entries))
     c.add("deflated_stream_longer_than_declared", root, VIEW)  # the declared bytes are read, no more
+
+    # Headers of every shape and dtype numpy's parser takes, each holding exactly the bytes it declares.
+    for name, descr, shape, match in (
+        ("npz_dtype_complex", "<c16", (20, 4, 3, 4, 5), "dtype complex128"),
+        ("npz_dtype_unicode", "<U2", (20, 4, 3, 4, 5), "dtype str64"),
+        ("npz_dtype_structured", [("a", "u1")], (20, 4, 3, 4, 5), "dtype"),
+        ("npz_dtype_datetime", "<M8[s]", (20, 4, 3, 4, 5), "dtype datetime64"),
+        ("npz_shape_negative", "|u1", (-20, 4, 3, 4, 5), "negative"),
+        ("npz_shape_2_pow_64", "|u1", (2**32, 2**32, 0, 4, 5), "shape"),
+        ("npz_shape_empty", "|u1", (20, 4, 3, 0, 5), "shape"),
+        ("npz_shape_scalar", "|u1", (), "shape"),
+    ):  # fmt: skip
+        root = c.export(name)
+        npz = _attn(root) / "layer_01/heatmaps_uint8.npz"
+        members = _npy_members(npz)
+        count = max(0, int(np.prod(shape, dtype=object))) if shape else 1
+        data = bytes(count * np.dtype(descr).itemsize) if count < 10**6 else b""
+        header = repr({"descr": descr, "fortran_order": False, "shape": shape})
+        members["heatmaps.npy"] = _npy_raw(header, data)
+        npz.write_bytes(_npz_bytes(members))
+        _edit_layers(root, heatmaps_shape=DROP)
+        c.add(name, root, ERROR, match)
+
+    root = c.export("npz_fortran_order")  # the same values, stored column-major: a correct view
+    npz = _attn(root) / "layer_01/heatmaps_uint8.npz"
+    with np.load(npz) as stored:
+        arrays = {key: stored[key] for key in stored.files}
+    members = {f"{key}.npy": _npy(np.asfortranarray(value)) for key, value in arrays.items()}
+    npz.write_bytes(_npz_bytes(members))
+    c.add("npz_fortran_order", root, VIEW)
+
+    for name, method in (("npy_header_4_gib_stored", zipfile.ZIP_STORED),
+                         ("npy_header_4_gib_deflated", zipfile.ZIP_DEFLATED)):  # fmt: skip
+        root = c.export(name)  # a version 2 header whose length field says 4 GiB, then zeros
+        npz = _attn(root) / "layer_01/heatmaps_uint8.npz"
+        members = _npy_members(npz)
+        members["heatmaps.npy"] = b"\x93NUMPY\x02\x00" + struct.pack("<I", 0xFFFFFFF0) + bytes(1 << 20)
+        npz.write_bytes(_npz_bytes(members, method))
+        c.add(name, root, ERROR, "a .npy header of 4294967280 bytes")
+
+    root = c.export("npy_version_3")
+    npz = _attn(root) / "layer_01/heatmaps_uint8.npz"
+    members = _npy_members(npz)
+    members["heatmaps.npy"] = b"\x93NUMPY\x03" + members["heatmaps.npy"][7:]
+    npz.write_bytes(_npz_bytes(members))
+    c.add("npy_version_3", root, ERROR, "version")
 
     root = c.export("npz_100000_members")
     npz = _attn(root) / "layer_01/heatmaps_uint8.npz"
@@ -651,10 +733,72 @@ def _geometry(c: _Corpus) -> None:
     c.add("geometry_header_claims_more", root, ERROR, "declares", viewer_outcome="any")
 
 
+def _analysis(c: _Corpus) -> None:
+    """The analysis kept beside an export (``analysis/``), which the viewer reads back and writes: links
+    there must neither be read nor written through, and what is read is held to the format's caps."""
+    from vggt.analysis.store import analysis_for
+    from vggt.attn_format import open_export
+
+    analysed = c.folder / "_base_analysis" / "export"
+    shutil.copytree(c.base, analysed)
+    with open_export(analysed) as export:
+        assert analysis_for(export)[1] == "saved"
+    saved = analysed / "analysis"
+    shutil.copy(saved / "summary.json", c.outside / "secret_summary.json")
+    (c.outside / "analysis_folder").mkdir()
+
+    root = c.export("analysis_saved", analysed)
+    c.add("analysis_saved", root, VIEW)
+
+    root = c.export("analysis_links_where_files_are_written")
+    (root / "analysis").mkdir()
+    for name in ("summary.json", "per_query.npz", "layer_head_metrics.csv"):
+        for link in (name, f"{name}.tmp", f".{name}.tmp"):
+            (root / "analysis" / link).symlink_to(c.outside / "victim.txt")
+    c.add("analysis_links_where_files_are_written", root, VIEW)
+
+    root = c.export("analysis_folder_link_outside")
+    (root / "analysis").symlink_to(c.outside / "analysis_folder")
+    c.add("analysis_folder_link_outside", root, VIEW)
+
+    root = c.export("analysis_summary_link_outside", analysed)
+    (root / "analysis/summary.json").unlink()
+    (root / "analysis/summary.json").symlink_to(c.outside / "secret_summary.json")
+    c.add("analysis_summary_link_outside", root, VIEW)
+
+    root = c.export("analysis_summary_deep_json", analysed)
+    (root / "analysis/summary.json").write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    c.add("analysis_summary_deep_json", root, VIEW)
+
+    root = c.export("analysis_arrays_deflated_2_gib", analysed)
+    header = _npy(np.zeros((0,), np.float32)).replace(b"(0,)", b"(536870912,)")
+    header = header[:8] + struct.pack("<H", len(header) - 10) + header[10:]
+    (root / "analysis/per_query.npz").write_bytes(raw_zip([{
+        "name": "entropy.npy", "payload": _deflate(header + bytes(1 << 16)), "method": 8,
+        "size": len(header) + (2 << 30), "crc": 0}]))  # fmt: skip
+    c.add("analysis_arrays_deflated_2_gib", root, VIEW)
+
+    root = c.export("analysis_arrays_of_a_million_rows", analysed)
+    npz = root / "analysis/per_query.npz"
+    with np.load(npz) as stored:
+        arrays = {key: stored[key] for key in stored.files}
+    arrays["layer"] = np.array(["layer_01"] * 1_000_000)
+    np.savez(npz, **arrays)
+    c.add("analysis_arrays_of_a_million_rows", root, VIEW)
+
+    root = c.export("analysis_arrays_pickled", analysed)
+    npz = root / "analysis/per_query.npz"
+    with np.load(npz) as stored:
+        arrays = {key: stored[key] for key in stored.files}
+    arrays["layer"] = np.array([object()] * arrays["layer"].size, dtype=object)
+    np.savez(npz, **arrays)
+    c.add("analysis_arrays_pickled", root, VIEW)
+
+
 def build_corpus(folder: Path) -> list[Case]:
     """Write every hostile case under ``folder`` (a fresh, empty folder) and return the cases."""
     corpus = _Corpus(folder)
-    for group in (_caps, _json, _paths, _npz, _images, _zips, _geometry):
+    for group in (_caps, _json, _paths, _npz, _images, _zips, _geometry, _analysis):
         group(corpus)
     return corpus.cases
 

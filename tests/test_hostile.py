@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -55,12 +56,22 @@ def _run_child(corpus: Path, tmp_path: Path, target: str) -> tuple[dict, list[st
     return json.loads(results.read_text()), sorted(p.name for p in temporary.iterdir())
 
 
+def _contents(folder: Path) -> dict[str, bytes]:
+    """Every path under ``folder`` and its bytes."""
+    return {
+        path.relative_to(folder).as_posix(): path.read_bytes() if path.is_file() else b""
+        for path in folder.rglob("*")
+    }
+
+
 @pytest.mark.parametrize("target", ["reader", "viewer"])
 def test_every_hostile_case_ends_as_one_line_or_a_view(corpus: Path, tmp_path: Path, target: str) -> None:
     """Through the reader (every array, frame and geometry read) and through the viewer's handlers (every
     view, panel and figure, then malformed clicks and control values), under the memory limit."""
     cases = {case["name"]: case for case in json.loads((corpus / "cases.json").read_text())}
+    decoys = _contents(corpus / "outside")
     report, left_after_exit = _run_child(corpus, tmp_path, target)
+    assert _contents(corpus / "outside") == decoys  # nothing written outside the exports
     failures = []
     for result in report["results"]:
         case = cases[result["name"]]
@@ -284,3 +295,50 @@ def test_an_export_is_named_as_its_owner_named_it(tmp_path: Path, private_tmp: P
     with open_export(root) as folder, open_export(archive) as zipped:
         assert (folder.name, zipped.name) == ("kitchen", "shared_kitchen")
         assert zipped.root == zipped.files.root  # the export is the extraction folder itself
+
+
+# ---- the caps as attn_maps_schema.md lists them ---------------------------------------------------------
+
+# Each row of the schema's "Limits" table (by the start of its first cell) and the caps its second cell
+# states, in order.
+_DOCUMENTED_CAPS = {
+    "frames `S`": ["MAX_FRAMES"],
+    "layers listed by a manifest": ["MAX_LAYERS"],
+    "heads `num_heads`": ["MAX_HEADS"],
+    "`image_size`, each side": ["MAX_IMAGE_SIDE"],
+    "`Q`": ["MAX_IMAGE_SIDE", "MAX_IMAGE_SIDE"],
+    "`patch_size`": ["MAX_PATCH_SIZE"],
+    "`special_tokens` / `token_queries`": ["MAX_SPECIAL_TOKENS", "MAX_TOKEN_QUERIES"],
+    "names shown to the user": ["MAX_NAME_CHARS"],
+    "any string in a JSON file": ["MAX_STRING_CHARS"],
+    "a JSON file": ["MAX_JSON_BYTES", "MAX_JSON_VALUES", "MAX_JSON_DEPTH", "MAX_JSON_NUMBER_CHARS"],
+    "all JSON files of an export": ["MAX_EXPORT_JSON_VALUES"],
+    "members of an NPZ": ["MAX_NPZ_MEMBERS"],
+    "the header of a `.npy` member": ["MAX_NPY_HEADER_BYTES"],
+    "a deflated NPZ member": ["MAX_INFLATED_MEMBER_BYTES", "MAX_INFLATED_CACHE_BYTES"],
+    "all frames decoded at once": ["MAX_DECODED_FRAMES_BYTES"],
+    "a seed export's copied original image": ["MAX_SOURCE_IMAGE_PIXELS", "MAX_SOURCE_IMAGE_SIDE"],
+    "members of a zipped export": ["MAX_ZIP_ENTRIES", "MAX_ZIP_DIRECTORY_BYTES", "MAX_ZIP_NAME_CHARS"],
+    "what a zipped export extracts to": ["MAX_ZIP_RATIO", "MIN_ZIP_ALLOWANCE", "MAX_ZIP_EXTRACT_BYTES"],
+    "disk space left free": ["ZIP_FREE_SPACE_MARGIN"],
+}
+_UNITS = {"": 1, "MiB": 1 << 20, "GiB": 1 << 30, "million": 1_000_000}
+
+
+def test_the_schema_lists_every_cap_with_its_value_in_the_code() -> None:
+    """Each number of the schema's "Limits" table is the cap the code enforces (``limits.py``), and each
+    cap of the code has its row: a cap changed or added in one place only fails here."""
+    text = (REPO / "attn_maps_schema.md").read_text()
+    section = text.split("\n## Limits\n", 1)[1].split("\n## ", 1)[0]
+    cells = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| ")]
+    rows = [(what.strip(), limit.strip()) for what, limit in cells[1:]]  # after the header row
+    caps = {name for name, value in vars(limits).items() if re.fullmatch(r"[A-Z][A-Z0-9_]+", name)}
+    assert {name for names in _DOCUMENTED_CAPS.values() for name in names} == caps
+    assert len(rows) == len(_DOCUMENTED_CAPS)
+    for start, names in _DOCUMENTED_CAPS.items():
+        (limit,) = [limit for what, limit in rows if what.startswith(start)]
+        stated = [
+            int(number.replace(",", "")) * _UNITS[unit]
+            for number, unit in re.findall(r"(\d[\d,]*)\s*(MiB|GiB|million)?", limit)
+        ]
+        assert stated == [getattr(limits, name) for name in names], (start, limit)

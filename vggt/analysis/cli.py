@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 from vggt.analysis.output import check_writable, write_outputs
+from vggt.analysis.store import ANALYSIS_DIR, analysis_folder
 from vggt.analysis.table import DEFAULT_MASSES, SCOPES, AnalysisError, run_analysis
 from vggt.arguments import EXIT_USAGE, OneLineParser, UsageError
-from vggt.attn_format import FormatError, open_export
+from vggt.attn_format import AttnExport, FormatError, open_export
 from vggt.attn_format.hub import hub_url, is_hub_path, parse_hub_path
 from vggt.attn_format.quantization import worker_threads
 
-ANALYSIS_DIR = "analysis"
 MAX_WORKERS = 4
 
 
@@ -86,15 +86,19 @@ def _masses(text: str) -> list[float]:
         raise AnalysisError(f"--masses must be numbers separated by commas, got {text!r}") from None
 
 
-def default_output(attn_dir: str, export_root: Path) -> Path:
+def default_output(attn_dir: str, export: AttnExport) -> Path:
     """``EXPORT/analysis`` for a folder; ``NAME_analysis`` beside a zip (its extracted copy is temporary),
-    in the working folder for a dataset of the hub (its copy is the hub's cache)."""
+    in the working folder for a dataset of the hub (its copy is the hub's cache). An ``analysis`` that is
+    a link leading outside the export is refused (nothing is written there)."""
     if is_hub_path(attn_dir):
         return Path(f"{parse_hub_path(attn_dir)[0].split('/')[1]}_{ANALYSIS_DIR}")
     given = Path(attn_dir).expanduser()
     if given.suffix.lower() == ".zip":
         return given.with_name(given.stem + "_" + ANALYSIS_DIR)
-    return export_root / ANALYSIS_DIR
+    folder = analysis_folder(export)
+    if folder is None:
+        raise AnalysisError(f"{ANALYSIS_DIR}/ of the export is a link leading outside it; give --out DIR")
+    return folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.repo is not None:
             args.attn_dir = hub_url(args.repo)
         export = open_export(args.attn_dir)
-        out = Path(args.out).expanduser() if args.out else default_output(args.attn_dir, export.root)
+        out = Path(args.out).expanduser() if args.out else default_output(args.attn_dir, export)
         check_writable(out)
         started = time.perf_counter()
 

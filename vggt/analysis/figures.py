@@ -8,6 +8,7 @@ axes.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 
 from vggt.analysis.columns import METRICS
 from vggt.analysis.table import BASELINES, Analysis, layer_head_table
-from vggt.attn_format.schema import ROLLOUT_KIND
+from vggt.attn_format.schema import ROLLOUT_KIND, write_file_atomic
 
 # Shares in [0, 1]: drawn on a fixed scale so that figures of different exports compare.
 _UNIT_RANGE = set(METRICS)
@@ -72,9 +73,9 @@ def _save(fig, folder: Path, stem: str) -> list[Path]:
     paths = []
     for suffix in ("png", "svg"):
         path = folder / f"{stem}.{suffix}"
-        tmp = path.with_name(f".{path.name}.tmp")
-        fig.savefig(tmp, dpi=_DPI, format=suffix)
-        tmp.replace(path)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, dpi=_DPI, format=suffix)
+        write_file_atomic(path, buffer.getvalue())
         paths.append(path)
     _pyplot().close(fig)
     return paths

@@ -9,13 +9,15 @@ import csv
 import io
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from vggt.analysis.columns import COLUMNS
 from vggt.analysis.table import Analysis, AnalysisError
-from vggt.attn_format.schema import write_json_atomic
+from vggt.attn_format.paths import is_inside
+from vggt.attn_format.schema import write_file_atomic, write_json_atomic
 
 CSV_NAME = "layer_head_metrics.csv"
 NPZ_NAME = "per_query.npz"
@@ -27,17 +29,11 @@ def check_writable(folder: Path) -> None:
     """Create ``folder`` if needed and make sure files can be written in it; :class:`AnalysisError` if not."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)  # a fresh name: no link followed
+        os.close(handle)
+        os.unlink(probe)
     except OSError as exc:
         raise AnalysisError(f"cannot write the analysis into {folder}: {exc.strerror or exc}") from None
-
-
-def _replace(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def csv_text(records: list[dict]) -> str:
@@ -69,17 +65,20 @@ def write_outputs(result: Analysis, folder: Path, figures: bool = True) -> list[
     check_writable(folder)
     written = []
     path = folder / CSV_NAME
-    _replace(path, csv_text(result.records).encode())
+    write_file_atomic(path, csv_text(result.records).encode())
     written.append(path)
     path = folder / NPZ_NAME
     buffer = io.BytesIO()
     np.savez(buffer, **{key: _stored(values) for key, values in result.per_query.items()})
-    _replace(path, buffer.getvalue())
+    write_file_atomic(path, buffer.getvalue())
     written.append(path)
     if figures:
         from vggt.analysis.figures import write_figures
 
-        written += write_figures(result, folder / FIGURES_DIR)
+        figures_folder = folder / FIGURES_DIR
+        if not is_inside(figures_folder.resolve(), folder.resolve()):
+            raise AnalysisError(f"{figures_folder} is a link to another folder (refused)")
+        written += write_figures(result, figures_folder)
     summary = dict(result.summary, files=[p.relative_to(folder).as_posix() for p in written])
     path = folder / SUMMARY_NAME
     write_json_atomic(path, summary)

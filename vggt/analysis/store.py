@@ -7,7 +7,6 @@ capped, no pickles, every array's shape and kind against the export) and recompu
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -25,12 +24,14 @@ from vggt.analysis.table import (
     records_from_arrays,
     run_analysis,
 )
-from vggt.attn_format import AttnExport
+from vggt.attn_format import AttnExport, FormatError, limits
+from vggt.attn_format.npz import NpyMember, load_member, scan_npz
 from vggt.attn_format.paths import FolderFiles
+from vggt.attn_format.schema import read_json
 
 ANALYSIS_DIR = "analysis"
-_MAX_SUMMARY_BYTES = 1 << 20
 _MAX_ARRAYS_BYTES = 1 << 31
+_MAX_MASSES = 64  # mass shares an analysis read back may hold
 # Arrays read back and their axes: R rows, Q queries, S frames, M masses.
 _AXES = {
     "mask_recall_per_mass": "RMQ",
@@ -45,50 +46,61 @@ _AXES = {
 
 def analysis_folder(export: AttnExport) -> Path | None:
     """``EXPORT/analysis`` for an export opened from a folder; None for a zip (nothing is written into
-    its temporary extraction)."""
-    return export.root / ANALYSIS_DIR if isinstance(export.files, FolderFiles) else None
+    its temporary extraction) and when ``analysis`` is a link leading outside the export."""
+    if not isinstance(export.files, FolderFiles):
+        return None
+    return export.files.inside(export.root / ANALYSIS_DIR)
 
 
 def load_analysis(folder: Path, export: AttnExport) -> Analysis | None:
-    """The analysis saved in ``folder`` when it is whole and of this export, else None."""
+    """The analysis saved in ``folder`` (inside the export) when it is whole and of this export, else
+    None. Its files are read as the export's own are: inside the export, within the format's caps, every
+    array's kind and shape checked on its header before it is read."""
+    files, what = export.files, "the saved analysis"
     try:
-        summary_path, arrays_path = folder / SUMMARY_NAME, folder / NPZ_NAME
-        if not summary_path.is_file() or not arrays_path.is_file():
+        summary_path = files.check_readable(folder / SUMMARY_NAME, what)
+        arrays_path = files.check_readable(folder / NPZ_NAME, what)
+        limits.check_file_size(arrays_path.stat().st_size, _MAX_ARRAYS_BYTES, what)
+        summary = read_json(summary_path, what)
+        if summary.get("fingerprint") != fingerprint(export) or not isinstance(summary.get("options"), dict):
             return None
-        if summary_path.stat().st_size > _MAX_SUMMARY_BYTES or arrays_path.stat().st_size > _MAX_ARRAYS_BYTES:
+        members = scan_npz(arrays_path, what)
+        if not _members_fit(members, export):
             return None
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-        if not isinstance(summary, dict) or summary.get("fingerprint") != fingerprint(export):
-            return None
-        with np.load(arrays_path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, UnicodeDecodeError, json.JSONDecodeError):
+        arrays = {key: np.asarray(load_member(arrays_path, member, what)) for key, member in members.items()}
+    except (FormatError, OSError):
         return None
-    if not _arrays_fit(arrays, export, summary):
+    if not set(arrays["layer"].tolist()) <= set(export.layer_names) | set(BASELINES):
         return None
     source = (summary.get("correspondence") or {}).get("source")
     return Analysis(records_from_arrays(arrays, source if isinstance(source, str) else None), arrays, summary)
 
 
-def _arrays_fit(arrays: dict[str, np.ndarray], export: AttnExport, summary: dict) -> bool:
-    """Every array the table needs is there, of the right kind and shape for this export."""
-    first = export.layer_meta(export.layer_names[0])
-    layer, head, masses = arrays.get("layer"), arrays.get("head"), arrays.get("masses")
+def _members_fit(members: dict[str, NpyMember], export: AttnExport) -> bool:
+    """Every array the table needs is there, of the right kind and shape for this export (as its header
+    says, before it is read): no more rows than the export's layers and heads make, names no longer than
+    a name may be, and nothing else larger than the largest of them."""
+    layer, head, masses = members.get("layer"), members.get("head"), members.get("masses")
     if layer is None or head is None or masses is None:
         return False
-    if layer.dtype.kind != "U" or head.dtype.kind != "U" or layer.ndim != 1 or head.shape != layer.shape:
+    if len(layer.shape) != 1 or head.shape != layer.shape:
         return False
-    if masses.dtype.kind != "f" or masses.ndim != 1 or not masses.size:
+    for names in (layer, head):
+        if names.dtype.kind != "U" or names.dtype.itemsize > 4 * limits.MAX_NAME_CHARS:
+            return False
+    rows = sum(1 + int(export.layer_meta(name)["num_heads"]) for name in export.layer_names)
+    if layer.shape[0] > rows + len(BASELINES):
         return False
-    if not set(layer.tolist()) <= set(export.layer_names) | set(BASELINES):
+    if masses.dtype.kind != "f" or len(masses.shape) != 1 or not 0 < masses.shape[0] <= _MAX_MASSES:
         return False
-    sizes = {"R": layer.size, "Q": int(first["Q"]), "S": int(first["S"]), "M": masses.size}
+    first = export.layer_meta(export.layer_names[0])
+    sizes = {"R": layer.shape[0], "Q": int(first["Q"]), "S": int(first["S"]), "M": masses.shape[0]}
     for key, axes in _AXES.items():
-        values = arrays.get(key)
+        values = members.get(key)
         if values is None or values.dtype.kind != "f" or values.shape != tuple(sizes[a] for a in axes):
             return False
-    options = summary.get("options")
-    return isinstance(options, dict)
+    largest = max(members[key].nbytes for key in _AXES)
+    return all(member.nbytes <= largest for member in members.values())
 
 
 def analysis_for(

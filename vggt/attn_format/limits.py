@@ -40,6 +40,7 @@ MAX_JSON_VALUES = 400_000  # values (numbers, strings, arrays, objects) in one J
 MAX_EXPORT_JSON_VALUES = 2_000_000  # values in all of an export's JSON files together
 
 MAX_NPZ_MEMBERS = 64  # members of one NPZ file
+MAX_NPY_HEADER_BYTES = 10_000  # the text header of one .npy member (numpy's own default)
 MAX_INFLATED_MEMBER_BYTES = 256 << 20  # one deflated NPZ member, decompressed into memory
 MAX_INFLATED_CACHE_BYTES = 512 << 20  # deflated members one export keeps decompressed at a time
 MAX_DECODED_FRAMES_BYTES = 256 << 20  # all frames decoded at once (AttnExport.frames)

@@ -67,16 +67,35 @@ class NpyMember:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
+_NPY_HEADER_LENGTH = {(1, 0): struct.Struct("<H"), (2, 0): struct.Struct("<I")}
+
+
 def _read_npy_header(handle: Any, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Shape, order and dtype from the ``.npy`` header at ``handle``'s position, which is left just after
+    it. The header's length field is checked against :data:`~.limits.MAX_NPY_HEADER_BYTES` before the
+    header is read (numpy would read whatever length it states)."""
     try:
         version = np.lib.format.read_magic(handle)
+        length_field = _NPY_HEADER_LENGTH.get(version)
+        if length_field is None:
+            raise FormatError(f"{where}: unsupported .npy format version {version}")
+        length_bytes = handle.read(length_field.size)
+        (length,) = length_field.unpack(length_bytes)
+        if length > limits.MAX_NPY_HEADER_BYTES:
+            raise FormatError(
+                f"{where}: a .npy header of {length} bytes (at most {limits.MAX_NPY_HEADER_BYTES})"
+            )
+        header = io.BytesIO(np.lib.format.magic(*version) + length_bytes + handle.read(length))
+        np.lib.format.read_magic(header)
         if version == (1, 0):
-            return np.lib.format.read_array_header_1_0(handle)
-        if version == (2, 0):
-            return np.lib.format.read_array_header_2_0(handle)
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(header)
+        else:
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(header)
     except DAMAGED_DATA_ERRORS as exc:
         raise FormatError(f"{where}: bad .npy header ({type(exc).__name__}: {exc})") from None
-    raise FormatError(f"{where}: unsupported .npy format version {version}")
+    if any(size < 0 for size in shape):
+        raise FormatError(f"{where}: a .npy header with a negative dimension {list(shape)}")
+    return shape, fortran_order, dtype
 
 
 def _check_member_info(info: zipfile.ZipInfo, path: Path, where: str) -> None:

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import secrets
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -120,12 +121,29 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot store {type(value).__name__} in JSON")
 
 
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a new temporary file beside it, renamed into place.
+
+    The temporary file is created exclusively under a fresh name, so that nothing already in the folder
+    (a link left there by an export's author, leading outside the export) is followed or overwritten; the
+    rename replaces a link at ``path`` itself, never the file it leads to.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(tmp, flags, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write ``data`` as indented JSON through a temporary file renamed into place."""
     text = json.dumps(data, indent=2, default=_json_default)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_file_atomic(path, (text + "\n").encode("utf-8"))
 
 
 class JsonBudget:
