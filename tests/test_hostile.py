@@ -321,6 +321,7 @@ _DOCUMENTED_CAPS = {
     "members of a zipped export": ["MAX_ZIP_ENTRIES", "MAX_ZIP_DIRECTORY_BYTES", "MAX_ZIP_NAME_CHARS"],
     "what a zipped export extracts to": ["MAX_ZIP_RATIO", "MIN_ZIP_ALLOWANCE", "MAX_ZIP_EXTRACT_BYTES"],
     "disk space left free": ["ZIP_FREE_SPACE_MARGIN"],
+    "what an export read from the Hugging Face Hub": ["MAX_DOWNLOAD_BYTES", "ZIP_FREE_SPACE_MARGIN"],
 }
 _UNITS = {"": 1, "MiB": 1 << 20, "GiB": 1 << 30, "million": 1_000_000}
 
