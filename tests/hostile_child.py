@@ -309,6 +309,13 @@ def main(argv: list[str]) -> int:
         import vggt.viewer.figures  # noqa: F401
         import vggt.viewer.handlers  # noqa: F401
 
+    if any(case.path.startswith("hf://") for case in cases):  # huggingface_hub's own start-up reads
+        from vggt.attn_format import FormatError, open_export
+
+        try:
+            open_export("hf://datasets/hostile/not-a-case")
+        except FormatError:
+            pass
     limit = limit_address_space()
     opened = OpenedFiles()
     results = [run_case(case, corpus, opened, temporary, viewer) for case in cases]

@@ -733,6 +733,27 @@ def _geometry(c: _Corpus) -> None:
     c.add("geometry_header_claims_more", root, ERROR, "declares", viewer_outcome="any")
 
 
+def _geometry_values(c: _Corpus) -> None:
+    """Geometry arrays of the right shapes holding NaN and infinities (drawn in the 3D view and markers)."""
+    root = c.export("geometry_nan_and_infinity")
+    npz = root / "geometry/geometry.npz"
+    with np.load(npz) as stored:
+        arrays = {key: stored[key] for key in stored.files}
+    for key, values in arrays.items():
+        if values.dtype.kind == "f":
+            values = values.copy()
+            values.reshape(-1)[0::3] = np.nan
+            values.reshape(-1)[1::3] = np.inf
+            arrays[key] = values
+    np.savez(npz, **arrays)
+    c.add("geometry_nan_and_infinity", root, VIEW, viewer_outcome="any")
+
+    root = c.export("geometry_npz_symlink_outside")
+    (root / "geometry/geometry.npz").unlink()
+    (root / "geometry/geometry.npz").symlink_to(c.outside / "secret.npz")
+    c.add("geometry_npz_symlink_outside", root, ERROR, "points outside", viewer_outcome="any")
+
+
 def _analysis(c: _Corpus) -> None:
     """The analysis kept beside an export (``analysis/``), which the viewer reads back and writes: links
     there must neither be read nor written through, and what is read is held to the format's caps."""
@@ -798,9 +819,38 @@ def _analysis(c: _Corpus) -> None:
 def build_corpus(folder: Path) -> list[Case]:
     """Write every hostile case under ``folder`` (a fresh, empty folder) and return the cases."""
     corpus = _Corpus(folder)
-    for group in (_caps, _json, _paths, _npz, _images, _zips, _geometry, _analysis):
+    for group in (_caps, _json, _paths, _npz, _images, _zips, _geometry, _geometry_values, _analysis):
         group(corpus)
     return corpus.cases
+
+
+HUB_CACHE = "hub_cache"  # under the corpus folder: HF_HUB_CACHE of the child, read offline
+# A dataset holds no file of that name: the reader says so, as it does for a missing file.
+_HUB_MATCH = {"npz_path_markup": "is not in the local Hugging Face cache"}
+
+
+def publish_on_hub(cases: list[Case], folder: Path) -> list[Case]:
+    """The cases whose damage is in their files' contents (not in links, special files or names a
+    dataset cannot hold), also laid out in a Hugging Face cache under ``folder`` as the hub lays out a
+    downloaded dataset ``hostile/<case>``; returns those cases as ``hf://datasets/...`` paths."""
+    from tests.test_hub import publish
+
+    published = []
+    for case in cases:
+        root = Path(case.bound)
+        entries = list(root.rglob("*"))
+        if case.path != case.bound or not root.is_dir() or case.name.startswith("analysis_"):
+            continue
+        if any(path.is_symlink() or not (path.is_file() or path.is_dir()) for path in entries):
+            continue
+        if any(path.is_dir() and path.suffix for path in entries):  # a folder where a file belongs
+            continue
+        publish(folder / HUB_CACHE, root, repo_id=f"hostile/{case.name}")
+        repo = folder / HUB_CACHE / f"datasets--hostile--{case.name}"
+        match = _HUB_MATCH.get(case.name, case.match)
+        published.append(Case(f"hub_{case.name}", f"hf://datasets/hostile/{case.name}", str(repo),
+                              case.outcome, match, case.viewer_outcome))  # fmt: skip
+    return published
 
 
 def write_cases(cases: list[Case], path: Path) -> None:

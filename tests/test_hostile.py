@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.hostile_exports import ERROR, VIEW, build_corpus, write_cases
+from tests.hostile_exports import ERROR, HUB_CACHE, VIEW, build_corpus, publish_on_hub, write_cases
 from vggt.attn_format import FormatError, limits, open_export, paths
 from vggt.testing.synthetic import write_synthetic_export
 
@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("hostile_corpus")
-    write_cases(build_corpus(folder), folder / "cases.json")
+    cases = build_corpus(folder)
+    write_cases(cases + publish_on_hub(cases, folder), folder / "cases.json")
     return folder
 
 
@@ -46,6 +47,8 @@ def _run_child(corpus: Path, tmp_path: Path, target: str) -> tuple[dict, list[st
         os.environ,
         TMPDIR=str(temporary),
         GRADIO_TEMP_DIR=str(tmp_path / "gradio_cache"),
+        HF_HUB_CACHE=str(corpus / HUB_CACHE),
+        HF_HUB_OFFLINE="1",
         PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
     )
     completed = subprocess.run(

@@ -91,6 +91,8 @@ def _read_npy_header(handle: Any, where: str) -> tuple[tuple[int, ...], bool, np
             shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(header)
         else:
             shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(header)
+    except FormatError:
+        raise
     except DAMAGED_DATA_ERRORS as exc:
         raise FormatError(f"{where}: bad .npy header ({type(exc).__name__}: {exc})") from None
     if any(size < 0 for size in shape):
