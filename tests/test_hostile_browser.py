@@ -75,9 +75,9 @@ def test_names_from_an_export_are_text_in_the_page(tmp_path: Path) -> None:
         for tab in ("Camera-token view", "Reverse view", "Special tokens"):
             page.get_by_role("tab", name=tab).click()
             page.wait_for_timeout(300)
-        page.get_by_role("tab", name="Analysis").click()  # the layer names as the heat map's rows
+        page.get_by_role("tab", name="Analysis").click()  # its notes and table (rows by the layers' labels)
         browser.sync_api.expect(page.locator("#analysis-note")).to_contain_text("Analysis", timeout=120_000)
-        browser.sync_api.expect(page.locator("#analysis-table")).to_contain_text("<b>L1</b>")
+        browser.sync_api.expect(page.locator("#analysis-table")).to_contain_text("Global 01")
         page.locator("#save-figure").click()
         browser.sync_api.expect(page.locator("#figure-files")).to_be_visible()
         # a typed path holding markup comes back in the message as text
