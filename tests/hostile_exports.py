@@ -121,21 +121,28 @@ def raw_zip(entries: list[dict]) -> bytes:
 
     Each entry: ``name`` (str), ``payload`` (bytes as stored in the zip), ``method`` (0 stored, 8
     deflated, ...), ``size`` (declared uncompressed size), ``crc``, and optionally ``flags`` and
-    ``mode`` (Unix mode bits). Sizes of 4 GiB or more get zip64 extra fields.
+    ``mode`` (Unix mode bits), ``data_of`` (the index of an earlier entry whose stored data this one's
+    directory entry points to, as overlapping zip bombs do). Sizes of 4 GiB or more get zip64 extra
+    fields.
     """
     body = io.BytesIO()
     central = io.BytesIO()
+    offsets: list[int] = []
     for entry in entries:
         name = entry["name"].encode()
         payload, size = entry["payload"], entry["size"]
         big = size >= 0xFFFFFFFF or len(payload) >= 0xFFFFFFFF
         extra = struct.pack("<HHQQ", 1, 16, size, len(payload)) if big else b""
         small = (0xFFFFFFFF, 0xFFFFFFFF) if big else (len(payload), size)
-        offset = body.tell()
         flags, method, crc = entry.get("flags", 0), entry.get("method", 0), entry.get("crc", 0)
-        body.write(struct.pack("<4s5H3L2H", b"PK\x03\x04", 45, flags, method, 0, 33, crc, *small,
-                               len(name), len(extra)))  # fmt: skip
-        body.write(name + extra + payload)
+        if "data_of" in entry:
+            offset = offsets[entry["data_of"]]
+        else:
+            offset = body.tell()
+            body.write(struct.pack("<4s5H3L2H", b"PK\x03\x04", 45, flags, method, 0, 33, crc, *small,
+                                   len(name), len(extra)))  # fmt: skip
+            body.write(name + extra + payload)
+        offsets.append(offset)
         central_extra = struct.pack("<HHQQQ", 1, 24, size, len(payload), offset) if big else b""
         central.write(struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 0x0300 | 45, 45, flags, method, 0, 33, crc,
                                   *small, len(name), len(central_extra), 0, 0, 0,
@@ -649,6 +656,13 @@ def _zips(c: _Corpus) -> None:
     lying = dict(next(e for e in entries if e["name"] == npz_name))
     lying.update(payload=_deflate(lying["payload"] + bytes(1 << 20)), method=8)
     add_zip("zip_member_longer_than_declared", [e for e in entries if e["name"] != npz_name] + [lying], VIEW)
+
+    # Layer 2's NPZ entry pointing at layer 1's stored data (as overlapping zip bombs point many entries
+    # at one kernel): layer 1 reads, layer 2 is refused.
+    others = [e for e in entries if not e["name"].endswith("heatmaps_uint8.npz")]
+    kernel = next(e for e in entries if e["name"] == npz_name)
+    overlapping = [kernel, dict(kernel, name=npz_name.replace("layer_01", "layer_02"), data_of=len(others))]
+    add_zip("zip_overlapping_entries", others + overlapping, ERROR, "layer_02/heatmaps_uint8.npz")
 
     bad_crc = dict(next(e for e in entries if e["name"] == npz_name), crc=12345)
     add_zip("zip_bad_crc", [e for e in entries if e["name"] != npz_name] + [bad_crc], ERROR, "cannot extract")

@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("hostile_corpus")
     cases = build_corpus(folder)
-    write_cases(cases + publish_on_hub(cases, folder), folder / "cases.json")
+    write_cases(cases, folder / "viewer.json")
+    write_cases(cases + publish_on_hub(cases, folder), folder / "reader.json")  # the hub: a source of files
     return folder
 
 
@@ -52,7 +53,7 @@ def _run_child(corpus: Path, tmp_path: Path, target: str) -> tuple[dict, list[st
         PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
     )
     completed = subprocess.run(
-        [sys.executable, "-m", "tests.hostile_child", str(corpus / "cases.json"), str(results), target],
+        [sys.executable, "-m", "tests.hostile_child", str(corpus / f"{target}.json"), str(results), target],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -69,9 +70,10 @@ def _contents(folder: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("target", ["reader", "viewer"])
 def test_every_hostile_case_ends_as_one_line_or_a_view(corpus: Path, tmp_path: Path, target: str) -> None:
-    """Through the reader (every array, frame and geometry read) and through the viewer's handlers (every
-    view, panel and figure, then malformed clicks and control values), under the memory limit."""
-    cases = {case["name"]: case for case in json.loads((corpus / "cases.json").read_text())}
+    """Through the reader (every array, frame and geometry read; from folders, zips and datasets of the
+    hub) and through the viewer's handlers (every view, panel and figure, then malformed clicks and
+    control values), under the memory limit."""
+    cases = {case["name"]: case for case in json.loads((corpus / f"{target}.json").read_text())}
     decoys = _contents(corpus / "outside")
     report, left_after_exit = _run_child(corpus, tmp_path, target)
     assert _contents(corpus / "outside") == decoys  # nothing written outside the exports
