@@ -144,6 +144,7 @@ MALFORMED_CLICKS = [
 MALFORMED_CONTROLS = [None, "", "Head 0", "Head 99999999999999999999", "Head -1", "\ud800", {"a": 1}, [1, 2],
                       float("nan"), 10**400, "x" * 100_000]  # fmt: skip
 ANALYSIS_CASES = "analysis_"  # cases whose analysis/ folder is read (and, in the viewer, written)
+INTERVENTION_CASES = "interventions_"  # cases holding a results.csv, opened in the Analysis tab
 FUZZED_CASE = "surrogates_and_markup_in_names"  # the case also drawn as a figure and sent malformed input
 _WRAPPER = re.compile(r'<div class="viewer-[a-z -]+"( role="status")?>|</div>')
 
@@ -240,6 +241,8 @@ def view_with_handlers(case: Case, temporary: Path, result: dict) -> list[str]:
         check(handlers.on_reverse_select, session, 0, 0.6, _Event({"x": 1, "y": 1}))
         if case.name.startswith(ANALYSIS_CASES):  # read back, else computed and saved beside the export
             check(handlers.on_analysis, session, 0.6, "cross_view_mass")
+        if case.name.startswith(INTERVENTION_CASES):  # the sweep's results.csv sent with the export
+            check(handlers.on_interventions, session, str(Path(case.bound) / "results.csv"), None)
         if case.name != FUZZED_CASE:
             return check.messages
         check(handlers.on_save_figure, session, 0.6)

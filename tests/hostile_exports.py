@@ -830,10 +830,36 @@ def _analysis(c: _Corpus) -> None:
     c.add("analysis_arrays_pickled", root, VIEW)
 
 
+def _interventions(c: _Corpus) -> None:
+    """An intervention sweep's ``results.csv`` sent with the export, opened in the Analysis tab: as many
+    rows as the reader takes, on heads and layers the export has and has not, markup in its names."""
+    from vggt.intervention_results import COLUMNS, MAX_HEAD, MAX_ROWS, NUMBER_COLUMNS
+
+    root = c.export("interventions_results_all_rows")
+    numbers = ",".join(["0.5"] * len(NUMBER_COLUMNS))
+    lines = [",".join(COLUMNS)]
+    for row in range(MAX_ROWS):
+        head = 1 + row % MAX_HEAD
+        lines.append(f"<img src=x> {row},ablate_heads,global:{1 + row % 3},{head},{numbers}")
+    (root / "results.csv").write_text("\n".join(lines) + "\n")
+    c.add("interventions_results_all_rows", root, VIEW)
+
+
 def build_corpus(folder: Path) -> list[Case]:
     """Write every hostile case under ``folder`` (a fresh, empty folder) and return the cases."""
     corpus = _Corpus(folder)
-    for group in (_caps, _json, _paths, _npz, _images, _zips, _geometry, _geometry_values, _analysis):
+    for group in (
+        _caps,
+        _json,
+        _paths,
+        _npz,
+        _images,
+        _zips,
+        _geometry,
+        _geometry_values,
+        _analysis,
+        _interventions,
+    ):
         group(corpus)
     return corpus.cases
 
