@@ -58,7 +58,11 @@ def _viewer_page() -> Iterator[object]:
         CACHE.clear()
 
 
-def test_names_from_an_export_are_text_in_the_page(tmp_path: Path) -> None:
+def test_names_from_an_export_are_text_in_the_page(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names from a markup export are text in the page, wherever they are shown; the files Gradio served
+    the page (the saved figure) are gone once the viewer stops."""
+    served = tmp_path / "gradio_cache"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(served))  # read when the viewer's components are made
     export = _markup_export(tmp_path / "export")
     loaded = load_export(str(export))
     size = (loaded.geometry.width, loaded.geometry.height)
@@ -80,6 +84,7 @@ def test_names_from_an_export_are_text_in_the_page(tmp_path: Path) -> None:
         browser.sync_api.expect(page.locator("#analysis-table")).to_contain_text("Global 01")
         page.locator("#save-figure").click()
         browser.sync_api.expect(page.locator("#figure-files")).to_be_visible()
+        assert any(path.is_file() for path in served.rglob("*"))  # handed to the page from Gradio's cache
         # a typed path holding markup comes back in the message as text
         page.locator("#export-path textarea, #export-path input").first.fill(
             f"/no/such/<img src=http://{EVIL_HOST}/typed.png>"
@@ -101,6 +106,7 @@ def test_names_from_an_export_are_text_in_the_page(tmp_path: Path) -> None:
         assert injected == []
     assert not [address for address in requests if EVIL_HOST in address]
     assert dialogs == []
+    assert not [path for path in served.rglob("*") if path.is_file()]
 
 
 def test_figures_keep_names_as_text(tmp_path: Path) -> None:
