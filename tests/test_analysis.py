@@ -70,7 +70,7 @@ def _rows_of(export, name):
     return rows
 
 
-def brute_force(export, name, head, targets, reference, radius=1, scope="query"):
+def brute_force(export, name, head, targets, reference, radius=1, scope="query", masses=MASSES):
     """Every column of one table row, and its per-query values, from the definitions."""
     maps, scale, special = _rows_of(export, name)[head]
     key_frames = export.key_frames(name)
@@ -115,7 +115,7 @@ def brute_force(export, name, head, targets, reference, radius=1, scope="query")
         if scope == "query":
             mine = maps[q, [key_frames.index(f) for f in shared]]
             theirs = ref_probs[q, [ref_frames.index(f) for f in shared]]
-            scores = [_fork_recall_tnr(_fork_mask(theirs, m), _fork_mask(mine, m)) for m in MASSES]
+            scores = [_fork_recall_tnr(_fork_mask(theirs, m), _fork_mask(mine, m)) for m in masses]
             per_query["mask_recall"][q] = np.mean([s[0] for s in scores])
             per_query["mask_tnr"][q] = np.mean([s[1] for s in scores])
     record = {k: (float(np.nanmean(v)) if np.isfinite(v).any() else math.nan) for k, v in per_query.items()}
@@ -125,7 +125,7 @@ def brute_force(export, name, head, targets, reference, radius=1, scope="query")
     if scope == "all":
         mine = maps[:, [key_frames.index(f) for f in shared]]
         theirs = ref_probs[:, [ref_frames.index(f) for f in shared]]
-        scores = [_fork_recall_tnr(_fork_mask(theirs, m), _fork_mask(mine, m)) for m in MASSES]
+        scores = [_fork_recall_tnr(_fork_mask(theirs, m), _fork_mask(mine, m)) for m in masses]
         record["mask_recall"] = float(np.mean([s[0] for s in scores]))
         record["mask_tnr"] = float(np.mean([s[1] for s in scores]))
     return record, per_query
@@ -167,7 +167,7 @@ def _assert_row(actual: dict, expected: dict, rtol: float = 1e-9) -> None:
             assert actual[key] == pytest.approx(value, rel=rtol, abs=1e-12), key
 
 
-def _check_every_row(export, result, correspondence, scope="query", radius=1):
+def _check_every_row(export, result, correspondence, scope="query", radius=1, masses=MASSES):
     targets = _targets(export, correspondence) if correspondence is not None else None
     reference = result.summary["options"]["reference_layer"]
     records = {(r["layer"], r["head"]): (i, r) for i, r in enumerate(result.records)}
@@ -175,7 +175,7 @@ def _check_every_row(export, result, correspondence, scope="query", radius=1):
     for name in export.layer_names:
         for head in _rows_of(export, name):
             index, record = records[(name, head)]
-            expected, per_query = brute_force(export, name, head, targets, reference, radius, scope)
+            expected, per_query = brute_force(export, name, head, targets, reference, radius, scope, masses)
             _assert_row(record, expected)
             for key in ("cross_view_mass", "query_frame_mass", "camera_mass", "register_mass", "entropy"):
                 np.testing.assert_allclose(
@@ -235,6 +235,17 @@ def test_stride_one_global_only_and_radius(tmp_path: Path) -> None:
     result = run_analysis(export, correspondence=correspondence, masses=MASSES, radius=2, reference_layer=0)
     assert result.summary["options"]["reference_layer"] == "layer_01"
     _check_every_row(export, result, correspondence, radius=2)
+
+
+def test_many_masses(tmp_path: Path) -> None:
+    """More masks than one 64-bit word of running counts holds (the uint8 path packs several per word)."""
+    root = write_synthetic_export(
+        tmp_path / "export", num_frames=3, H_p=7, W_p=8, num_layers=2, per_head=True
+    )
+    export = open_export(root)
+    masses = tuple(np.round(np.arange(0.05, 1.0, 0.08), 2))
+    result = run_analysis(export, masses=masses)
+    assert _check_every_row(export, result, None, masses=masses) == 2 * 5
 
 
 @pytest.mark.parametrize("precision", ["uint8", "float16"])
