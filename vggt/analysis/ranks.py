@@ -49,7 +49,8 @@ class Runs:
 def sorted_runs(values: np.ndarray) -> Runs:
     """Runs of float rows ``[n, N]``: their values in descending order, one cell each (a contiguous array:
     the negated rows sorted, negated back; every later step reads it in order)."""
-    descending = np.sort(np.negative(values, dtype=np.float64), axis=-1)
+    descending = np.negative(values, dtype=np.float64)
+    descending.sort(axis=-1)
     return Runs(np.negative(descending, out=descending), None)
 
 
@@ -151,10 +152,10 @@ def _sorted_crossings(values: np.ndarray, fractions: np.ndarray) -> tuple[np.nda
     total = running[:, -1]
     target = total[:, None] * fractions[None, :]  # [n, F]
     # First cell whose running mass reaches the target (the fork's searchsorted 'left').
-    run = np.minimum(count_below(running, target), values.shape[1] - 1)
+    run = np.minimum(count_prefix(running, target), values.shape[1] - 1)
     run_value = take_rows(values, run)
     # Later cells tied with the threshold value are in the mask too: the cells at least that value.
-    in_mask = count_below(np.negative(values), -run_value, inclusive=True)
+    in_mask = count_prefix(values, run_value, np.greater_equal)
     return total, run_value, in_mask, run + 1.0
 
 
@@ -167,7 +168,7 @@ def _code_crossings(runs: Runs, fractions: np.ndarray) -> tuple[np.ndarray, ...]
     target = total[:, None] * fractions[None, :]  # [n, F]
     # First run whose running mass reaches the target; the running masses are integers, so they are below
     # the target exactly when they are below its ceiling.
-    run = np.minimum(count_below(running, np.ceil(target).astype(np.int64)), CODES - 1)
+    run = np.minimum(count_prefix(running, np.ceil(target).astype(np.int64)), CODES - 1)
     run_value = runs.values[run].astype(np.float64)
     run_count = take_rows(counts, run)
     mass_before = take_rows(running, run) - run_value * run_count
@@ -177,23 +178,23 @@ def _code_crossings(runs: Runs, fractions: np.ndarray) -> tuple[np.ndarray, ...]
     return total, run_value, in_mask, in_mask - run_count + needed
 
 
-def count_below(running: np.ndarray, bound: np.ndarray, inclusive: bool = False) -> np.ndarray:
-    """How many entries of each row of ``running [n, W]`` (non-decreasing) lie below (or, ``inclusive``,
-    at most at) each of the row's ``bound [n, F]``: one binary search of every row and bound at once
-    (``np.searchsorted`` of each row, ``side='left'`` or ``'right'``), ``[n, F]`` int64."""
-    below_bound = np.less_equal if inclusive else np.less
-    n, width = running.shape
-    flat = running.reshape(-1)
+def count_prefix(rows: np.ndarray, bound: np.ndarray, test: np.ufunc = np.less) -> np.ndarray:
+    """How many leading entries of each row of ``rows [n, W]`` pass ``test(entry, bound)`` for each of the
+    row's ``bound [n, F]``, for a test that holds on a prefix of every row (``np.less`` on non-decreasing
+    rows: ``np.searchsorted(row, bound)``): one binary search of every row and bound at once, ``[n, F]``
+    int64."""
+    n, width = rows.shape
+    flat = rows.reshape(-1)
     base = (np.arange(n) * width)[:, None]
-    below = np.zeros(bound.shape, dtype=np.int64)
+    count = np.zeros(bound.shape, dtype=np.int64)
     step = 1 << (width.bit_length() - 1)
     while step:
-        candidate = below + step  # take ``step`` more entries when the last of them is below the bound
+        candidate = count + step  # ``step`` more entries, when the last of them passes
         fits = candidate <= width
         last = flat[base + np.minimum(candidate, width) - 1]
-        below = np.where(fits & below_bound(last, bound), candidate, below)
+        count = np.where(fits & test(last, bound), candidate, count)
         step >>= 1
-    return below
+    return count
 
 
 def take_rows(values: np.ndarray, index: np.ndarray) -> np.ndarray:
