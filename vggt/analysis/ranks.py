@@ -216,8 +216,9 @@ def entropy_terms(runs: Runs, scale: np.ndarray) -> np.ndarray:
 def x_log_x(values: np.ndarray) -> np.ndarray:
     """``sum(x log x)`` over the last axis of non-negative ``values`` (``0 log 0 = 0``)."""
     values = np.asarray(values, dtype=np.float64)
-    logs = np.zeros(values.shape)
-    np.log(values, out=logs, where=values > 0)
+    with np.errstate(divide="ignore"):
+        logs = np.log(values)  # a plain log and a fix of the zeros: faster than a masked log
+    logs[values == 0] = 0.0
     return np.einsum("...i,...i->...", values, logs)
 
 
