@@ -101,7 +101,7 @@ def code_histograms(
     keys = np.empty((rows_per_call, cells), dtype=np.uint16)
     row_high = np.arange(rows_per_call, dtype=np.uint16)[:, None] * np.uint16(num_levels * CODES)
     row_high += np.uint16(CODES - 1)
-    label_high = None if levels is None else levels.astype(np.uint16) * np.uint16(CODES)
+    label_high = None if levels is None else np.multiply(levels, np.uint16(CODES), dtype=np.uint16)
     for start in range(0, n, rows_per_call):
         stop = min(start + rows_per_call, n)
         count = stop - start
