@@ -141,3 +141,13 @@ def test_rotation_angles_are_exact_near_zero_and_right_at_large_angles():
     for degrees in (0.5, 90.0, 120.0, 179.0):
         extrinsic = np.stack([np.eye(3, 4), np.c_[rotation([0, 1, 1], degrees), [1.0, 0.0, 0.0]]])
         assert camera_errors(extrinsic, np.stack([np.eye(3, 4)] * 2))[0] == pytest.approx(degrees)
+
+
+def test_a_reference_without_a_field_of_view_has_no_relative_fov_error(recwarn):
+    run = scene()
+    intrinsic = run.intrinsic.copy()
+    intrinsic[1:, 0, 0] = intrinsic[1:, 1, 1] = np.inf  # a focal length of a random-weight camera head
+    reference = RunGeometry(run.extrinsic, intrinsic, run.depth, run.world_points, run.track)
+    errors = compare(run, reference)
+    assert math.isnan(errors["fov_rel"]) and errors["depth_abs_rel"] == 0.0
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

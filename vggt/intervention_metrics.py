@@ -174,7 +174,8 @@ def compare(run: RunGeometry, reference: RunGeometry, align: bool = False) -> di
     size = reference.image_size or run.image_size
     if size is not None:
         fov, fov_ref = fields_of_view(run.intrinsic, size), fields_of_view(reference.intrinsic, size)
-        errors["fov_rel"] = float(np.mean(np.abs(fov - fov_ref) / fov_ref))
+        if np.all(fov_ref > 0):  # a reference without a field of view (random weights) has no relative error
+            errors["fov_rel"] = float(np.mean(np.abs(fov - fov_ref) / fov_ref))
     valid = reference.valid
     if run.depth is not None and reference.depth is not None:
         depth = run.depth.astype(np.float64)
