@@ -127,3 +127,18 @@ def test_results_reader_refuses_what_is_not_a_results_file(tmp_path):
         read_results(tmp_path)
     with pytest.raises(ResultsError, match="cannot read"):
         read_results(tmp_path / "missing")
+
+
+def test_the_readmes_small_config_builds_a_vggt_with_its_heads():
+    import torch
+
+    from vggt.models.vggt import VGGT
+
+    config = VGGTConfig.from_dict(
+        json.loads((EXAMPLE_IMAGES.parents[1] / "vggt_small_config.json").read_text())
+    )
+    with torch.device("meta"):
+        model = VGGT.from_config(config, heads=True)
+    assert len(model.aggregator.global_blocks) == 12 and model.aggregator.global_blocks[5].attn.num_heads == 6
+    assert config.depth_head.intermediate_layer_idx == (2, 5, 8, 11)
+    assert sum(p.numel() for p in model.parameters()) < 100e6
