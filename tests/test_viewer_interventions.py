@@ -92,6 +92,7 @@ def test_a_sweep_is_drawn_on_the_axes_of_the_analysis_heat_map(export_root: Path
     note = plain(out.intervention_note)
     assert "5 head ablations in the file; 3 on this export's layers, coloured from 0 to 0.5" in note
     assert "2 ablations not on this export's layers and heads: dino:1 head 1, global:1 head 5" in note
+    assert "1 other intervention (mask_keys): not per head, not shown" in note
     # Coloured by value on [0, max] with the viewer's jet colours: 0.5 the top, 0.25 the middle.
     page = out.intervention_table.to_html()
     for value in (0.5, 0.25, 0.125):

@@ -122,6 +122,10 @@ def sweep_heatmap(loaded: LoadedExport, rows: list[ResultRow], column: str | Non
     if missing:
         listed = ", ".join(list(missing)[:_SHOWN_NAMES]) + (", ..." if len(missing) > _SHOWN_NAMES else "")
         lines.append(f"{plural(len(missing), 'ablation')} not on this export's layers and heads: {listed}")
+    others = sorted({row.kind for row in rows if row.kind not in ("none", "ablate_heads")})
+    if others:
+        count = sum(row.kind in others for row in rows)
+        lines.append(f"{plural(count, 'other intervention')} ({', '.join(others)}): not per head, not shown")
     lines.append("Click a cell to open its layer and head")
     labels = [loaded.layer_labels.get(name, name) for name in names]
     table = layer_head_styler(labels, values, heads, _number, vmax if vmax > 0 else 1.0)
