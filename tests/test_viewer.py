@@ -323,6 +323,9 @@ def test_value_readout(per_head_export: Path, averaged_export: Path, raw_export:
     loaded = load(averaged_export)
     out = select(loaded.session, 5, 5, "layer_01")
     assert f"Full colour (dark red) = probability {averaged_meta['layer_vmax99']:.4g}" in text(out.query_view)
+    # which scale the colours use, said in words
+    assert f"layer vmax99 = {averaged_meta['layer_vmax99']:.4g} (the colours' scale)" in text(out.query_view)
+    assert "the colours use the average's own 99th percentile" in average
 
     loaded = load(raw_export)
     out = rerender(select(loaded.session, 5, 5, "layer_02").session, "layer_02", "Head 1")

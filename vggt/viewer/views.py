@@ -378,7 +378,10 @@ def _scale_lines(meta: dict, head: int | None, token: bool = False) -> list[str]
     layer_text = f"{layer_vmax:.4g}" if layer_vmax else "not recorded"
     raw = "raw float16 probabilities · " if meta["normalized_by"] == "none" else ""
     lines = [f"{raw}layer {what} = {layer_text}"]
-    if meta["per_head_data"]:
+    if not meta["per_head_data"]:  # one map per frame: the colours use the stored scale, where there is one
+        own = "; the colours use the query's own 99th percentile"
+        lines[0] += " (the colours' scale)" if layer_vmax else own
+    else:
         head_vmax = meta.get(f"{prefix}per_head_vmax99")
         if head is not None:
             own = f"{head_vmax[head]:.4g}" if head_vmax else layer_text
