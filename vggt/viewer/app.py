@@ -128,9 +128,8 @@ def _main_view(initial_path: str | None) -> Page:
                 save_figure = gr.Button(
                     "Save figure", size="sm", scale=1, min_width=100, elem_id="save-figure"
                 )
-            figure_files = gr.File(
-                label="Figure", file_count="multiple", visible=False, elem_id="figure-files"
-            )
+            figure_files = gr.File(label="Figure", show_label=False, file_count="multiple", visible=False,
+                                   elem_id="figure-files")  # fmt: skip
     overlays = attention_view("overlays")
     return Page(session, path_box, load_button, message, layer, head, mode_buttons, grid_frame,
                 opacity, save_figure, figure_files, query_view, overlays)  # fmt: skip
