@@ -225,8 +225,10 @@ function layout(value, width) {
     const perPage = columns <= 4 ? columns : 8;
     const perRow = Math.min(columns, 4);
     const rowsPerPage = Math.ceil(perPage / perRow);
+    // the main overlays fit below the query frame; a view further down (a tab) fits the window itself
     const top = root.getBoundingClientRect().top + window.scrollY;
-    const height = Math.max(200, window.innerHeight - top - 40 - 24 * rowsPerPage);
+    const above = top < window.innerHeight ? top : 120;
+    const height = Math.max(200, window.innerHeight - above - 40 - 24 * rowsPerPage);
     const aspect = value.size[1] / value.size[0];
     const cell = Math.min((width - 10 * (perRow - 1)) / perRow, height / rowsPerPage / aspect);
     return { labelled, perPage, perRow, cell: Math.floor(cell), label: 0 };
