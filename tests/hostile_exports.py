@@ -284,6 +284,21 @@ def _caps(c: _Corpus) -> None:
         meta.write_text(json.dumps(layer))
     c.add("seed_image_size_20000", root, ERROR, "each 1 to 4096")
 
+    # A seed export's paths are matched leniently (by their last components inside the export), never
+    # followed out of it: a frame found nowhere inside is a gray placeholder, with a warning.
+    root = c.export("seed_paths_outside")
+    manifest = _attn(root) / "layers_manifest.json"
+    data = json.loads(manifest.read_text())
+    data.pop("schema_version")
+    manifest.write_text(json.dumps(data))
+    secret = str(c.outside / "secret.png")
+    for meta in _attn(root).glob("*_metadata.json"):
+        layer = json.loads(meta.read_text())
+        layer.pop("schema_version")
+        layer["image_paths"] = [secret, "../../../outside/secret.png", "/proc/self/root" + secret]
+        meta.write_text(json.dumps(layer))
+    c.add("seed_paths_outside", root, VIEW)
+
     root = c.export("layers_3000_one_metadata")
     manifest = _attn(root) / "layers_manifest.json"
     entries = [{"name": f"layer_{i}", "metadata_path": "layer_01_metadata.json"} for i in range(3000)]
