@@ -880,8 +880,11 @@ def build_corpus(folder: Path) -> list[Case]:
 
 
 HUB_CACHE = "hub_cache"  # under the corpus folder: HF_HUB_CACHE of the child, read offline
-# A dataset holds no file of that name: the reader says so, as it does for a missing file.
-_HUB_MATCH = {"npz_path_markup": "is not in the local Hugging Face cache"}
+# Outcomes that differ through the hub: a dataset holds no file of that name, and read offline the reader
+# cannot know which files the dataset holds beyond the cache (a seed export's frame found nowhere is
+# then a missing file, not a gray frame).
+_NOT_CACHED = (ERROR, "is not in the local Hugging Face cache")
+_HUB_OUTCOMES = {"npz_path_markup": _NOT_CACHED, "seed_paths_outside": _NOT_CACHED}
 
 
 def publish_on_hub(cases: list[Case], folder: Path) -> list[Case]:
@@ -902,9 +905,9 @@ def publish_on_hub(cases: list[Case], folder: Path) -> list[Case]:
             continue
         publish(folder / HUB_CACHE, root, repo_id=f"hostile/{case.name}")
         repo = folder / HUB_CACHE / f"datasets--hostile--{case.name}"
-        match = _HUB_MATCH.get(case.name, case.match)
+        outcome, match = _HUB_OUTCOMES.get(case.name, (case.outcome, case.match))
         published.append(Case(f"hub_{case.name}", f"hf://datasets/hostile/{case.name}", str(repo),
-                              case.outcome, match, case.viewer_outcome))  # fmt: skip
+                              outcome, match, case.viewer_outcome))  # fmt: skip
     return published
 
 

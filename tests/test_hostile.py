@@ -269,6 +269,15 @@ def test_messages_quote_the_path_as_typed(tmp_path: Path) -> None:
             open_export(bad)  # type: ignore[arg-type]
 
 
+def test_special_files_typed_as_exports_are_refused_unread(tmp_path: Path) -> None:
+    """Devices and pipes named like exports: a one-line refusal, never a read that would not end."""
+    for name in ("pipe.zip", "pipe.json"):
+        os.mkfifo(tmp_path / name)
+    for typed in ("/dev/zero", "/dev/stdin", str(tmp_path / "pipe.zip"), str(tmp_path / "pipe.json")):
+        with pytest.raises(FormatError, match="^not an export: "):
+            open_export(typed)
+
+
 def test_a_zip_opened_in_the_viewer_is_removed_when_no_session_holds_it(
     tmp_path: Path, private_tmp: Path
 ) -> None:
