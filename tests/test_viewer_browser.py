@@ -412,8 +412,9 @@ def test_an_averaged_export_disables_what_does_not_apply(page, tmp_path: Path) -
 
 def test_layout_fits_a_1400_by_900_window_and_many_frames_come_in_pages(page, tmp_path: Path) -> None:
     expect = sync_api.expect
+    # square frames with geometry: the tallest frames, the longest readout and captions
     three = write_synthetic_export(tmp_path / "three", num_frames=3, H_p=37, W_p=37, stride_h=4, stride_w=4,
-                                   num_layers=1)  # fmt: skip
+                                   num_layers=1, geometry=True)  # fmt: skip
     load(page, three)
     click_frame_pixel(page, "query-view", 200, 200, (518, 518))
     query = visible_box(page.locator("#query-view .av-picker-canvas"))
@@ -421,6 +422,11 @@ def test_layout_fits_a_1400_by_900_window_and_many_frames_come_in_pages(page, tm
     assert len(boxes) == 3
     assert query["y"] + query["height"] <= WINDOW["height"]  # all visible without scrolling
     assert all(box["width"] >= 400 and box["y"] + box["height"] <= WINDOW["height"] for box in boxes), boxes
+    captions = [visible_box(c) for c in page.locator("#overlays .av-caption").all()]
+    assert all(" · peak cell (" in text for text in texts(page, "#overlays .av-caption"))
+    assert all(box["y"] + box["height"] <= WINDOW["height"] for box in captions), captions
+    readout = visible_box(page.locator("#query-view .av-readout"))
+    assert readout["y"] + readout["height"] <= query["y"] + query["height"] + 24  # no higher than the frame
 
     many = write_synthetic_export(tmp_path / "many", num_frames=32, H_p=4, W_p=5, num_layers=1)
     load(page, many)

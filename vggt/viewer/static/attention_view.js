@@ -228,9 +228,16 @@ function layout(value, width) {
     // the main overlays fit below the query frame; a view further down (a tab) fits the window itself
     const top = root.getBoundingClientRect().top + window.scrollY;
     const above = top < window.innerHeight ? top : 120;
-    const height = Math.max(200, window.innerHeight - above - 40 - 24 * rowsPerPage);
     const aspect = value.size[1] / value.size[0];
-    const cell = Math.min((width - 10 * (perRow - 1)) / perRow, height / rowsPerPage / aspect);
+    const widest = (width - 10 * (perRow - 1)) / perRow;
+    // room for the captions too: their lines at the cell's width (about 6.5 px a character)
+    const longest = Math.max(0, ...view.rows[0].cells.map((cell) => (cell ? cell.caption.length : 0)));
+    let cell = widest;
+    for (let pass = 0; pass < 2; pass++) {
+      const lines = Math.max(1, Math.ceil((longest * 6.5) / cell));
+      const height = Math.max(200, window.innerHeight - above - 42 - 16 * lines * rowsPerPage);
+      cell = Math.min(widest, height / rowsPerPage / aspect);
+    }
     return { labelled, perPage, perRow, cell: Math.floor(cell), label: 0 };
   }
   const label = Math.min(170, Math.max(110, width * 0.12));
