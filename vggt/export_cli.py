@@ -49,6 +49,7 @@ from vggt.models.config import VGGTConfig
 from vggt.models.vggt import VGGT
 from vggt.preprocess import load_and_preprocess_images
 from vggt.rollout import DEFAULT_DISCARD_RATIO, rollout_bytes
+from vggt.wording import plural
 
 DEFAULT_PREFIX = "attn_first2all_"
 
@@ -167,7 +168,8 @@ class Plan:
         grid, options = self.grid, self.options
         lines = [f"Export of '{args.image_set_name}' -> {self.out_dir}"]
         lines.append(
-            f"  frames: {len(self.choice.paths)} of {self.choice.folder_size} images, {args.preprocess} to "
+            f"  frames: {len(self.choice.paths)} of {plural(self.choice.folder_size, 'image')}, "
+            f"{args.preprocess} to "
             f"{self.images.shape[-1]} x {self.images.shape[-2]} px (W x H; frame 0 is the query frame)"
         )
         for index, path in enumerate(self.choice.paths):

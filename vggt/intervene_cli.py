@@ -65,6 +65,7 @@ from vggt.interventions import (
 )
 from vggt.models.vggt import VGGT
 from vggt.preprocess import load_and_preprocess_images
+from vggt.wording import plural
 
 DEFAULT_PREFIX = "interventions_"
 KINDS = BLOCK_KINDS
@@ -452,7 +453,7 @@ def run(args: argparse.Namespace) -> Path:
         kinds = [item.kind for item in plan.items]
         counts = {kind: kinds.count(kind) for kind in dict.fromkeys(kinds)}
         print(f"Interventions on '{args.image_set_name}' -> {out_dir}\n"
-              f"  frames: {len(choice.paths)}, {args.preprocess} to {height}x{width} px; "
+              f"  frames: {len(choice.paths)}, {args.preprocess} to {width} x {height} px (W x H); "
               f"{len(points)} query cells (stride {args.stride}) for the tracks\n"
               f"  sweep: " + ", ".join(f"{n} {kind}" for kind, n in counts.items()) + "\n"
               f"  truth: {scene if scene is not None else 'none (no scene folder)'}\n"
@@ -480,7 +481,7 @@ def run(args: argparse.Namespace) -> Path:
         "columns": dict(COLUMNS),
     }
     weights = "random weights" if args.random_weights else Path(weights_description(args)).name
-    title = f"{args.image_set_name}, {len(choice.paths)} frames, {weights}"
+    title = f"{args.image_set_name}, {plural(len(choice.paths), 'frame')}, {weights}"
     write_output(out_dir, rows, sweep, args.overwrite, title)
     if progress:
         print(f"Wrote {out_dir / RESULTS_NAME} ({len(rows) - 1} interventions) in {sweep['seconds']:.1f} s")

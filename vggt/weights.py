@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from vggt.arguments import SpelledError, argument
+from vggt.wording import plural
 
 DEFAULT_MODEL_ID = "facebook/VGGT-1B"
 
@@ -517,11 +518,11 @@ def _check_matches(path: Path, state_dict: Mapping[str, Tensor], expected: Mappi
     ]
     problems = []
     if missing:
-        problems.append(f"{_count(len(missing), 'missing key')} ({_list_keys(missing)})")
+        problems.append(f"{plural(len(missing), 'missing key')} ({_list_keys(missing)})")
     if unexpected:
-        problems.append(f"{_count(len(unexpected), 'unexpected key')} ({_list_keys(unexpected)})")
+        problems.append(f"{plural(len(unexpected), 'unexpected key')} ({_list_keys(unexpected)})")
     if mismatched:
-        problems.append(f"{_count(len(mismatched), 'shape mismatch', 'es')} ({_list_keys(mismatched)})")
+        problems.append(f"{plural(len(mismatched), 'shape mismatch', 'es')} ({_list_keys(mismatched)})")
     if problems:
         raise WeightsError(
             f"checkpoint {path} does not match the model: "
@@ -535,10 +536,6 @@ def _named_tensors(model: nn.Module) -> Iterable[tuple[str, Tensor]]:
     yield from model.named_buffers()
 
 
-def _count(n: int, noun: str, plural: str = "s") -> str:
-    return f"{n:,} {noun}{'' if n == 1 else plural}"
-
-
 def _list_keys(keys: list[str]) -> str:
     shown = ", ".join(keys[:_MAX_LISTED_KEYS])
     return shown + (", ..." if len(keys) > _MAX_LISTED_KEYS else "")
@@ -548,7 +545,7 @@ def _skipped_summary(skipped: list[str]) -> str:
     if not skipped:
         return ""
     groups = sorted({key.split(".", 1)[0] for key in skipped})
-    return f"; skipped {_count(len(skipped), 'head tensor')} ({', '.join(groups)})"
+    return f"; skipped {plural(len(skipped), 'head tensor')} ({', '.join(groups)})"
 
 
 def init_random_weights(model: nn.Module, seed: int = 0, device: str | torch.device = "cpu") -> None:

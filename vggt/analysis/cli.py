@@ -18,6 +18,7 @@ from vggt.arguments import EXIT_USAGE, OneLineParser, UsageError
 from vggt.attn_format import AttnExport, FormatError, open_export
 from vggt.attn_format.hub import hub_url, is_hub_path, parse_hub_path
 from vggt.attn_format.quantization import worker_threads
+from vggt.wording import plural
 
 MAX_WORKERS = 4
 
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             progress=progress,
         )
         if not args.quiet:
-            print(f"\r  analysed {len(export.layer_names)} layers in {time.perf_counter() - started:.1f} s")
+            took = time.perf_counter() - started
+            print(f"\r  analysed {plural(len(export.layer_names), 'layer')} in {took:.1f} s")
         written = write_outputs(result, out, figures=not args.no_figures)
     except (UsageError, AnalysisError, FormatError) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)

@@ -31,7 +31,8 @@ from vggt.viewer import analysis as analysis_panel
 from vggt.viewer import interventions as interventions_panel
 from vggt.viewer import payload, state, views
 from vggt.viewer.messages import error_text, lines_html, message_html
-from vggt.viewer.state import CACHE, LoadedExport, Session, SessionBox, Settings, ViewerError, plural
+from vggt.viewer.state import CACHE, LoadedExport, Session, SessionBox, Settings, ViewerError
+from vggt.wording import plural
 
 CHART_COLUMNS = ["frame", "token", "share"]
 CLICK_PROMPT = "Click a patch of the query frame."

@@ -22,7 +22,8 @@ from vggt.intervention_metrics import ERROR_COLUMNS, TRUTH_PREFIX
 from vggt.intervention_results import RESULTS_NAME, ResultRow, ResultsError, ablated_layer, read_results
 from vggt.viewer.analysis import layer_head_styler
 from vggt.viewer.serving import PathRefused
-from vggt.viewer.state import CACHE, LoadedExport, ViewerError, layer_heads, layer_kind, plural
+from vggt.viewer.state import CACHE, LoadedExport, ViewerError, layer_heads, layer_kind
+from vggt.wording import plural
 
 DEFAULT_COLUMN = "depth_abs_rel"
 COLUMNS = (*ERROR_COLUMNS, *(TRUTH_PREFIX + name for name in ERROR_COLUMNS))

@@ -23,7 +23,8 @@ import numpy as np
 from vggt.attn_format.grid import cell_index
 from vggt.geometry.scene import Camera, unproject
 from vggt.viewer import render, views
-from vggt.viewer.state import LoadedExport, Settings, ViewerError, key_frames, plural
+from vggt.viewer.state import LoadedExport, Settings, ViewerError, key_frames
+from vggt.wording import plural
 
 MAX_POINTS = 150_000  # points drawn over all frames (each frame's pixels are subsampled evenly)
 CONFIDENCE_DROPPED = 0.1  # the least confident tenth of each frame's points is left out

@@ -26,6 +26,7 @@ from vggt.attn_format import AttnExport, FormatError, open_export
 from vggt.attn_format.schema import ROLLOUT_KIND
 from vggt.viewer import render
 from vggt.viewer.serving import Located, PathRefused, PathRule
+from vggt.wording import plural
 
 AVERAGE = "Average"
 _CACHE_SIZE = 4
@@ -147,11 +148,6 @@ class LoadedExport:
             with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
                 self._frame_images = list(pool.map(render.png_data_url, self.frames))
         return self._frame_images
-
-
-def plural(count: int, word: str) -> str:
-    """``"1 frame"``, ``"3 frames"``."""
-    return f"{count} {word}" + ("" if count == 1 else "s")
 
 
 def load_export(path: str) -> LoadedExport:

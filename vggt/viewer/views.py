@@ -41,8 +41,8 @@ from vggt.viewer.state import (
     layer_description,
     layer_heads,
     layer_kind,
-    plural,
 )
+from vggt.wording import plural
 
 MODES = {"frames": "Frames", "layers": "All layers", "heads": "All heads", "layers_heads": "Layers × heads"}
 
