@@ -152,6 +152,30 @@ def choose_images_from_flags(args: argparse.Namespace) -> ImageChoice:
     return choose_images(image_folder(args), args.image_extension, args.num_images, args.first_image_idx)
 
 
+def add_output_flags(add: FlagAdder, default_prefix: str) -> None:
+    """The flags naming the output folder: ``--output_dir_prefix``, ``--output_dir``, ``--overwrite``."""
+    add(
+        "output_dir_prefix",
+        default=default_prefix,
+        help="output folder is <prefix><image_set_name> (default %(default)s)",
+    )
+    add("output_dir", help="output folder (overrides --output_dir_prefix)")
+    add("overwrite", action="store_true", help="replace an existing output folder")
+
+
+def output_folder(args: argparse.Namespace) -> Path:
+    """The folder :func:`add_output_flags`' flags name."""
+    if args.output_dir:
+        return Path(args.output_dir)
+    return Path(f"{args.output_dir_prefix}{args.image_set_name}")
+
+
+def check_output_free(out_dir: Path, overwrite: bool) -> None:
+    """A user error when ``out_dir`` exists and may not be replaced."""
+    if out_dir.exists() and not overwrite:
+        raise UsageError(f"output folder {out_dir} already exists (use --overwrite to replace it)")
+
+
 def scene_folder(args: argparse.Namespace) -> Path | None:
     """The scene with the frames' true geometry: ``--scene``, or the image folder's parent when that is a
     scene folder (``cameras.json`` and ``depth/``), else ``None``."""

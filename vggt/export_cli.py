@@ -23,13 +23,16 @@ from vggt.capture import LayerRef, QueryGrid
 from vggt.cli_common import (
     ImageChoice,
     add_image_flags,
+    add_output_flags,
     add_weights_flags,
+    check_output_free,
     check_weights_flags,
     choose_images_from_flags,
     device_and_dtype,
     flag_adder,
     load_weights,
     model_config,
+    output_folder,
     run_command,
     scene_folder,
     shell_command,
@@ -103,13 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("compress", action="store_true", help="deflate NPZ files (smaller to share, not memory-mappable)")
 
-    add(
-        "output_dir_prefix",
-        default=DEFAULT_PREFIX,
-        help="output folder is <prefix><image_set_name> (default %(default)s)",
-    )
-    add("output_dir", help="output folder (overrides --output_dir_prefix)")
-    add("overwrite", action="store_true", help="replace an existing output folder")
+    add_output_flags(add, DEFAULT_PREFIX)
 
     add_weights_flags(add)
     add("quiet", action="store_true", help="no plan printout and no progress bars")
@@ -224,17 +221,14 @@ def make_plan(args: argparse.Namespace, model: VGGT, device: torch.device) -> Pl
     options = dataclasses.replace(options, layers=numbers)
     layers = options.validate(depths)
 
-    out_dir = (
-        Path(args.output_dir) if args.output_dir else Path(f"{args.output_dir_prefix}{args.image_set_name}")
-    )
+    out_dir = output_folder(args)
     check_weights_flags(args)  # a missing local checkpoint is named before the plan
     # The inputs are checked before the output, so that a mistyped folder is named as such.
     choice = choose_images_from_flags(args)
     if args.scene is not None and not args.geometry:
         raise UsageError("--scene gives true geometry: use it with --geometry")
     scene = scene_folder(args) if args.geometry else None
-    if out_dir.exists() and not args.overwrite:
-        raise UsageError(f"output folder {out_dir} already exists (use --overwrite to replace it)")
+    check_output_free(out_dir, args.overwrite)
     images = load_and_preprocess_images(choice.paths, mode=args.preprocess)
     grid = QueryGrid(images.shape[-2] // config.patch_size, images.shape[-1] // config.patch_size,
                      stride_h, stride_w)  # fmt: skip

@@ -32,13 +32,16 @@ from vggt.capture import LayerRef, attention_blocks
 from vggt.cli_common import (
     ImageChoice,
     add_image_flags,
+    add_output_flags,
     add_weights_flags,
+    check_output_free,
     check_weights_flags,
     choose_images_from_flags,
     device_and_dtype,
     flag_adder,
     load_weights,
     model_config,
+    output_folder,
     run_command,
     scene_folder,
     weights_description,
@@ -138,9 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "scene", help="scene folder with the true geometry (default: the image folder's parent, if it is one)"
     )
-    add("output_dir_prefix", default=DEFAULT_PREFIX, help="output folder is <prefix><image_set_name>")
-    add("output_dir", help="output folder (overrides --output_dir_prefix)")
-    add("overwrite", action="store_true", help="replace an existing output folder")
+    add_output_flags(add, DEFAULT_PREFIX)
     add_weights_flags(add)
     add("quiet", action="store_true", help="no plan printout and no progress bars")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -403,12 +404,6 @@ def run_sweep(
     return rows + [results[index] for index in sorted(results)]
 
 
-def output_folder(args: argparse.Namespace) -> Path:
-    if args.output_dir:
-        return Path(args.output_dir)
-    return Path(f"{args.output_dir_prefix}{args.image_set_name}")
-
-
 def write_output(out_dir: Path, rows: list[ResultRow], sweep: dict, overwrite: bool, title: str) -> None:
     """Write everything to a hidden folder beside ``out_dir``, then rename it into place."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -439,8 +434,7 @@ def run(args: argparse.Namespace) -> Path:
     check_weights_flags(args)
     choice = choose_images_from_flags(args)
     out_dir = output_folder(args)
-    if out_dir.exists() and not args.overwrite:
-        raise UsageError(f"output folder {out_dir} already exists (use --overwrite to replace it)")
+    check_output_free(out_dir, args.overwrite)
     scene = scene_folder(args)
     images = load_and_preprocess_images(choice.paths, mode=args.preprocess)
     height, width = images.shape[-2:]
