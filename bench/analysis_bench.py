@@ -73,7 +73,6 @@ def child(mode: str, root: str, out: str | None) -> None:
     from vggt.analysis import run_analysis
     from vggt.analysis.cli import default_workers
     from vggt.analysis.output import write_outputs
-    from vggt.analysis.ranks import code_histograms
     from vggt.attn_format import open_export
 
     start_rss = _rss_bytes()
@@ -91,14 +90,6 @@ def child(mode: str, root: str, out: str | None) -> None:
             scale = scales[:, None, None, None] if stored.ndim == 5 else scales[0]
             for start in range(0, stored.shape[0], 64):
                 np.multiply(stored[start : start + 64], scale, dtype=np.float32).sum(axis=(-2, -1))
-            export.release(name)
-    elif mode == "histogram":
-        for name in export.layer_names:
-            stored = export.heatmaps(name)
-            row_bytes = int(np.prod(stored.shape[-3:]))
-            step = max(1, (8 << 20) // (row_bytes * int(np.prod(stored.shape[1:-3]))))
-            for start in range(0, stored.shape[0], step):
-                code_histograms(np.asarray(stored[start : start + step]).reshape(-1, row_bytes))
             export.release(name)
     else:
         result = run_analysis(export, correspondence=correspondence, workers=default_workers())
@@ -179,30 +170,26 @@ def run(root: Path, repeats: int, label: str, out: Path) -> None:
         f"  warm-up: analysis {first['seconds']:.2f} s with {first['workers']} worker process(es) "
         f"({os.cpu_count()} cores); writing the CSV, NPZ, summary and figures {first['write_seconds']:.2f} s"
     )
-    ratios, dequantized_ratios, floor_ratios, sums, analyses, extras = [], [], [], [], [], []
+    ratios, dequantized_ratios, sums, analyses, extras = [], [], [], [], []
     for index in range(repeats):
         summed = _measure("sum", root)
         analysed = _measure("analysis", root)
         dequantized = _measure("sum_dequantized", root)
-        counted = _measure("histogram", root)
         ratios.append(analysed["seconds"] / summed["seconds"])
         dequantized_ratios.append(analysed["seconds"] / dequantized["seconds"])
-        floor_ratios.append(counted["seconds"] / summed["seconds"])
         sums.append(summed["seconds"])
         analyses.append(analysed["seconds"])
         extras.append(analysed["extra_bytes"] / 1e9)
         print(
             f"  repeat {index + 1}: sum pass {summed['seconds']:.2f} s, analysis {analysed['seconds']:.2f} s "
             f"(ratio {ratios[-1]:.2f}x), dequantized sum pass {dequantized['seconds']:.2f} s "
-            f"(ratio {dequantized_ratios[-1]:.2f}x), histogram pass {counted['seconds']:.2f} s "
-            f"({floor_ratios[-1]:.2f}x the sum pass), analysis memory +{extras[-1]:.2f} GB"
+            f"(ratio {dequantized_ratios[-1]:.2f}x), analysis memory +{extras[-1]:.2f} GB"
         )
     ratio, extra = statistics.median(ratios), max(extras)
     print(f"  over {repeats} repeats: sum pass {_spread(sums)} s, analysis {_spread(analyses)} s")
     verdict = "met" if ratio <= TARGET_RATIO else "MISSED"
     print(f"  analysis / sum pass: {_spread(ratios)}x (target <= {TARGET_RATIO:g}x: {verdict})")
     print(f"  analysis / dequantized sum pass: {_spread(dequantized_ratios)}x")
-    print(f"  histogram pass (one process) / sum pass: {_spread(floor_ratios)}x")
     verdict = "met" if extra <= TARGET_EXTRA_GB else "MISSED"
     print(
         f"  analysis memory above its start: {_spread(extras)} GB (target <= {TARGET_EXTRA_GB:g}: {verdict})"

@@ -28,6 +28,7 @@ from vggt.analysis.correspondence import (
     export_correspondence,
     scene_correspondence,
 )
+from vggt.analysis.kernels import head_average, row_stats
 from vggt.analysis.metrics import (
     CELL_SHARES,
     PCK_RADII,
@@ -37,7 +38,6 @@ from vggt.analysis.metrics import (
     block_metrics,
     mask_agreement,
 )
-from vggt.analysis.ranks import code_histograms, code_runs, crossings, sorted_runs
 from vggt.attn_format import AttnExport, FormatError, open_export
 from vggt.attn_format.grid import cell_centres
 from vggt.attn_format.paths import FolderFiles
@@ -215,16 +215,23 @@ class _Layer:
         )
         return maps, scale, special
 
-    def average_rows(self, block: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    @property
+    def head_weights(self) -> np.ndarray:
+        """``[heads]`` each head's stored unit in the head average."""
+        return self.scales / self.num_heads
+
+    def average_rows(
+        self, block: slice, summed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Head average of a block of queries: maps (stored units when the layer is averaged), scale and
-        special mass."""
+        special mass; ``summed``: the average when already added up (``block_metrics(average=...)``)."""
         if not self.per_head:
             maps = np.asarray(self.stored[block])
             special = None if self.special is None else np.asarray(self.special[block])
             return maps, np.full(maps.shape[0], self.scales[0]), special
-        stored = np.asarray(self.stored[block])
-        weights = self.scales / self.num_heads
-        maps = np.einsum("qhkyx,h->qkyx", stored, weights, dtype=np.float64)
+        maps = (
+            summed if summed is not None else head_average(np.asarray(self.stored[block]), self.head_weights)
+        )
         special = None
         if self.special is not None:
             special = np.asarray(self.special[block]).astype(np.float64).mean(axis=1)
@@ -234,8 +241,7 @@ class _Layer:
 def reference_levels(values: np.ndarray, masses: np.ndarray) -> np.ndarray:
     """In how many of the fork's mass masks each cell lies: ``values [n, N]`` (uint8 codes or floats)
     -> ``[n, N]`` uint8."""
-    runs = code_runs(code_histograms(values)[:, 0]) if values.dtype == np.uint8 else sorted_runs(values)
-    thresholds, _, _ = crossings(runs, masses)
+    thresholds = row_stats(values, 1, masses).threshold
     levels = np.zeros(values.shape, dtype=np.uint8)
     for j in range(masses.size):
         levels += values >= thresholds[:, j : j + 1]
@@ -300,7 +306,10 @@ class _Analyzer:
 
     # ---- one layer (or baseline) -----------------------------------------------------------------------
 
-    def _windows(self, key_frames: list[int], queries: np.ndarray) -> tuple[Windows | None, np.ndarray]:
+    def _windows(
+        self, key_frames: list[int], queries: np.ndarray, group: int
+    ) -> tuple[Windows | None, np.ndarray]:
+        """The target windows of ``queries`` (one per group of rows)."""
         positions = np.array([p for p, f in enumerate(key_frames) if f != self.query_frame], dtype=np.int64)
         if self.windows is None or positions.size == 0:
             return None, np.zeros(0, dtype=np.int64)
@@ -311,6 +320,7 @@ class _Analyzer:
             distance=np.swapaxes(distance[frames][:, queries], 0, 1),
             valid=self.targets.valid[frames][:, queries].T,
             positions=positions,
+            group=group,
         )
         return windows, frames
 
@@ -330,13 +340,15 @@ class _Analyzer:
         maps,
         scale,
         special,
+        average: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
-        """Analyse a block of rows: ``group`` consecutive rows (the heads) per query."""
+        """Analyse a block of rows: ``group`` consecutive rows (the heads) per query; ``average``: see
+        :func:`block_metrics`."""
         group = queries.size // np.unique(queries).size
-        windows, frames = self._windows(key_frames, queries)
+        windows, frames = self._windows(key_frames, queries[::group], group)
         metrics = block_metrics(
             maps, scale, special, key_frames.index(self.query_frame), windows, self.radius,
-            self._stability(key_frames, queries, group),
+            self._stability(key_frames, queries, group), average,
         )  # fmt: skip
         rows.store(row_ids, queries, metrics, frames)
 
@@ -361,22 +373,27 @@ class _Analyzer:
         for block in _query_blocks(self.num_queries, layer.bytes_per_query):
             queries = np.arange(block.start, block.stop)
             count = queries.size
-            average, scale, special = layer.average_rows(block)
+            summed = None
+            if layer.per_head:
+                # the heads first: their average is added up as they are read
+                maps, scale, special = layer.head_rows(block)
+                summed = np.zeros((count, *maps.shape[1:]))
+                row_ids = np.tile(np.arange(1, layer.num_heads + 1), count)
+                head_queries = np.repeat(queries, layer.num_heads)
+                self._block(
+                    rows, row_ids, head_queries, layer.key_frames, maps, scale, special,
+                    (summed, layer.head_weights),
+                )  # fmt: skip
+                if keep_all:
+                    by_head = maps.reshape(count, layer.num_heads, *maps.shape[1:])[:, :, shared_positions]
+                    for h in range(layer.num_heads):
+                        kept[h + 1].append(by_head[:, h])
+            average, scale, special = layer.average_rows(block, summed)
             self._block(
                 rows, np.zeros(count, dtype=np.int64), queries, layer.key_frames, average, scale, special
             )
             if keep_all:
                 kept[0].append(average[:, shared_positions])  # stored units: a mask does not see the scale
-            if layer.per_head:
-                maps, scale, special = layer.head_rows(block)
-                row_ids = np.tile(np.arange(1, layer.num_heads + 1), count)
-                self._block(
-                    rows, row_ids, np.repeat(queries, layer.num_heads), layer.key_frames, maps, scale, special
-                )
-                if keep_all:
-                    by_head = maps.reshape(count, layer.num_heads, *maps.shape[1:])[:, :, shared_positions]
-                    for h in range(layer.num_heads):
-                        kept[h + 1].append(by_head[:, h])
         self.export.release(name)
         if keep_all:
             for index, parts in enumerate(kept):
