@@ -7,9 +7,10 @@ the mass the fork's mask (its threshold and size), the fewest cells that hold th
 reference's masks, the cells the two have in common.
 
 A row of codes is counted into a histogram (codes 255 down to 0), a float row is sorted (numpy's
-sort); both are then read as *runs* of equal values in descending order by one walk (:func:`_walk`).
-Counting replaces sorting: it is what makes the exact analysis of a per-head export about as fast as
-reading it (``docs/analysis.md``, "Speed and memory"); numpy has no per-row counting pass of that speed.
+sort); both are then read as *runs* of equal values in descending order, with their running cell counts
+and masses, in which each share's crossing is found by binary search (:func:`_crossings`). Counting
+replaces sorting: it is what makes the exact analysis of a per-head export about as fast as reading it
+(``docs/analysis.md``, "Speed and memory"); numpy has no per-row counting pass of that speed.
 
 The mask rule is the fork's (``analyze_attention.py``): sort the values in descending order, take the
 first position where their running sum reaches ``share * total``; the mask holds every cell whose value
@@ -159,61 +160,60 @@ def _outputs(n, num_frames, num_shares, num_masses):
 
 
 @njit(cache=True, nogil=True)
-def _walk(values, counts, total, shares, order, threshold, in_mask, smallest):
-    """The crossings of one row's runs (``values`` descending, ``counts`` cells each) for every share
-    (``order``: the shares ascending), written into the row's ``threshold``, ``in_mask``, ``smallest``."""
+def _crossings(values, cum_mass, cum_cells, shares, threshold, in_mask, smallest):
+    """Each share's crossing in one row's runs: ``values [R]`` descending, ``cum_mass [R]`` and
+    ``cum_cells [R]`` the running mass and cells up to each run; written into the row's ``threshold``,
+    ``in_mask`` and ``smallest`` (:class:`RowStats`)."""
+    last = values.size - 1
+    total = cum_mass[last]
     if total <= 0:
         threshold[:] = np.inf
         in_mask[:] = 0
         smallest[:] = np.nan
         return
-    k = 0
-    running = 0.0
-    before = 0
-    for run in range(values.size):
-        count = counts[run]
-        if count == 0:
-            continue
-        value = values[run]
-        after = running + value * count
-        while k < order.size and after >= total * shares[order[k]]:
-            j = order[k]
-            threshold[j] = value
-            # later runs of the same value (a float row's ties) are in the mask too
-            tied = before + count
-            nxt = run + 1
-            while nxt < values.size and values[nxt] == value:
-                tied += counts[nxt]
-                nxt += 1
-            in_mask[j] = tied
-            needed = math.ceil((total * shares[j] - running) / value)
-            smallest[j] = before + min(max(needed, 1), count)
-            k += 1
-        if k == order.size:
-            return
-        running = after
-        before += count
+    for j in range(shares.size):
+        target = total * shares[j]
+        low, high = 0, last  # the first run whose running mass reaches the target
+        while low < high:
+            middle = (low + high) // 2
+            if cum_mass[middle] >= target:
+                high = middle
+            else:
+                low = middle + 1
+        value = values[low]
+        mass_before = cum_mass[low - 1] if low else 0.0
+        cells_before = cum_cells[low - 1] if low else 0
+        needed = math.ceil((target - mass_before) / value)
+        smallest[j] = cells_before + min(max(needed, 1), cum_cells[low] - cells_before)
+        threshold[j] = value
+        high = last  # the mask: the cells at least that value (a float row's later ties too)
+        while low < high:
+            middle = (low + high + 1) // 2
+            if values[middle] >= value:
+                low = middle
+            else:
+                high = middle - 1
+        in_mask[j] = cum_cells[low]
 
 
 @njit(cache=True, nogil=True)
-def _frame_stats(frame):
-    """Sum, largest value and cells at it of one frame's values (three passes: each one vectorises)."""
+def _code_frame_stats(frame):
+    """Sum, largest code and cells at it of one frame's codes (two passes that vectorise)."""
     summed = 0
-    for v in frame:
-        summed += v
-    peak = frame[0]
-    for v in frame:
-        peak = max(peak, v)
+    peak = np.uint8(0)
+    for c in frame:
+        summed += np.uint32(c)
+        peak = max(peak, c)
     at_peak = 0
-    for v in frame:
-        at_peak += v == peak
+    for c in frame:
+        at_peak += c == peak
     return summed, peak, at_peak
 
 
 @njit(cache=True, nogil=True)
 def _float_frame_stats(frame, logs):
-    """:func:`_frame_stats` of a float frame and its ``sum(v log v)`` (``logs``: ``log v``, ``-inf`` at 0),
-    four partial sums and maxima at a time (a float loop does not vectorise otherwise)."""
+    """Sum, largest value, cells at it and ``sum(v log v)`` of one frame's floats (``logs``: ``log v``,
+    ``-inf`` at 0), four partial sums and maxima at a time (a float loop does not vectorise otherwise)."""
     sums = np.zeros(4)
     peaks = np.full(4, -np.inf)
     v_log_v = np.zeros(4)
@@ -233,12 +233,8 @@ def _float_frame_stats(frame, logs):
     at_peak = 0
     for v in frame:
         at_peak += v == peak
-    return (
-        (sums[0] + sums[1]) + (sums[2] + sums[3]),
-        peak,
-        at_peak,
-        (v_log_v[0] + v_log_v[1]) + (v_log_v[2] + v_log_v[3]),
-    )
+    summed = (sums[0] + sums[1]) + (sums[2] + sums[3])
+    return summed, peak, at_peak, (v_log_v[0] + v_log_v[1]) + (v_log_v[2] + v_log_v[3])
 
 
 @njit(cache=True, nogil=True)
@@ -270,10 +266,11 @@ def _code_rows(rows, num_frames, shares, levels, group, num_masses, mask_first, 
     num_levels = num_masses + 1
     out = _outputs(n, num_frames, shares.size, num_masses)
     frame_sums, peaks, ties, total, v_log_v, threshold, in_mask, smallest, hits, reference = out
-    order = np.argsort(shares)
     histogram = np.zeros(num_levels * CODES, dtype=np.int32)
     by_level = histogram.reshape(num_levels, CODES)  # [level, 255 - code]
-    counts = np.zeros(CODES, dtype=np.int64)
+    counts = np.zeros(CODES, dtype=np.int32)
+    cum_mass = np.zeros(CODES)
+    cum_cells = np.zeros(CODES, dtype=np.int64)
     keys = np.zeros(width, dtype=np.uint16)  # level << 8 of each cell
     for r in range(n):
         row = rows[r]
@@ -283,26 +280,30 @@ def _code_rows(rows, num_frames, shares, levels, group, num_masses, mask_first, 
             for c in row:
                 histogram[c ^ 255] += 1
         else:
-            if r % group == 0 or r == 0:
+            if r % group == 0:
                 for i, level in enumerate(levels[r // group]):
                     keys[i] = np.uint16(level) << 8
             for i in range(width):
                 histogram[keys[i] | (row[i] ^ 255)] += 1
         for f in range(num_frames):
-            frame_sums[r, f], peaks[r, f], ties[r, f] = _frame_stats(row[f * cells : (f + 1) * cells])
+            frame_sums[r, f], peaks[r, f], ties[r, f] = _code_frame_stats(row[f * cells : (f + 1) * cells])
         if average.size:
             _accumulate(average[r // group], row, weights[r % group])
         counts[:] = by_level[0]
         for level in range(1, num_levels):
             counts += by_level[level]
+        row_cells = 0
         row_total = 0
         row_v_log_v = 0.0
         for i in range(CODES):
+            row_cells += counts[i]
             row_total += counts[i] * (CODES - 1 - i)
             row_v_log_v += counts[i] * _CODE_V_LOG_V[i]
+            cum_cells[i] = row_cells
+            cum_mass[i] = row_total
         total[r] = row_total
         v_log_v[r] = row_v_log_v
-        _walk(_CODE_VALUES, counts, row_total, shares, order, threshold[r], in_mask[r], smallest[r])
+        _crossings(_CODE_VALUES, cum_mass, cum_cells, shares, threshold[r], in_mask[r], smallest[r])
         for j in range(num_masses):
             # the row's mask: codes down to its threshold (none when empty); the reference's: level >= M - j
             last = -1 if row_total <= 0 else CODES - 1 - int(threshold[r, mask_first + j])
@@ -327,8 +328,8 @@ def _float_rows(
     cells = width // num_frames
     out = _outputs(n, num_frames, shares.size, num_masses)
     frame_sums, peaks, ties, total, v_log_v, threshold, in_mask, smallest, hits, reference = out
-    order = np.argsort(shares)
-    ones = np.ones(width, dtype=np.int64)
+    cum_mass = np.zeros(width)
+    cum_cells = np.arange(1, width + 1)
     for r in range(n):
         row = rows[r]
         row_v_log_v = 0.0
@@ -342,14 +343,15 @@ def _float_rows(
         if average.size:
             _accumulate(average[r // group], row, weights[r % group])
         descending = ascending[r, ::-1]
-        row_total = 0.0
-        for v in descending:
-            row_total += v
-        total[r] = row_total
-        _walk(descending, ones, row_total, shares, order, threshold[r], in_mask[r], smallest[r])
+        running = 0.0
+        for i in range(width):
+            running += descending[i]
+            cum_mass[i] = running
+        total[r] = running
+        _crossings(descending, cum_mass, cum_cells, shares, threshold[r], in_mask[r], smallest[r])
         if num_masses:
             masks = threshold[r, mask_first : mask_first + num_masses]
-            _mask_hits(row, levels[r // group], masks, row_total <= 0, hits[r], reference[r])
+            _mask_hits(row, levels[r // group], masks, running <= 0, hits[r], reference[r])
     return out
 
 
@@ -430,7 +432,7 @@ def window_stats(
 
 @njit(cache=True, nogil=True)
 def _accumulate(total, row, weight):
-    """``total += row * weight``, cell by cell."""
+    """``total += row * weight``, cell by cell (the heads of an average are added in order)."""
     for i in range(row.size):
         total[i] += row[i] * weight
 
@@ -443,7 +445,6 @@ def _head_average(stored, weights):
         for h in range(num_heads):
             _accumulate(out[q], stored[q, h], weights[h])
     return out
-
 
 def head_average(stored: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """``sum_h stored[:, h] * weights[h]`` of ``stored [q, heads, ...]`` (uint8 or floats): ``[q, ...]``
