@@ -446,6 +446,7 @@ def _head_average(stored, weights):
             _accumulate(out[q], stored[q, h], weights[h])
     return out
 
+
 def head_average(stored: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """``sum_h stored[:, h] * weights[h]`` of ``stored [q, heads, ...]`` (uint8 or floats): ``[q, ...]``
     float64, the heads added in order."""

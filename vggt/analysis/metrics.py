@@ -32,15 +32,12 @@ class Windows:
         ``[n / group, C]`` bool: the (query, frame) pair counts.
     positions : np.ndarray
         ``[C]`` positions along the layer's K axis of the cross-view key frames.
-    group : int
-        Consecutive rows of the block that share one query's windows (the heads of a query).
     """
 
     index: np.ndarray
     distance: np.ndarray
     valid: np.ndarray
     positions: np.ndarray
-    group: int = 1
 
 
 @dataclass
@@ -51,29 +48,17 @@ class Stability:
     ----------
     levels : np.ndarray
         ``[n / group, N]`` uint8: in how many of the reference's masks each shared cell lies (masses
-        ascending: a cell in the mask of mass ``j`` has level at least ``M - j``); row ``i`` of the block
-        takes row ``i // group`` (the heads of a query share the query's).
+        ascending: a cell in the mask of mass ``j`` has level at least ``M - j``), one row per query (the
+        heads of a query share the query's).
     positions : np.ndarray
         Positions along the layer's K axis of the shared frames.
     masses : np.ndarray
         ``[M]`` mass shares, ascending.
-    group : int
-        Consecutive rows of the block that share one row of levels.
     """
 
     levels: np.ndarray
     positions: np.ndarray
     masses: np.ndarray
-    group: int = 1
-
-    def rows(self, rows: slice) -> Stability:
-        """The levels of rows ``rows`` of the block (whole groups)."""
-        return Stability(
-            self.levels[rows.start // self.group : -(-rows.stop // self.group)],
-            self.positions,
-            self.masses,
-            self.group,
-        )
 
 
 @dataclass
@@ -92,7 +77,7 @@ class BlockMetrics:
     tnr: np.ndarray  # [n, M]
 
 
-def mask_agreement(rows: np.ndarray, stability: Stability) -> tuple[np.ndarray, np.ndarray]:
+def mask_agreement(rows: np.ndarray, stability: Stability, group: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Recall and true-negative rate of each row's mass masks against the reference's.
 
     Parameters
@@ -101,13 +86,15 @@ def mask_agreement(rows: np.ndarray, stability: Stability) -> tuple[np.ndarray, 
         ``[n, N]`` values over the shared cells (uint8 codes or floats).
     stability : Stability
         The reference's levels for these rows' cells.
+    group : int
+        Consecutive rows that share one row of levels.
 
     Returns
     -------
     recall, tnr : np.ndarray
         ``[n, M]`` float64 each; 1 where the reference mask (or its complement) is empty, as the fork.
     """
-    stats = row_stats(rows, 1, stability.masses, stability.levels, stability.group)
+    stats = row_stats(rows, 1, stability.masses, stability.levels, group)
     return _agreement(stats, 0, rows.shape[-1])
 
 
@@ -142,6 +129,7 @@ def block_metrics(
     windows: Windows | None,
     radius: int,
     stability: Stability | None,
+    group: int = 1,
     average: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> BlockMetrics:
     """Every metric of ``n`` rows.
@@ -162,6 +150,8 @@ def block_metrics(
         ``corr_mass`` window radius in cells.
     stability : Stability or None
         The reference's masks, when stability is computed per row.
+    group : int
+        Consecutive rows of one query (its heads), which share its windows and levels.
     average : tuple of np.ndarray, optional
         ``(out [n / heads, K, H_ds, W_ds] float64, weights [heads])``: the rows (the heads of each query)
         times their weights are added into ``out`` as they are read (:func:`row_stats`).
@@ -182,7 +172,7 @@ def block_metrics(
         num_keys,
         shares,
         stability.levels if same_cells else None,
-        stability.group if same_cells else 1,
+        group,
         mask_first=len(CELL_SHARES),
         average=None if average is None else (average[0].reshape(average[0].shape[0], -1), average[1]),
     )
@@ -211,7 +201,7 @@ def block_metrics(
         recall, tnr = _agreement(stats, len(CELL_SHARES), whole.shape[-1])
     elif stability is not None:
         shared = frames[:, stability.positions].reshape(n, -1)
-        recall, tnr = mask_agreement(shared, stability)
+        recall, tnr = mask_agreement(shared, stability, group)
 
     positions = windows.positions if windows is not None else np.zeros(0, dtype=np.int64)
     pck = np.full((n, len(PCK_RADII), positions.size), np.nan)
@@ -219,9 +209,9 @@ def block_metrics(
     if windows is not None and positions.size:
         near, near_mass = window_stats(
             whole, num_keys, positions, windows.index, windows.distance, stats.peaks, PCK_RADII, radius,
-            windows.group,
+            group,
         )  # fmt: skip
-        valid = np.repeat(windows.valid, windows.group, axis=0)
+        valid = np.repeat(windows.valid, group, axis=0)
         with np.errstate(divide="ignore", invalid="ignore"):
             pck[:] = np.where(valid[:, None], near / stats.ties[:, None, positions], np.nan)
             cross_sums = stats.frame_sums[:, positions]

@@ -306,10 +306,8 @@ class _Analyzer:
 
     # ---- one layer (or baseline) -----------------------------------------------------------------------
 
-    def _windows(
-        self, key_frames: list[int], queries: np.ndarray, group: int
-    ) -> tuple[Windows | None, np.ndarray]:
-        """The target windows of ``queries`` (one per group of rows)."""
+    def _windows(self, key_frames: list[int], queries: np.ndarray) -> tuple[Windows | None, np.ndarray]:
+        """The target windows of ``queries`` (each query once, whatever its rows)."""
         positions = np.array([p for p, f in enumerate(key_frames) if f != self.query_frame], dtype=np.int64)
         if self.windows is None or positions.size == 0:
             return None, np.zeros(0, dtype=np.int64)
@@ -320,7 +318,6 @@ class _Analyzer:
             distance=np.swapaxes(distance[frames][:, queries], 0, 1),
             valid=self.targets.valid[frames][:, queries].T,
             positions=positions,
-            group=group,
         )
         return windows, frames
 
@@ -329,7 +326,7 @@ class _Analyzer:
         if self.scope != "query" or not shared:
             return None
         positions = np.array([key_frames.index(f) for f in shared], dtype=np.int64)
-        return Stability(self.levels_for(shared)[queries[::group]], positions, self.masses, group)
+        return Stability(self.levels_for(shared)[queries[::group]], positions, self.masses)
 
     def _block(
         self,
@@ -345,10 +342,10 @@ class _Analyzer:
         """Analyse a block of rows: ``group`` consecutive rows (the heads) per query; ``average``: see
         :func:`block_metrics`."""
         group = queries.size // np.unique(queries).size
-        windows, frames = self._windows(key_frames, queries[::group], group)
+        windows, frames = self._windows(key_frames, queries[::group])
         metrics = block_metrics(
             maps, scale, special, key_frames.index(self.query_frame), windows, self.radius,
-            self._stability(key_frames, queries, group), average,
+            self._stability(key_frames, queries, group), group, average,
         )  # fmt: skip
         rows.store(row_ids, queries, metrics, frames)
 
