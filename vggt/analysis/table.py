@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
@@ -248,30 +248,52 @@ def reference_levels(values: np.ndarray, masses: np.ndarray) -> np.ndarray:
     return levels
 
 
+def _in_threads(function: Callable, parts: Sequence, workers: int) -> list:
+    """``function(part)`` of every part, in up to ``workers`` threads (the kernels, numpy's sort and its
+    logarithm let go of the interpreter's lock)."""
+    if workers <= 1 or len(parts) <= 1:
+        return [function(part) for part in parts]
+    with ThreadPoolExecutor(min(workers, len(parts))) as pool:
+        return list(pool.map(function, parts))
+
+
 def _reference_levels(
-    export: AttnExport, name: str, frame_sets: set[tuple[int, ...]], masses: np.ndarray, scope: str
+    export: AttnExport,
+    name: str,
+    frame_sets: set[tuple[int, ...]],
+    masses: np.ndarray,
+    scope: str,
+    workers: int = 1,
 ) -> dict[tuple[int, ...], np.ndarray]:
     """The reference layer's levels (:func:`reference_levels` of its head average) over each set of
     shared frames: ``{frames: [Q, len(frames) * cells] uint8}``; one mask per query or, with scope
     ``all``, one over all queries. An averaged layer's stored values are used as they are (a mask does
-    not see the scale)."""
+    not see the scale). ``workers`` threads share the work."""
     layer = _Layer(export, name)
     cells = layer.meta["H_ds"] * layer.meta["W_ds"]
     num_queries = layer.meta["Q"]
     stored = not layer.per_head
     dtype = layer.stored.dtype if stored else np.float64
     maps = np.empty((num_queries, len(layer.key_frames), cells), dtype=dtype)
-    for block in _query_blocks(num_queries, layer.bytes_per_query):
+
+    def fill(block: slice) -> None:
         average, _, _ = layer.average_rows(block)
         maps[block] = average.reshape(average.shape[0], average.shape[1], -1)
+
+    _in_threads(fill, _query_blocks(num_queries, layer.bytes_per_query), workers)
     export.release(name)
     levels = {}
+    parts = [slice(p[0], p[-1] + 1) for p in np.array_split(np.arange(num_queries), workers) if p.size]
     for frames in frame_sets:
         values = maps[:, [layer.key_frames.index(f) for f in frames]].reshape(num_queries, -1)
         if scope == "all":
             levels[frames] = reference_levels(values.reshape(1, -1), masses).reshape(values.shape)
         else:
-            levels[frames] = reference_levels(values, masses)
+            levels[frames] = np.concatenate(
+                _in_threads(
+                    lambda part, values=values: reference_levels(values[part], masses), parts, workers
+                )
+            )
     return levels
 
 
@@ -533,7 +555,7 @@ def run_analysis(
     frame_sets.discard(())
     options = _Options(
         reference, reference_frames, masses_sorted, int(radius), stability_scope, correspondence,
-        _reference_levels(export, reference, frame_sets, masses_sorted, stability_scope),
+        _reference_levels(export, reference, frame_sets, masses_sorted, stability_scope, workers),
     )  # fmt: skip
     analyzer = _Analyzer(export, options)
     results = _layers(export, options, analyzer, workers, progress)
