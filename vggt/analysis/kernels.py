@@ -30,6 +30,16 @@ _CODE_VALUES = np.arange(CODES - 1, -1, -1).astype(np.float64)  # run i holds co
 _CODE_V_LOG_V = np.array([c * math.log(c) if c > 0 else 0.0 for c in _CODE_VALUES])
 
 
+@njit(cache=True)
+def _start() -> int:
+    return 0
+
+
+# numba builds its compiler's tables at its first call (about 0.3 s): here, when the module is imported,
+# as numpy's own start-up is, rather than inside the first analysis.
+_start()
+
+
 @dataclass
 class RowStats:
     """What :func:`row_stats` finds in ``n`` rows of ``K`` frames, in the rows' stored units.
@@ -260,6 +270,17 @@ def _mask_hits(row, row_levels, lowest, empty, hits, reference):
 
 
 @njit(cache=True, nogil=True)
+def _code_v_log_v(counts):
+    """``sum(v log v)`` of a row of codes from its histogram (codes descending), four partial sums at a
+    time."""
+    partial = np.zeros(4)
+    for i in range(0, CODES, 4):
+        for k in range(4):
+            partial[k] += counts[i + k] * _CODE_V_LOG_V[i + k]
+    return (partial[0] + partial[1]) + (partial[2] + partial[3])
+
+
+@njit(cache=True, nogil=True)
 def _code_rows(rows, num_frames, shares, levels, group, num_masses, mask_first, average, weights):
     n, width = rows.shape
     cells = width // num_frames
@@ -294,15 +315,13 @@ def _code_rows(rows, num_frames, shares, levels, group, num_masses, mask_first, 
             counts += by_level[level]
         row_cells = 0
         row_total = 0
-        row_v_log_v = 0.0
         for i in range(CODES):
             row_cells += counts[i]
             row_total += counts[i] * (CODES - 1 - i)
-            row_v_log_v += counts[i] * _CODE_V_LOG_V[i]
             cum_cells[i] = row_cells
             cum_mass[i] = row_total
         total[r] = row_total
-        v_log_v[r] = row_v_log_v
+        v_log_v[r] = _code_v_log_v(counts)
         _crossings(_CODE_VALUES, cum_mass, cum_cells, shares, threshold[r], in_mask[r], smallest[r])
         for j in range(num_masses):
             # the row's mask: codes down to its threshold (none when empty); the reference's: level >= M - j
@@ -430,9 +449,10 @@ def window_stats(
     )
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath={"contract"})
 def _accumulate(total, row, weight):
-    """``total += row * weight``, cell by cell (the heads of an average are added in order)."""
+    """``total += row * weight``, cell by cell (the heads of an average are added in order; a fused
+    multiply-add where the processor has one)."""
     for i in range(row.size):
         total[i] += row[i] * weight
 
