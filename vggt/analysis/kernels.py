@@ -1,20 +1,24 @@
-"""Order statistics and frame statistics of attention rows, one compiled pass per row (numba).
+"""What the analysis reads from attention rows, one compiled pass per row (numba).
 
 A *row* is one query's attention over ``K`` key frames of ``N / K`` cells each, in stored units: uint8
-codes or float probabilities. :func:`row_stats` gives, for every row, what the analysis needs from its
-values: each frame's sum, peak and number of cells at the peak, ``sum(v log v)``, and for each share of
-the mass the fork's mask (its threshold and size), the fewest cells that hold the share and, against a
-reference's masks, the cells the two have in common.
+codes or float probabilities. :func:`row_stats` gives, for every row, all that the analysis needs from
+its values: each frame's sum, peak and cells at the peak, ``sum(v log v)``, for each share of the mass
+the fork's mask (threshold and size) and the fewest cells that hold the share, the cells the row's masks
+share with a reference's, the peak cells and mass around target cells, and (for the heads of a query)
+their weighted average. Each row is read from memory once; every step after the first works on it while
+it is in the processor's cache.
 
-A row of codes is counted into a histogram (codes 255 down to 0), a float row is sorted (numpy's
-sort); both are then read as *runs* of equal values in descending order, with their running cell counts
-and masses, in which each share's crossing is found by binary search (:func:`_crossings`). Counting
-replaces sorting: it is what makes the exact analysis of a per-head export about as fast as reading it
-(``docs/analysis.md``, "Speed and memory"); numpy has no per-row counting pass of that speed.
+A row of codes is counted into a histogram (codes 255 down to 0), a float row is sorted (numpy's sort);
+both are then read as *runs* of equal values in descending order, with their running cell counts and
+masses, in which each share's crossing is found by binary search (:func:`_crossings`). Counting instead
+of sorting, and one pass instead of one numpy call per statistic, is what makes the exact analysis of a
+per-head export about as fast as reading it (``docs/analysis.md``, "Speed and memory").
 
 The mask rule is the fork's (``analyze_attention.py``): sort the values in descending order, take the
 first position where their running sum reaches ``share * total``; the mask holds every cell whose value
 is at least the value there (ties included). An empty row (total 0) has an empty mask.
+
+Nothing here checks an index: :func:`row_stats` checks every shape before a kernel runs.
 """
 
 from __future__ import annotations
@@ -38,6 +42,30 @@ def _start() -> int:
 # numba builds its compiler's tables at its first call (about 0.3 s): here, when the module is imported,
 # as numpy's own start-up is, rather than inside the first analysis.
 _start()
+
+
+@dataclass
+class TargetWindows:
+    """The cells around each query's targets in some of the row's frames.
+
+    Attributes
+    ----------
+    positions : np.ndarray
+        ``[C]`` the frames (positions in the row) that have targets.
+    index, distance : np.ndarray
+        ``[n / group, C, w]`` int64: each window cell's index in its frame and its Chebyshev distance to
+        the target (beyond every radius where the cell does not count).
+    radii : tuple of int
+        Distances at which the cells at a frame's peak are counted.
+    radius : int
+        Distance within which the mass is summed.
+    """
+
+    positions: np.ndarray
+    index: np.ndarray
+    distance: np.ndarray
+    radii: tuple[int, ...]
+    radius: int
 
 
 @dataclass
@@ -65,6 +93,11 @@ class RowStats:
     hits, reference : np.ndarray
         ``[n, M]`` int64, with reference levels: cells in both the row's mask of share ``mask_first + j``
         and the reference's mask ``j`` (cells of level at least ``M - j``), and cells in the reference's.
+    near : np.ndarray
+        ``[n, len(radii), C]`` int64, with target windows: window cells at the frame's peak within each
+        radius.
+    near_mass : np.ndarray
+        ``[n, C]`` float64, with target windows: the values of the window cells within ``radius``.
     """
 
     frame_sums: np.ndarray
@@ -77,18 +110,22 @@ class RowStats:
     smallest: np.ndarray
     hits: np.ndarray
     reference: np.ndarray
+    near: np.ndarray
+    near_mass: np.ndarray
 
 
 def row_stats(
     rows: np.ndarray,
     num_frames: int,
     shares: np.ndarray,
+    *,
     levels: np.ndarray | None = None,
-    group: int = 1,
     mask_first: int = 0,
+    group: int = 1,
     average: tuple[np.ndarray, np.ndarray] | None = None,
+    windows: TargetWindows | None = None,
 ) -> RowStats:
-    """Frame and order statistics of every row.
+    """Frame, order and window statistics of every row.
 
     Parameters
     ----------
@@ -99,53 +136,72 @@ def row_stats(
     shares : np.ndarray
         ``[F]`` shares of the mass, in (0, 1).
     levels : np.ndarray, optional
-        ``[n / group, N]`` uint8: in how many of the reference's ``M`` masks each cell lies (its mask ``j``,
-        shares ascending, holds the cells of level at least ``M - j``); row ``i`` takes ``i // group``.
-    group : int
-        Consecutive rows that share one row of levels.
+        ``[n / group, N]`` uint8: in how many of the reference's ``M = F - mask_first`` masks each cell
+        lies (its mask ``j``, shares ascending, holds the cells of level at least ``M - j``).
     mask_first : int
-        Share index of the row's mask compared with the reference's first mask (the next ``M`` shares
-        are compared with the next masks).
+        Share index of the row's mask compared with the reference's first mask (the next ``M - 1``
+        shares are compared with the next masks).
+    group : int
+        Consecutive rows of one query (its heads): they share a row of ``levels`` and of windows.
     average : tuple of np.ndarray, optional
         ``(out [n / group, N] float64, weights [group])``: each group's rows times their weights are added
         into ``out`` (rows in order, as :func:`head_average`), the heads' average read in the same pass.
+    windows : TargetWindows, optional
+        The cells around the targets, for :attr:`RowStats.near` and :attr:`RowStats.near_mass`.
     """
     rows = np.ascontiguousarray(rows)
-    shares = np.ascontiguousarray(shares, dtype=np.float64)
-    if average is None:
-        average = (np.zeros((0, rows.shape[1])), np.zeros(group))
-    out_average, weights = average[0], np.ascontiguousarray(average[1], dtype=np.float64)
+    n, width = rows.shape
+    shares = np.ascontiguousarray(shares, dtype=np.float64).reshape(-1)
+    if group < 1 or n % group or num_frames < 1 or width % num_frames:
+        raise ValueError(f"rows {rows.shape} do not split into groups of {group} and {num_frames} frames")
+    queries = n // group
     if levels is None:
         levels, num_masses = np.zeros((1, 0), dtype=np.uint8), 0
     else:
         levels, num_masses = np.ascontiguousarray(levels, dtype=np.uint8), shares.size - mask_first
-    if rows.dtype == np.uint8:
-        out = _code_rows(
-            rows, num_frames, shares, levels, group, num_masses, mask_first, out_average, weights
-        )
+        if levels.shape != (queries, width) or not 0 < num_masses <= shares.size or levels.max() > num_masses:
+            raise ValueError(f"levels {levels.shape} do not fit rows {rows.shape} and {num_masses} masks")
+    if average is None:
+        out_average, weights = np.zeros((0, width)), np.zeros(group)
     else:
-        rows = rows.astype(np.float64, copy=False)
-        with np.errstate(divide="ignore"):
-            logs = np.log(rows)  # numpy's log is vectorised, a compiled loop's is not
-        ascending = np.sort(rows, axis=-1)
-        out = _float_rows(
-            rows,
-            ascending,
-            logs,
-            num_frames,
-            shares,
-            levels,
-            group,
-            num_masses,
-            mask_first,
-            out_average,
-            weights,
-        )
-    return RowStats(*out)
+        out_average, weights = average[0], np.ascontiguousarray(average[1], dtype=np.float64)
+        if (
+            out_average.shape != (queries, width)
+            or out_average.dtype != np.float64
+            or weights.shape != (group,)
+        ):
+            raise ValueError(
+                f"average {out_average.shape} does not fit rows {rows.shape} in groups of {group}"
+            )
+    if windows is None:
+        positions = np.zeros(0, dtype=np.int64)
+        index = distance = np.zeros((queries, 0, 0), dtype=np.int64)
+        radii, radius = np.zeros(0, dtype=np.int64), 0
+    else:
+        positions = np.ascontiguousarray(windows.positions, dtype=np.int64)
+        index = np.ascontiguousarray(windows.index, dtype=np.int64)
+        distance = np.ascontiguousarray(windows.distance, dtype=np.int64)
+        radii, radius = np.asarray(windows.radii, dtype=np.int64), int(windows.radius)
+        cells = width // num_frames
+        if (
+            index.shape != distance.shape
+            or index.shape[:2] != (queries, positions.size)
+            or (positions.size and (positions.min() < 0 or positions.max() >= num_frames))
+            or (index.size and (index.min() < 0 or index.max() >= cells))
+        ):
+            raise ValueError(f"target windows {index.shape} do not fit rows {rows.shape}")
+    common = (num_frames, shares, levels, num_masses, mask_first, group, out_average, weights)
+    common += (positions, index, distance, radii, radius)
+    if rows.dtype == np.uint8:
+        return RowStats(*_code_rows(rows, *common))
+    rows = rows.astype(np.float64, copy=False)
+    with np.errstate(divide="ignore"):
+        logs = np.log(rows)  # numpy's log is vectorised, a compiled loop's is not
+    return RowStats(*_float_rows(rows, np.sort(rows, axis=-1), logs, *common))
 
 
 def x_log_x(values: np.ndarray) -> np.ndarray:
-    """``sum(x log x)`` over the last axis of non-negative ``values`` (``0 log 0 = 0``)."""
+    """``sum(x log x)`` over the last axis of non-negative ``values`` (``0 log 0 = 0``), numpy."""
     values = np.asarray(values, dtype=np.float64)
     with np.errstate(divide="ignore"):
         logs = np.log(values)  # a plain log and a fix of the zeros: faster than a masked log
@@ -154,7 +210,7 @@ def x_log_x(values: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True)
-def _outputs(n, num_frames, num_shares, num_masses):
+def _outputs(n, num_frames, num_shares, num_masses, num_radii, num_positions):
     return (
         np.empty((n, num_frames)),
         np.empty((n, num_frames)),
@@ -166,6 +222,8 @@ def _outputs(n, num_frames, num_shares, num_masses):
         np.empty((n, num_shares)),
         np.zeros((n, num_masses), dtype=np.int64),
         np.zeros((n, num_masses), dtype=np.int64),
+        np.zeros((n, num_radii, num_positions), dtype=np.int64),
+        np.zeros((n, num_positions)),
     )
 
 
@@ -247,26 +305,29 @@ def _float_frame_stats(frame, logs):
     return summed, peak, at_peak, (v_log_v[0] + v_log_v[1]) + (v_log_v[2] + v_log_v[3])
 
 
+@njit(cache=True, nogil=True, fastmath={"contract"})
+def _accumulate(total, row, weight):
+    """``total += row * weight``, cell by cell (the heads of an average are added in order; a fused
+    multiply-add where the processor has one)."""
+    for i in range(row.size):
+        total[i] += row[i] * weight
+
+
 @njit(cache=True, nogil=True)
-def _mask_hits(row, row_levels, lowest, empty, hits, reference):
-    """Cells of a float ``row`` in each of its masks (values at least ``lowest [M]``, masses ascending;
-    none when ``empty``) that are in the reference's mask ``j`` too (``row_levels`` at least ``M - j``),
-    and cells in the reference's. (A row of codes counts them in its histogram.)"""
-    num_masses = lowest.size
-    for j in range(num_masses):
-        needed = np.uint8(num_masses - j)
-        in_reference = 0
-        for level in row_levels:
-            in_reference += level >= needed
-        reference[j] = in_reference
-        if empty:
-            hits[j] = 0
-            continue
-        threshold = lowest[j]
-        in_both = 0
-        for i in range(row.size):
-            in_both += (row_levels[i] >= needed) & (row[i] >= threshold)
-        hits[j] = in_both
+def _window_row(row, cells, peaks, positions, index, distance, radii, radius, near, near_mass):
+    """The window cells of one row (``index``, ``distance``: ``[C, w]``) that hold their frame's peak,
+    counted within each radius (``near [R, C]``), and their mass within ``radius`` (``near_mass [C]``)."""
+    for c in range(positions.size):
+        base = positions[c] * cells
+        peak = peaks[positions[c]]
+        for k in range(index.shape[1]):
+            value = row[base + index[c, k]]
+            d = distance[c, k]
+            if d <= radius:
+                near_mass[c] += value
+            if value == peak:
+                for i in range(radii.size):
+                    near[i, c] += d <= radii[i]
 
 
 @njit(cache=True, nogil=True)
@@ -281,12 +342,28 @@ def _code_v_log_v(counts):
 
 
 @njit(cache=True, nogil=True)
-def _code_rows(rows, num_frames, shares, levels, group, num_masses, mask_first, average, weights):
+def _code_rows(
+    rows, num_frames, shares, levels, num_masses, mask_first, group, average, weights,
+    positions, index, distance, radii, radius,
+):  # fmt: skip
     n, width = rows.shape
     cells = width // num_frames
     num_levels = num_masses + 1
-    out = _outputs(n, num_frames, shares.size, num_masses)
-    frame_sums, peaks, ties, total, v_log_v, threshold, in_mask, smallest, hits, reference = out
+    out = _outputs(n, num_frames, shares.size, num_masses, radii.size, positions.size)
+    (
+        frame_sums,
+        peaks,
+        ties,
+        total,
+        v_log_v,
+        threshold,
+        in_mask,
+        smallest,
+        hits,
+        reference,
+        near,
+        near_mass,
+    ) = out
     histogram = np.zeros(num_levels * CODES, dtype=np.int32)
     by_level = histogram.reshape(num_levels, CODES)  # [level, 255 - code]
     counts = np.zeros(CODES, dtype=np.int32)
@@ -295,6 +372,7 @@ def _code_rows(rows, num_frames, shares, levels, group, num_masses, mask_first, 
     keys = np.zeros(width, dtype=np.uint16)  # level << 8 of each cell
     for r in range(n):
         row = rows[r]
+        query = r // group
         # The counting pass alone: a loop that also sums or compares runs at half its speed.
         histogram[:] = 0
         if num_masses == 0:
@@ -302,14 +380,19 @@ def _code_rows(rows, num_frames, shares, levels, group, num_masses, mask_first, 
                 histogram[c ^ 255] += 1
         else:
             if r % group == 0:
-                for i, level in enumerate(levels[r // group]):
+                for i, level in enumerate(levels[query]):
                     keys[i] = np.uint16(level) << 8
             for i in range(width):
                 histogram[keys[i] | (row[i] ^ 255)] += 1
         for f in range(num_frames):
             frame_sums[r, f], peaks[r, f], ties[r, f] = _code_frame_stats(row[f * cells : (f + 1) * cells])
         if average.size:
-            _accumulate(average[r // group], row, weights[r % group])
+            _accumulate(average[query], row, weights[r % group])
+        if positions.size:
+            _window_row(
+                row, cells, peaks[r], positions, index[query], distance[query], radii, radius, near[r],
+                near_mass[r],
+            )  # fmt: skip
         counts[:] = by_level[0]
         for level in range(1, num_levels):
             counts += by_level[level]
@@ -341,16 +424,31 @@ def _code_rows(rows, num_frames, shares, levels, group, num_masses, mask_first, 
 
 @njit(cache=True, nogil=True)
 def _float_rows(
-    rows, ascending, logs, num_frames, shares, levels, group, num_masses, mask_first, average, weights
-):
+    rows, ascending, logs, num_frames, shares, levels, num_masses, mask_first, group, average, weights,
+    positions, index, distance, radii, radius,
+):  # fmt: skip
     n, width = rows.shape
     cells = width // num_frames
-    out = _outputs(n, num_frames, shares.size, num_masses)
-    frame_sums, peaks, ties, total, v_log_v, threshold, in_mask, smallest, hits, reference = out
+    out = _outputs(n, num_frames, shares.size, num_masses, radii.size, positions.size)
+    (
+        frame_sums,
+        peaks,
+        ties,
+        total,
+        v_log_v,
+        threshold,
+        in_mask,
+        smallest,
+        hits,
+        reference,
+        near,
+        near_mass,
+    ) = out
     cum_mass = np.zeros(width)
     cum_cells = np.arange(1, width + 1)
     for r in range(n):
         row = rows[r]
+        query = r // group
         row_v_log_v = 0.0
         for f in range(num_frames):
             part = slice(f * cells, (f + 1) * cells)
@@ -360,7 +458,12 @@ def _float_rows(
             row_v_log_v += frame_v_log_v
         v_log_v[r] = row_v_log_v
         if average.size:
-            _accumulate(average[r // group], row, weights[r % group])
+            _accumulate(average[query], row, weights[r % group])
+        if positions.size:
+            _window_row(
+                row, cells, peaks[r], positions, index[query], distance[query], radii, radius, near[r],
+                near_mass[r],
+            )  # fmt: skip
         descending = ascending[r, ::-1]
         running = 0.0
         for i in range(width):
@@ -368,93 +471,20 @@ def _float_rows(
             cum_mass[i] = running
         total[r] = running
         _crossings(descending, cum_mass, cum_cells, shares, threshold[r], in_mask[r], smallest[r])
-        if num_masses:
-            masks = threshold[r, mask_first : mask_first + num_masses]
-            _mask_hits(row, levels[r // group], masks, running <= 0, hits[r], reference[r])
+        for j in range(num_masses):
+            # cells of the row's mask j (none when empty) in the reference's (level >= M - j)
+            needed = np.uint8(num_masses - j)
+            lowest = threshold[r, mask_first + j]
+            in_reference = 0
+            in_both = 0
+            row_levels = levels[query]
+            for i in range(width):
+                counted = row_levels[i] >= needed
+                in_reference += counted
+                in_both += counted & (row[i] >= lowest)
+            hits[r, j] = in_both
+            reference[r, j] = in_reference
     return out
-
-
-@njit(cache=True, nogil=True)
-def _window_stats(rows, cells, positions, index, distance, group, peaks, radii, radius):
-    n = rows.shape[0]
-    num_positions, width = index.shape[1], index.shape[2]
-    near = np.zeros((n, radii.size, num_positions), dtype=np.int64)
-    near_mass = np.zeros((n, num_positions))
-    for r in range(n):
-        row = rows[r]
-        for c in range(num_positions):
-            base = positions[c] * cells
-            peak = peaks[r, positions[c]]
-            for k in range(width):
-                value = row[base + index[r // group, c, k]]
-                d = distance[r // group, c, k]
-                if d <= radius:
-                    near_mass[r, c] += value
-                if value == peak:
-                    for i in range(radii.size):
-                        near[r, i, c] += d <= radii[i]
-    return near, near_mass
-
-
-def window_stats(
-    rows: np.ndarray,
-    num_frames: int,
-    positions: np.ndarray,
-    index: np.ndarray,
-    distance: np.ndarray,
-    peaks: np.ndarray,
-    radii: tuple[int, ...],
-    radius: int,
-    group: int = 1,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The cells around each row's targets: how many of them hold the frame's peak, and their mass.
-
-    Parameters
-    ----------
-    rows : np.ndarray
-        ``[n, N]`` values, ``num_frames`` frames of ``N / num_frames`` cells.
-    positions : np.ndarray
-        ``[C]`` frames (positions in the row) that have targets.
-    index, distance : np.ndarray
-        ``[n / group, C, w]`` each window cell's index in its frame and its Chebyshev distance to the
-        target; row ``i`` takes ``i // group``.
-    peaks : np.ndarray
-        ``[n, num_frames]`` each frame's largest value (:attr:`RowStats.peaks`).
-    radii : tuple of int
-        Distances at which the peak cells are counted.
-    radius : int
-        Distance within which the mass is summed.
-
-    Returns
-    -------
-    near : np.ndarray
-        ``[n, len(radii), C]`` int64: window cells at the frame's peak within each radius.
-    near_mass : np.ndarray
-        ``[n, C]`` float64: the values of the window cells within ``radius``.
-    """
-    rows = np.ascontiguousarray(rows)
-    if rows.dtype == np.float16:
-        rows = rows.astype(np.float32)
-    cells = rows.shape[1] // num_frames
-    return _window_stats(
-        rows,
-        cells,
-        np.ascontiguousarray(positions, dtype=np.int64),
-        np.ascontiguousarray(index, dtype=np.int64),
-        np.ascontiguousarray(distance, dtype=np.int64),
-        group,
-        np.ascontiguousarray(peaks, dtype=np.float64),
-        np.asarray(radii, dtype=np.int64),
-        radius,
-    )
-
-
-@njit(cache=True, nogil=True, fastmath={"contract"})
-def _accumulate(total, row, weight):
-    """``total += row * weight``, cell by cell (the heads of an average are added in order; a fused
-    multiply-add where the processor has one)."""
-    for i in range(row.size):
-        total[i] += row[i] * weight
 
 
 @njit(cache=True, nogil=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vggt.analysis.kernels import RowStats, row_stats, window_stats, x_log_x
+from vggt.analysis.kernels import RowStats, TargetWindows, row_stats, x_log_x
 
 CELL_SHARES = (0.5, 0.9)  # cells_50, cells_90
 PCK_RADII = (0, 1, 2)  # pck_0, pck_1, pck_2
@@ -94,7 +94,7 @@ def mask_agreement(rows: np.ndarray, stability: Stability, group: int = 1) -> tu
     recall, tnr : np.ndarray
         ``[n, M]`` float64 each; 1 where the reference mask (or its complement) is empty, as the fork.
     """
-    stats = row_stats(rows, 1, stability.masses, stability.levels, group)
+    stats = row_stats(rows, 1, stability.masses, levels=stability.levels, group=group)
     return _agreement(stats, 0, rows.shape[-1])
 
 
@@ -167,14 +167,18 @@ def block_metrics(
     # the same cells as the reference's) the masks'.
     same_cells = stability is not None and stability.positions.size == num_keys
     shares = np.concatenate([CELL_SHARES, stability.masses if same_cells else []])
+    positions = windows.positions if windows is not None else np.zeros(0, dtype=np.int64)
     stats = row_stats(
         whole,
         num_keys,
         shares,
-        stability.levels if same_cells else None,
-        group,
+        levels=stability.levels if same_cells else None,
         mask_first=len(CELL_SHARES),
+        group=group,
         average=None if average is None else (average[0].reshape(average[0].shape[0], -1), average[1]),
+        windows=None
+        if windows is None or not positions.size
+        else TargetWindows(positions, windows.index, windows.distance, PCK_RADII, radius),
     )
     frame_mass = stats.frame_sums * scale[:, None]  # [n, K]
     query_frame_mass = frame_mass[:, query_position]
@@ -203,19 +207,14 @@ def block_metrics(
         shared = frames[:, stability.positions].reshape(n, -1)
         recall, tnr = mask_agreement(shared, stability, group)
 
-    positions = windows.positions if windows is not None else np.zeros(0, dtype=np.int64)
     pck = np.full((n, len(PCK_RADII), positions.size), np.nan)
     corr_mass = np.full((n, positions.size), np.nan)
     if windows is not None and positions.size:
-        near, near_mass = window_stats(
-            whole, num_keys, positions, windows.index, windows.distance, stats.peaks, PCK_RADII, radius,
-            group,
-        )  # fmt: skip
         valid = np.repeat(windows.valid, group, axis=0)
         with np.errstate(divide="ignore", invalid="ignore"):
-            pck[:] = np.where(valid[:, None], near / stats.ties[:, None, positions], np.nan)
+            pck[:] = np.where(valid[:, None], stats.near / stats.ties[:, None, positions], np.nan)
             cross_sums = stats.frame_sums[:, positions]
-            corr_mass[:] = np.where(valid & (cross_sums > 0), near_mass / cross_sums, np.nan)
+            corr_mass[:] = np.where(valid & (cross_sums > 0), stats.near_mass / cross_sums, np.nan)
 
     return BlockMetrics(
         cross_view_mass=cross_view_mass,
