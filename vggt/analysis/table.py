@@ -126,12 +126,6 @@ class _Rows:
             self.tnr[rows, :, queries] = metrics.tnr
 
 
-def _mean(values: np.ndarray) -> float:
-    """Mean of the finite entries (NaN marks what does not apply); NaN when there are none."""
-    finite = values[np.isfinite(values)]
-    return float(finite.mean()) if finite.size else math.nan
-
-
 @dataclass
 class _Options:
     """What every layer's analysis needs besides the export (sent to worker processes as it is)."""
@@ -381,6 +375,15 @@ class _Analyzer:
         recall, tnr = mask_agreement(shared_values.reshape(1, -1), stability)
         rows.overall_recall[index], rows.overall_tnr[index] = recall[0], tnr[0]
 
+    def run(self, job: tuple) -> _Rows:
+        """One job: ``("layer", name)``, ``("same_uv",)`` or ``("uniform", name, key_frames, n_special)``."""
+        kind, *args = job
+        if kind == "layer":
+            return self.layer(*args)
+        if kind == "same_uv":
+            return self.same_uv()
+        return self.uniform(*args)
+
     def layer(self, name: str) -> _Rows:
         layer = _Layer(self.export, name)
         heads = ["avg"] + ([str(h + 1) for h in range(layer.num_heads)] if layer.per_head else [])
@@ -558,10 +561,9 @@ def run_analysis(
         _reference_levels(export, reference, frame_sets, masses_sorted, stability_scope, workers),
     )  # fmt: skip
     analyzer = _Analyzer(export, options)
-    results = _layers(export, options, analyzer, workers, progress)
-    results.append(analyzer.same_uv())
-    for name, frames, n_special in baselines:
-        results.append(analyzer.uniform(name, frames, n_special))
+    jobs = [("layer", name) for name in export.layer_names] + [("same_uv",)]
+    jobs += [("uniform", name, frames, n_special) for name, frames, n_special in baselines]
+    results = _run_jobs(export, options, analyzer, jobs, workers, progress)
 
     per_query = _per_query_arrays(results, analyzer, masses_sorted)
     records = records_from_arrays(per_query, correspondence.source if correspondence else None)
@@ -582,25 +584,31 @@ def _start_worker(root: str, names: list[str], options: _Options) -> None:
     _WORKER = _Analyzer(export, options)
 
 
-def _analyse_in_worker(name: str) -> _Rows:
+def _analyse_in_worker(job: tuple) -> _Rows:
     assert _WORKER is not None
-    return _WORKER.layer(name)
+    return _WORKER.run(job)
 
 
-def _layers(
-    export: AttnExport, options: _Options, analyzer: _Analyzer, workers: int, progress: Progress | None
+def _run_jobs(
+    export: AttnExport,
+    options: _Options,
+    analyzer: _Analyzer,
+    jobs: list[tuple],
+    workers: int,
+    progress: Progress | None,
 ) -> list[_Rows]:
-    """Every layer's rows, in manifest order: here, or in ``workers`` processes that each open the export."""
-    names = list(export.layer_names)
+    """The rows of every job (:meth:`_Analyzer.run`), in order: here, or in ``workers`` processes that each
+    open the export. ``progress`` hears of the layers."""
+    names = [job[1] for job in jobs if job[0] == "layer"]
     total = len(names)
     # Workers open the export folder themselves; a zip's members are extracted as they are read, by the
     # one reader that opened it, so a zipped export is analysed here.
     if workers == 1 or total == 1 or not isinstance(export.files, FolderFiles):
         results = []
-        for done, name in enumerate(names, start=1):
-            results.append(analyzer.layer(name))
-            if progress is not None:
-                progress(done, total, name)
+        for job in jobs:
+            results.append(analyzer.run(job))
+            if progress is not None and job[0] == "layer":
+                progress(names.index(job[1]) + 1, total, job[1])
         return results
     # fork starts at once and runs from any script; with other threads about (a web server) a fork could
     # copy a held lock, so a fresh interpreter starts the workers instead.
@@ -609,24 +617,28 @@ def _layers(
         context = multiprocessing.get_context("fork")
     else:
         context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    by_name: dict[str, _Rows] = {}
+    by_job: dict[int, _Rows] = {}
+    done = 0
     with ProcessPoolExecutor(
         min(workers, total),
         mp_context=context,
         initializer=_start_worker,
         initargs=(str(export.root), names, options),
     ) as pool:
-        futures = {pool.submit(_analyse_in_worker, name): name for name in names}
+        # the baselines last: small jobs fill the gap while the last layers finish
+        futures = {pool.submit(_analyse_in_worker, job): index for index, job in enumerate(jobs)}
         try:
-            for done, future in enumerate(as_completed(futures), start=1):
-                by_name[futures[future]] = future.result()
-                if progress is not None:
-                    progress(done, total, futures[future])
+            for future in as_completed(futures):
+                index = futures[future]
+                by_job[index] = future.result()
+                if progress is not None and jobs[index][0] == "layer":
+                    done += 1
+                    progress(done, total, jobs[index][1])
         except BrokenProcessPool:
             raise AnalysisError(
                 f"a worker process stopped abruptly (out of memory?); try fewer workers than {workers}"
             ) from None
-    return [by_name[name] for name in names]
+    return [by_job[index] for index in range(len(jobs))]
 
 
 def analyze(export: AttnExport | str | os.PathLike[str], *, dataframe: bool = False, **options):
@@ -672,26 +684,29 @@ def records_from_arrays(arrays: dict[str, np.ndarray], corr_source: str | None) 
     """The table (one record per row, the columns of :data:`COLUMNS`) from the per-query arrays: every
     column is the mean of its per-query values, except ``pck_r`` and ``corr_mass`` (means over the row's
     (query, frame) pairs) and the stability columns with scope ``all`` (means over the masses)."""
-    records = []
-    for i, (layer, head) in enumerate(zip(arrays["layer"].tolist(), arrays["head"].tolist(), strict=True)):
-        record: dict = {"layer": layer, "head": head}
-        for name in ("cross_view_mass", "query_frame_mass", "camera_mass", "register_mass", "entropy"):
-            record[name] = _mean(arrays[name][i])
-        for share in CELL_SHARES:
-            record[f"cells_{round(share * 100)}"] = _mean(arrays[f"cells_{round(share * 100)}"][i])
-        for radius in PCK_RADII:
-            record[f"pck_{radius}"] = _mean(arrays[f"pck_{radius}_per_frame"][i])
-        record["corr_mass"] = _mean(arrays["corr_mass_per_frame"][i])
-        has_pairs = np.isfinite(arrays[f"pck_{PCK_RADII[0]}_per_frame"][i]).any()
-        record["corr_source"] = corr_source if (corr_source and has_pairs) else ""
-        if np.isfinite(arrays["mask_recall_overall"][i]).any():
-            record["mask_recall"] = float(np.mean(arrays["mask_recall_overall"][i]))
-            record["mask_tnr"] = float(np.mean(arrays["mask_tnr_overall"][i]))
-        else:
-            record["mask_recall"] = _mean(arrays["mask_recall"][i])
-            record["mask_tnr"] = _mean(arrays["mask_tnr"][i])
-        records.append({name: record[name] for name in COLUMNS})
-    return records
+
+    def row_means(name: str) -> list[float]:
+        values = np.asarray(arrays[name], dtype=np.float64)
+        return _nanmean(values.reshape(values.shape[0], -1), axis=1).tolist()
+
+    columns: dict[str, list] = {"layer": arrays["layer"].tolist(), "head": arrays["head"].tolist()}
+    for name in ("cross_view_mass", "query_frame_mass", "camera_mass", "register_mass", "entropy"):
+        columns[name] = row_means(name)
+    for share in CELL_SHARES:
+        columns[f"cells_{round(share * 100)}"] = row_means(f"cells_{round(share * 100)}")
+    for radius in PCK_RADII:
+        columns[f"pck_{radius}"] = row_means(f"pck_{radius}_per_frame")
+    columns["corr_mass"] = row_means("corr_mass_per_frame")
+    pairs = (
+        np.isfinite(arrays[f"pck_{PCK_RADII[0]}_per_frame"]).reshape(len(columns["layer"]), -1).any(axis=1)
+    )
+    columns["corr_source"] = [corr_source if (corr_source and has) else "" for has in pairs.tolist()]
+    # scope "all": the mean over the masses of one mask over all queries; else over the queries
+    overall = np.isfinite(arrays["mask_recall_overall"]).any(axis=1)
+    for name in ("mask_recall", "mask_tnr"):
+        whole = np.mean(arrays[f"{name}_overall"], axis=1)
+        columns[name] = np.where(overall, whole, row_means(name)).tolist()
+    return [{name: columns[name][i] for name in COLUMNS} for i in range(len(columns["layer"]))]
 
 
 def layer_head_table(records: Sequence[dict], metric: str) -> tuple[np.ndarray, list[str], list[str]]:
