@@ -318,16 +318,20 @@ def _window_row(row, cells, peaks, positions, index, distance, radii, radius, ne
     """The window cells of one row (``index``, ``distance``: ``[C, w]``) that hold their frame's peak,
     counted within each radius (``near [R, C]``), and their mass within ``radius`` (``near_mass [C]``)."""
     for c in range(positions.size):
-        base = positions[c] * cells
+        frame = row[positions[c] * cells : (positions[c] + 1) * cells]
         peak = peaks[positions[c]]
-        for k in range(index.shape[1]):
-            value = row[base + index[c, k]]
-            d = distance[c, k]
-            if d <= radius:
-                near_mass[c] += value
-            if value == peak:
-                for i in range(radii.size):
-                    near[i, c] += d <= radii[i]
+        frame_index, frame_distance = index[c], distance[c]
+        mass = 0.0  # sums and counts in registers, stored once per frame
+        for k in range(frame_index.size):
+            value = frame[frame_index[k]]
+            if frame_distance[k] <= radius:
+                mass += value
+        near_mass[c] = mass
+        for i in range(radii.size):
+            at_peak = 0
+            for k in range(frame_index.size):
+                at_peak += (frame[frame_index[k]] == peak) & (frame_distance[k] <= radii[i])
+            near[i, c] = at_peak
 
 
 @njit(cache=True, nogil=True)
