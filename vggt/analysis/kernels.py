@@ -281,28 +281,29 @@ def _code_frame_stats(frame):
 @njit(cache=True, nogil=True)
 def _float_frame_stats(frame, logs):
     """Sum, largest value, cells at it and ``sum(v log v)`` of one frame's floats (``logs``: ``log v``,
-    ``-inf`` at 0), four partial sums and maxima at a time (a float loop does not vectorise otherwise)."""
-    sums = np.zeros(4)
-    peaks = np.full(4, -np.inf)
-    v_log_v = np.zeros(4)
-    whole = frame.size - frame.size % 4
-    for i in range(0, whole, 4):
-        for k in range(4):
-            v = frame[i + k]
-            sums[k] += v
-            peaks[k] = max(peaks[k], v)
-            v_log_v[k] += v * logs[i + k] if v > 0 else 0.0
-    for i in range(whole, frame.size):
-        v = frame[i]
-        sums[0] += v
-        peaks[0] = max(peaks[0], v)
-        v_log_v[0] += v * logs[i] if v > 0 else 0.0
-    peak = max(max(peaks[0], peaks[1]), max(peaks[2], peaks[3]))
+    ``-inf`` at 0), two partial sums and maxima at a time, in registers (a float loop does not vectorise)."""
+    sum_a = sum_b = 0.0
+    peak_a = peak_b = -np.inf
+    v_log_v_a = v_log_v_b = 0.0
+    whole = frame.size - frame.size % 2
+    for i in range(0, whole, 2):
+        a, b = frame[i], frame[i + 1]
+        sum_a += a
+        sum_b += b
+        peak_a = max(peak_a, a)
+        peak_b = max(peak_b, b)
+        v_log_v_a += a * logs[i] if a > 0 else 0.0
+        v_log_v_b += b * logs[i + 1] if b > 0 else 0.0
+    if whole < frame.size:
+        a = frame[whole]
+        sum_a += a
+        peak_a = max(peak_a, a)
+        v_log_v_a += a * logs[whole] if a > 0 else 0.0
+    peak = max(peak_a, peak_b)
     at_peak = 0
     for v in frame:
         at_peak += v == peak
-    summed = (sums[0] + sums[1]) + (sums[2] + sums[3])
-    return summed, peak, at_peak, (v_log_v[0] + v_log_v[1]) + (v_log_v[2] + v_log_v[3])
+    return sum_a + sum_b, peak, at_peak, v_log_v_a + v_log_v_b
 
 
 @njit(cache=True, nogil=True, fastmath={"contract"})
