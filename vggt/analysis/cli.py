@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             took = time.perf_counter() - started
             print(f"\r  analysed {plural(len(export.layer_names), 'layer')} in {took:.1f} s")
         written = write_outputs(result, out, figures=not args.no_figures)
-    except (UsageError, AnalysisError, FormatError) as exc:
+    except (UsageError, AnalysisError, FormatError, ModuleNotFoundError) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:

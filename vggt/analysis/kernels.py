@@ -27,7 +27,23 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
+
+try:
+    from numba import njit
+
+    HAVE_NUMBA = True
+except ImportError:  # numpy, Pillow and Gradio alone: exports and saved analyses open, none is computed
+    HAVE_NUMBA = False
+
+    def njit(*_, **__):
+        def decorate(function):
+            def missing(*_, **__):
+                raise ModuleNotFoundError("computing an analysis needs numba (pip install numba)")
+
+            return missing
+
+        return decorate
+
 
 CODES = 256
 _CODE_VALUES = np.arange(CODES - 1, -1, -1).astype(np.float64)  # run i holds code 255 - i
@@ -41,7 +57,8 @@ def _start() -> int:
 
 # numba builds its compiler's tables at its first call (about 0.3 s): here, when the module is imported,
 # as numpy's own start-up is, rather than inside the first analysis.
-_start()
+if HAVE_NUMBA:
+    _start()
 
 
 @dataclass
