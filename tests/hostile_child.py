@@ -305,6 +305,7 @@ def main(argv: list[str]) -> int:
     temporary = Path(tempfile.gettempdir()).resolve()
     viewer = target == "viewer"
     import vggt.attn_format  # noqa: F401 - imported before the limit, as the viewer has it loaded
+    import vggt.analysis  # noqa: F401 - numba reads /proc/cpuinfo once, as it starts (on import)
 
     if viewer:
         import matplotlib.figure  # noqa: F401
