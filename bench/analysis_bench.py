@@ -5,17 +5,17 @@ The export has the size of a real VGGT-1B export per head at stride 1: 24 layers
 exact probabilities, positions of every query's point in every frame given to the analysis). The averaged
 export of the same images (about 0.14 GB) is measured too.
 
-Each measurement runs in a fresh Python process, so that its peak memory is its own: the *sum pass* opens
-the export and sums every stored map (``heatmaps.sum(axis=(-2, -1))``, numpy's default accumulator, one
-layer at a time: the target's reference); the *dequantized sum pass* sums the maps as probabilities
-(stored values times their scale, float32, as the reader hands them out), for context; the *analysis*
-is ``vggt.analysis.run_analysis`` (every column, every head, the baselines, per query and aggregated);
-the *histogram pass* counts the codes of every row of every map (``vggt.analysis.ranks.code_histograms``,
-``np.add.at`` into one histogram per row: the least that any exact order statistic of the rows, such as
-``cells_50`` or the stability masks, costs in numpy), to show how much of the analysis that floor is.
+Each measurement runs in a fresh Python process, so that its peak memory is its own, and its clock
+starts after the imports, which are the same in every mode (numba starts on importing
+``vggt.analysis``): the *sum pass* opens the export and sums every stored map
+(``heatmaps.sum(axis=(-2, -1))``, numpy's default accumulator, one layer at a time: the target's
+reference); the *dequantized sum pass* sums the maps as probabilities (stored values times their scale,
+float32, as the reader hands them out), for context; the *analysis* is ``vggt.analysis.run_analysis``
+(every column, every head, the baselines, per query and aggregated, with the default workers).
 They alternate, ``--repeats`` times, after one warm-up of each that also brings the export into the
-page cache; the ratios of each repeat are reported, with their median and spread. Memory: the peak
-resident size of the analysis process above its size after imports.
+page cache (and compiles the analysis's kernels if this checkout has not yet); the ratios of each repeat
+are reported, with their median and spread. Memory: the peak resident size of the analysis process
+above its size after imports.
 Writing the outputs (CSV, NPZ, summary, figures) is timed once, apart.
 
 The exports take minutes to write; they are kept in ``--cache`` (default: a folder in the temporary

@@ -304,8 +304,8 @@ def main(argv: list[str]) -> int:
     corpus = cases_file.parent.resolve()
     temporary = Path(tempfile.gettempdir()).resolve()
     viewer = target == "viewer"
-    import vggt.attn_format  # noqa: F401 - imported before the limit, as the viewer has it loaded
     import vggt.analysis  # noqa: F401 - numba reads /proc/cpuinfo once, as it starts (on import)
+    import vggt.attn_format  # noqa: F401 - imported before the limit, as the viewer has it loaded
 
     if viewer:
         import matplotlib.figure  # noqa: F401

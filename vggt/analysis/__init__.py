@@ -1,5 +1,6 @@
 """Attention analysis: per layer and head, how much attention finds the true correspondence, where the rest
-goes, how concentrated and how stable it is (numpy only; reads exports through :mod:`vggt.attn_format`).
+goes, how concentrated and how stable it is (numpy, and numba for the one pass over each row; no torch;
+reads exports through :mod:`vggt.attn_format`).
 
 ``analyze(export)`` gives the table; :func:`run_analysis` also the per-query metrics and the summary;
 ``analyze_attention.py`` writes them with figures. Definitions: ``docs/analysis.md``.

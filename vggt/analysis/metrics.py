@@ -1,4 +1,4 @@
-"""The metrics of a block of attention rows (numpy only).
+"""The metrics of a block of attention rows (numpy, over the compiled row pass of :mod:`kernels`).
 
 A *row* is one query's attention in one layer, for one head or the head average: maps over the layer's
 key frames ``[K, H_ds, W_ds]`` (uint8 codes or float probabilities, times a per-row ``scale``) and the
