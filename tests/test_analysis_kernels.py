@@ -122,6 +122,31 @@ def test_codes_and_floats_agree() -> None:
     np.testing.assert_allclose(by_codes.v_log_v, by_floats.v_log_v, rtol=1e-13)
 
 
+def test_float_rows_of_any_range() -> None:
+    """A float row is bucketed by its values' leading bits, 32 octaves below its peak: crossings in the
+    last bucket (values far below the peak, zeros), in a bucket two shares share, among ties and
+    subnormal values, a running sum equal to a share's mass give the sorted row's answers."""
+    rng = np.random.default_rng(5)
+    rows = np.zeros((8, 64))
+    rows[0, 0], rows[0, 1:40] = 1.0, 1e-12  # a share near 1 crosses among values 40 octaves down
+    rows[7, 0], rows[7, 1:60] = 1.0, 1e-12 * (1.0 + rng.random(59))  # ... and among distinct ones
+    rows[1] = rng.random(64) * 1e-300  # subnormal and tiny values
+    rows[1, ::7] = 0.0
+    rows[2] = 3.0 ** -rng.integers(0, 60, size=64)  # spread over 95 octaves, with ties
+    rows[3, :60] = 1.0 + rng.random(60) * 1e-3  # one bucket holds every crossing
+    rows[4] = np.repeat(rng.random(8), 8)  # runs of ties
+    rows[5, 5] = 2.0  # a single cell
+    rows[6, 10:18] = 0.125  # running sums that reach a share exactly
+    shares = np.array([1e-9, 0.3, 0.5, 0.5, 0.9, 1 - 1e-9, 1 - 1e-13])
+    stats = row_stats(rows, 2, shares)
+    for r in range(rows.shape[0]):
+        np.testing.assert_allclose(stats.total[r], rows[r].sum(), rtol=1e-12)
+        for j, share in enumerate(shares):
+            assert (stats.threshold[r, j], stats.in_mask[r, j], stats.smallest[r, j]) == _reference(
+                rows[r], share
+            ), (r, share)
+
+
 @pytest.mark.parametrize(
     "change",
     [

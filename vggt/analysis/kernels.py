@@ -8,11 +8,13 @@ share with a reference's, the peak cells and mass around target cells, and (for 
 their weighted average. Each row is read from memory once; every step after the first works on it while
 it is in the processor's cache.
 
-A row of codes is counted into a histogram (codes 255 down to 0), a float row is sorted (numpy's sort);
-both are then read as *runs* of equal values in descending order, with their running cell counts and
-masses, in which each share's crossing is found by binary search (:func:`_crossings`). Counting instead
-of sorting, and one pass instead of one numpy call per statistic, is what makes the exact analysis of a
-per-head export about as fast as reading it (``docs/analysis.md``, "Speed and memory").
+A row of codes is counted into a histogram (codes 255 down to 0), read as *runs* of equal values in
+descending order with their running cell counts and masses, in which each share's crossing is found by
+binary search (:func:`_crossings`). A float row is counted into buckets by its values' leading bits, and
+only the bucket where a share's running mass crosses is searched further (:func:`_float_crossings`,
+:func:`_select`). Counting
+instead of sorting, and one pass instead of one numpy call per statistic, is what makes the exact
+analysis of a per-head export about as fast as reading it (``docs/analysis.md``, "Speed and memory").
 
 The mask rule is the fork's (``analyze_attention.py``): sort the values in descending order, take the
 first position where their running sum reaches ``share * total``; the mask holds every cell whose value
@@ -96,7 +98,7 @@ class RowStats:
     ties : np.ndarray
         ``[n, K]`` int64: the frame's cells holding its largest value.
     total : np.ndarray
-        ``[n]`` float64: the row's sum (in the order of its descending values).
+        ``[n]`` float64: the row's sum (codes: exact; floats: added bucket by bucket, largest first).
     v_log_v : np.ndarray
         ``[n]`` float64: ``sum(v log v)`` over the row's cells (``0 log 0 = 0``).
     threshold : np.ndarray
@@ -211,10 +213,10 @@ def row_stats(
     common += (positions, index, distance, radii, radius)
     if rows.dtype == np.uint8:
         return RowStats(*_code_rows(rows, *common))
-    rows = rows.astype(np.float64, copy=False)
+    rows = np.ascontiguousarray(rows, dtype=np.float64)
     with np.errstate(divide="ignore"):
         logs = np.log(rows)  # numpy's log is vectorised, a compiled loop's is not
-    return RowStats(*_float_rows(rows, np.sort(rows, axis=-1), logs, *common))
+    return RowStats(*_float_rows(rows, logs, *common))
 
 
 def x_log_x(values: np.ndarray) -> np.ndarray:
@@ -279,6 +281,167 @@ def _crossings(values, cum_mass, cum_cells, shares, threshold, in_mask, smallest
             else:
                 high = middle - 1
         in_mask[j] = cum_cells[low]
+
+
+# A non-negative float's leading bits order it as its value does: its exponent and its first 6 mantissa
+# bits make buckets 1/64 of an octave wide; the 32 octaves below a row's peak have a bucket each, and
+# smaller values (zeros too) share the last one.
+_BUCKET_SHIFT = 46
+_BUCKETS = 32 * 64
+
+
+@njit(cache=True, nogil=True)
+def _select(source, scratch, target, mass_before, cells_before, counts, masses):
+    """The crossing of a running mass among the values of ``source`` (in any order): the value at which
+    ``mass_before`` plus the values taken in descending order first reaches ``target``, the cells up to it
+    (``cells_before`` and those values, one by one) and the cells at least that value.
+
+    The values are split by their bits into at most 256 ranges, keeping the range where the mass
+    crosses, until few are left or all are equal (the rounds of a radix sort, on one range each time);
+    the few left are sorted. ``scratch`` (as long as ``source``), ``counts``, ``masses`` (at least 256):
+    work arrays; ``source`` is left as it is."""
+    values = source
+    n = source.size
+    bits = source.view(np.int64)
+    equal = False
+    while n > 32:
+        # keys: the values' bits, which order non-negative floats (a negative or NaN value, which no
+        # export should hold, is kept in bounds as 0)
+        low = high = max(bits[0], 0)
+        for i in range(1, n):
+            key = max(bits[i], 0)
+            low = min(low, key)
+            high = max(high, key)
+        if low == high:
+            equal = True
+            break
+        shift = max(0, 64 - _leading_zeros(high - low) - 8)  # (high - low) >> shift < 256
+        counts[:256] = 0
+        masses[:256] = 0.0
+        for i in range(n):
+            digit = (high - max(bits[i], 0)) >> shift  # 0 for the largest values
+            counts[digit] += 1
+            masses[digit] += values[i]
+        chosen = 0
+        for digit in range(256):  # the first range whose running mass reaches the target, else the last
+            if counts[digit] == 0:
+                continue
+            chosen = digit
+            if mass_before + masses[digit] >= target:
+                break
+            mass_before += masses[digit]
+            cells_before += counts[digit]
+        kept = 0
+        for i in range(n):
+            if (high - max(bits[i], 0)) >> shift == chosen:
+                scratch[kept] = values[i]
+                kept += 1
+        values = scratch
+        bits = scratch.view(np.int64)
+        n = kept
+    few = values[:n]
+    if not equal and n > 1:
+        few = scratch[:n]
+        if values is not scratch:
+            few[:] = values[:n]
+        few.sort()  # ascending, read from its end
+    running = mass_before
+    at = n - 1
+    for k in range(n):
+        running += few[n - 1 - k]
+        if running >= target:
+            at = k
+            break
+    value = few[n - 1 - at]
+    ties = n if equal else at + 1
+    while ties < n and few[n - 1 - ties] >= value:
+        ties += 1
+    return value, cells_before + at + 1, cells_before + ties
+
+
+@njit(cache=True, nogil=True)
+def _leading_zeros(word):
+    """Leading zero bits of a positive int64."""
+    zeros = 0
+    while word < (np.int64(1) << 62):
+        word <<= 1
+        zeros += 1
+    return zeros + 1
+
+
+@njit(cache=True, nogil=True)
+def _float_crossings(
+    row, peak, shares, counts, masses, cum_cells, cum_mass, crossing, gathered, candidates,
+    threshold, in_mask, smallest,
+):  # fmt: skip
+    """Each share's crossing in one row of non-negative floats (as :func:`_crossings` finds it in the sorted
+    row) without sorting the row: its values are counted into buckets by their leading bits, the crossing
+    bucket is found from the buckets' running masses, and the share's crossing among that bucket's values
+    by :func:`_select`. ``counts`` to ``candidates`` are work arrays (``crossing``: -1 everywhere, and
+    left so). Returns the row's sum."""
+    if not peak > 0:
+        threshold[:] = np.inf
+        in_mask[:] = 0
+        smallest[:] = np.nan
+        return 0.0
+    bits = row.view(np.int64)
+    top = np.array([peak]).view(np.int64)[0] >> _BUCKET_SHIFT
+    last = _BUCKETS - 1
+    counts[:] = 0
+    masses[:] = 0.0
+    for i in range(row.size):
+        bucket = min(max(top - (bits[i] >> _BUCKET_SHIFT), 0), last)  # within bounds even for a NaN
+        counts[bucket] += 1
+        masses[bucket] += row[i]
+    cells = 0
+    running = 0.0
+    for bucket in range(_BUCKETS):
+        cells += counts[bucket]
+        running += masses[bucket]
+        cum_cells[bucket] = cells
+        cum_mass[bucket] = running
+    total = running
+    # the crossing bucket of each share (the first whose running mass reaches it); each such bucket gets a
+    # slot in ``gathered`` for its values
+    buckets = np.empty(shares.size, dtype=np.int64)
+    starts = np.zeros(shares.size + 1, dtype=np.int64)
+    used = 0
+    for j in range(shares.size):
+        target = total * shares[j]
+        low, high = 0, last
+        while low < high:
+            middle = (low + high) // 2
+            if cum_mass[middle] >= target:
+                high = middle
+            else:
+                low = middle + 1
+        buckets[j] = low
+        if crossing[low] < 0:
+            crossing[low] = used
+            starts[used + 1] = starts[used] + counts[low]
+            used += 1
+    ends = starts[:used].copy()
+    for i in range(row.size):
+        slot = crossing[min(max(top - (bits[i] >> _BUCKET_SHIFT), 0), last)]
+        if slot >= 0:
+            gathered[ends[slot]] = row[i]
+            ends[slot] += 1
+    for j in range(shares.size):
+        bucket = buckets[j]
+        slot = crossing[bucket]
+        threshold[j], at, in_mask[j] = _select(
+            gathered[starts[slot] : starts[slot + 1]],
+            candidates,
+            total * shares[j],
+            cum_mass[bucket - 1] if bucket else 0.0,
+            cum_cells[bucket - 1] if bucket else 0,
+            counts,
+            masses,
+        )
+        smallest[j] = at
+    for j in range(shares.size):
+        crossing[buckets[j]] = -1
+    return total
 
 
 @njit(cache=True, nogil=True)
@@ -446,7 +609,7 @@ def _code_rows(
 
 @njit(cache=True, nogil=True)
 def _float_rows(
-    rows, ascending, logs, num_frames, shares, levels, num_masses, mask_first, group, average, weights,
+    rows, logs, num_frames, shares, levels, num_masses, mask_first, group, average, weights,
     positions, index, distance, radii, radius,
 ):  # fmt: skip
     n, width = rows.shape
@@ -466,8 +629,13 @@ def _float_rows(
         near,
         near_mass,
     ) = out
-    cum_mass = np.zeros(width)
-    cum_cells = np.arange(1, width + 1)
+    counts = np.zeros(_BUCKETS, dtype=np.int64)
+    masses = np.zeros(_BUCKETS)
+    cum_cells = np.zeros(_BUCKETS, dtype=np.int64)
+    cum_mass = np.zeros(_BUCKETS)
+    crossing = np.full(_BUCKETS, -1, dtype=np.int64)  # each bucket's place in ``gathered``, -1: none
+    gathered = np.empty(width)
+    candidates = np.empty(width)
     for r in range(n):
         row = rows[r]
         query = r // group
@@ -486,13 +654,10 @@ def _float_rows(
                 row, cells, peaks[r], positions, index[query], distance[query], radii, radius, near[r],
                 near_mass[r],
             )  # fmt: skip
-        descending = ascending[r, ::-1]
-        running = 0.0
-        for i in range(width):
-            running += descending[i]
-            cum_mass[i] = running
-        total[r] = running
-        _crossings(descending, cum_mass, cum_cells, shares, threshold[r], in_mask[r], smallest[r])
+        total[r] = _float_crossings(
+            row, peaks[r].max(), shares, counts, masses, cum_cells, cum_mass, crossing, gathered, candidates,
+            threshold[r], in_mask[r], smallest[r],
+        )  # fmt: skip
         for j in range(num_masses):
             # cells of the row's mask j (none when empty) in the reference's (level >= M - j)
             needed = np.uint8(num_masses - j)
