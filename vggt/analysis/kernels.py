@@ -340,7 +340,10 @@ def _select(source, scratch, target, mass_before, cells_before, counts, masses):
         bits = scratch.view(np.int64)
         n = kept
     few = values[:n]
-    if not equal and n > 1:
+    if equal:  # a run of equal values, its cells counted as a run of codes is (:func:`_crossings`)
+        needed = math.ceil((target - mass_before) / few[0]) if few[0] > 0 else n
+        return few[0], cells_before + min(max(needed, 1), n), cells_before + n
+    if n > 1:
         few = scratch[:n]
         if values is not scratch:
             few[:] = values[:n]
@@ -353,7 +356,7 @@ def _select(source, scratch, target, mass_before, cells_before, counts, masses):
             at = k
             break
     value = few[n - 1 - at]
-    ties = n if equal else at + 1
+    ties = at + 1
     while ties < n and few[n - 1 - ties] >= value:
         ties += 1
     return value, cells_before + at + 1, cells_before + ties

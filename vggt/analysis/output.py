@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from vggt.analysis.columns import COLUMNS
-from vggt.analysis.table import Analysis, AnalysisError
+from vggt.analysis.table import Analysis, AnalysisError, stored_floats
 from vggt.attn_format.paths import is_inside
 from vggt.attn_format.schema import write_file_atomic, write_json_atomic
 
@@ -54,11 +54,6 @@ def csv_text(records: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def _stored(values: np.ndarray) -> np.ndarray:
-    """Per-query floats as float32 on disk (the metrics' precision is that of the stored maps)."""
-    return values.astype(np.float32) if values.dtype == np.float64 else values
-
-
 def write_outputs(result: Analysis, folder: Path, figures: bool = True) -> list[Path]:
     """Write the analysis into ``folder``; returns the files written."""
     folder = Path(folder)
@@ -69,7 +64,7 @@ def write_outputs(result: Analysis, folder: Path, figures: bool = True) -> list[
     written.append(path)
     path = folder / NPZ_NAME
     buffer = io.BytesIO()
-    np.savez(buffer, **{key: _stored(values) for key, values in result.per_query.items()})
+    np.savez(buffer, **{key: stored_floats(values) for key, values in result.per_query.items()})
     write_file_atomic(path, buffer.getvalue())
     written.append(path)
     if figures:

@@ -64,8 +64,8 @@ class Analysis:
         One per layer and head, then the baselines: the columns of ``layer_head_metrics.csv`` (NaN where
         a metric does not apply).
     per_query : dict of np.ndarray
-        The metrics per query (and per frame or mass where they are per frame or mass), for
-        ``per_query.npz``; row ``i`` of every array is record ``i``.
+        The metrics per query (and per frame or mass where they are per frame or mass), as
+        ``per_query.npz`` holds them (floats as float32); row ``i`` of every array is record ``i``.
     summary : dict
         Options, the export read, the baselines and what each column means.
     """
@@ -79,6 +79,10 @@ class Analysis:
         import pandas as pd
 
         return pd.DataFrame.from_records(self.records, columns=list(COLUMNS))
+
+
+# a job's table records and its per-query arrays (``per_query.npz``'s, float32)
+_JobResult = tuple[list[dict], dict[str, np.ndarray]]
 
 
 @dataclass
@@ -106,6 +110,26 @@ class _Rows:
         self.tnr = np.full(per_mass, np.nan)
         self.overall_recall = np.full((len(self.heads), self.num_masses), np.nan)  # scope "all"
         self.overall_tnr = np.full((len(self.heads), self.num_masses), np.nan)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """These rows' arrays of ``per_query.npz`` (float64), without the export-wide ones."""
+        arrays: dict[str, np.ndarray] = {
+            "layer": np.array([self.layer] * len(self.heads), dtype=str),
+            "head": np.array(self.heads, dtype=str),
+            **self.scalars,
+        }
+        for i, radius in enumerate(PCK_RADII):
+            arrays[f"pck_{radius}"] = _nanmean(self.pck[:, i], axis=1)
+            arrays[f"pck_{radius}_per_frame"] = self.pck[:, i]
+        arrays["corr_mass"] = _nanmean(self.corr_mass, axis=1)
+        arrays["corr_mass_per_frame"] = self.corr_mass
+        arrays["mask_recall"] = self.recall.mean(axis=1)
+        arrays["mask_tnr"] = self.tnr.mean(axis=1)
+        arrays["mask_recall_per_mass"] = self.recall
+        arrays["mask_tnr_per_mass"] = self.tnr
+        arrays["mask_recall_overall"] = self.overall_recall
+        arrays["mask_tnr_overall"] = self.overall_tnr
+        return arrays
 
     def store(self, rows: np.ndarray, queries: np.ndarray, metrics: BlockMetrics, frames: np.ndarray) -> None:
         """Put a block's metrics (row ``rows[i]``, query ``queries[i]``) in place; ``frames`` are the
@@ -279,7 +303,9 @@ def _reference_levels(
     levels = {}
     parts = [slice(p[0], p[-1] + 1) for p in np.array_split(np.arange(num_queries), workers) if p.size]
     for frames in frame_sets:
-        values = maps[:, [layer.key_frames.index(f) for f in frames]].reshape(num_queries, -1)
+        positions = [layer.key_frames.index(f) for f in frames]
+        chosen = maps if positions == list(range(len(layer.key_frames))) else maps[:, positions]  # no copy
+        values = chosen.reshape(num_queries, -1)
         if scope == "all":
             levels[frames] = reference_levels(values.reshape(1, -1), masses).reshape(values.shape)
         else:
@@ -375,14 +401,19 @@ class _Analyzer:
         recall, tnr = mask_agreement(shared_values.reshape(1, -1), stability)
         rows.overall_recall[index], rows.overall_tnr[index] = recall[0], tnr[0]
 
-    def run(self, job: tuple) -> _Rows:
-        """One job: ``("layer", name)``, ``("same_uv",)`` or ``("uniform", name, key_frames, n_special)``."""
+    def run(self, job: tuple) -> _JobResult:
+        """One job: ``("layer", name)``, ``("same_uv",)`` or ``("uniform", name, key_frames, n_special)``:
+        its records (from the float64 metrics) and its per-query arrays as ``per_query.npz`` keeps them."""
         kind, *args = job
         if kind == "layer":
-            return self.layer(*args)
-        if kind == "same_uv":
-            return self.same_uv()
-        return self.uniform(*args)
+            rows = self.layer(*args)
+        elif kind == "same_uv":
+            rows = self.same_uv()
+        else:
+            rows = self.uniform(*args)
+        arrays = rows.arrays()
+        records = records_from_arrays(arrays, self.correspondence.source if self.correspondence else None)
+        return records, {key: stored_floats(values) for key, values in arrays.items()}
 
     def layer(self, name: str) -> _Rows:
         layer = _Layer(self.export, name)
@@ -565,8 +596,8 @@ def run_analysis(
     jobs += [("uniform", name, frames, n_special) for name, frames, n_special in baselines]
     results = _run_jobs(export, options, analyzer, jobs, workers, progress)
 
-    per_query = _per_query_arrays(results, analyzer, masses_sorted)
-    records = records_from_arrays(per_query, correspondence.source if correspondence else None)
+    records = [record for job_records, _ in results for record in job_records]
+    per_query = _per_query_arrays([arrays for _, arrays in results], analyzer, masses_sorted)
     summary = _summary(
         export, analyzer, records, masses_sorted, stability_scope, radius, time.perf_counter() - started
     )
@@ -584,7 +615,7 @@ def _start_worker(root: str, names: list[str], options: _Options) -> None:
     _WORKER = _Analyzer(export, options)
 
 
-def _analyse_in_worker(job: tuple) -> _Rows:
+def _analyse_in_worker(job: tuple) -> _JobResult:
     assert _WORKER is not None
     return _WORKER.run(job)
 
@@ -596,9 +627,9 @@ def _run_jobs(
     jobs: list[tuple],
     workers: int,
     progress: Progress | None,
-) -> list[_Rows]:
-    """The rows of every job (:meth:`_Analyzer.run`), in order: here, or in ``workers`` processes that each
-    open the export. ``progress`` hears of the layers."""
+) -> list[_JobResult]:
+    """The results of every job (:meth:`_Analyzer.run`), in order: here, or in ``workers`` processes that
+    each open the export. ``progress`` hears of the layers."""
     names = [job[1] for job in jobs if job[0] == "layer"]
     total = len(names)
     # Workers open the export folder themselves; a zip's members are extracted as they are read, by the
@@ -617,7 +648,7 @@ def _run_jobs(
         context = multiprocessing.get_context("fork")
     else:
         context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    by_job: dict[int, _Rows] = {}
+    by_job: dict[int, _JobResult] = {}
     done = 0
     with ProcessPoolExecutor(
         min(workers, total),
@@ -648,36 +679,27 @@ def analyze(export: AttnExport | str | os.PathLike[str], *, dataframe: bool = Fa
     return result.dataframe() if dataframe else result.records
 
 
-def _per_query_arrays(results: list[_Rows], analyzer: _Analyzer, masses: np.ndarray) -> dict[str, np.ndarray]:
-    """The rows' per-query metrics as the arrays of ``per_query.npz`` (float64 here; float32 on disk)."""
+def _per_query_arrays(
+    results: list[dict[str, np.ndarray]], analyzer: _Analyzer, masses: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The jobs' per-query arrays as the arrays of ``per_query.npz``, with the export-wide ones."""
     arrays: dict[str, np.ndarray] = {
-        "layer": np.array([rows.layer for rows in results for _ in rows.heads], dtype=str),
-        "head": np.array([head for rows in results for head in rows.heads], dtype=str),
-        "masses": masses.astype(np.float64),
-        "query_points": cell_centres(*analyzer.grid.shape, analyzer.grid.patch_size),
+        "masses": stored_floats(masses.astype(np.float64)),
+        "query_points": stored_floats(cell_centres(*analyzer.grid.shape, analyzer.grid.patch_size)),
     }
-    for name in results[0].scalars:
-        arrays[name] = np.concatenate([rows.scalars[name] for rows in results])
-    pck = np.concatenate([rows.pck for rows in results])  # [R, radii, S, Q]
-    corr = np.concatenate([rows.corr_mass for rows in results])  # [R, S, Q]
-    for i, radius in enumerate(PCK_RADII):
-        arrays[f"pck_{radius}"] = _nanmean(pck[:, i], axis=1)
-        arrays[f"pck_{radius}_per_frame"] = pck[:, i]
-    arrays["corr_mass"] = _nanmean(corr, axis=1)
-    arrays["corr_mass_per_frame"] = corr
-    recall = np.concatenate([rows.recall for rows in results])  # [R, M, Q]
-    tnr = np.concatenate([rows.tnr for rows in results])
-    arrays["mask_recall"] = recall.mean(axis=1)
-    arrays["mask_tnr"] = tnr.mean(axis=1)
-    arrays["mask_recall_per_mass"] = recall
-    arrays["mask_tnr_per_mass"] = tnr
-    arrays["mask_recall_overall"] = np.concatenate([rows.overall_recall for rows in results])
-    arrays["mask_tnr_overall"] = np.concatenate([rows.overall_tnr for rows in results])
+    for key in results[0]:
+        arrays[key] = np.concatenate([result[key] for result in results])
     if analyzer.targets is not None:
         arrays["target_rows"] = analyzer.targets.rows.astype(np.int32)
         arrays["target_cols"] = analyzer.targets.cols.astype(np.int32)
         arrays["target_valid"] = analyzer.targets.valid
     return arrays
+
+
+def stored_floats(values: np.ndarray) -> np.ndarray:
+    """Per-query floats as ``per_query.npz`` keeps them: float32 (the metrics' precision is that of the
+    stored maps); other arrays as they are."""
+    return values.astype(np.float32) if values.dtype == np.float64 else values
 
 
 def records_from_arrays(arrays: dict[str, np.ndarray], corr_source: str | None) -> list[dict]:
