@@ -247,6 +247,20 @@ def _outputs(n, num_frames, num_shares, num_masses, num_radii, num_positions):
 
 
 @njit(cache=True, nogil=True)
+def _first_reaching(cum_mass, target):
+    """The first index where the running mass ``cum_mass`` (non-decreasing) reaches ``target``, else the
+    last (binary search)."""
+    low, high = 0, cum_mass.size - 1
+    while low < high:
+        middle = (low + high) // 2
+        if cum_mass[middle] >= target:
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+@njit(cache=True, nogil=True)
 def _crossings(values, cum_mass, cum_cells, shares, threshold, in_mask, smallest):
     """Each share's crossing in one row's runs: ``values [R]`` descending, ``cum_mass [R]`` and
     ``cum_cells [R]`` the running mass and cells up to each run; written into the row's ``threshold``,
@@ -260,20 +274,14 @@ def _crossings(values, cum_mass, cum_cells, shares, threshold, in_mask, smallest
         return
     for j in range(shares.size):
         target = total * shares[j]
-        low, high = 0, last  # the first run whose running mass reaches the target
-        while low < high:
-            middle = (low + high) // 2
-            if cum_mass[middle] >= target:
-                high = middle
-            else:
-                low = middle + 1
+        low = _first_reaching(cum_mass, target)
         value = values[low]
         mass_before = cum_mass[low - 1] if low else 0.0
         cells_before = cum_cells[low - 1] if low else 0
         needed = math.ceil((target - mass_before) / value)
         smallest[j] = cells_before + min(max(needed, 1), cum_cells[low] - cells_before)
         threshold[j] = value
-        high = last  # the mask: the cells at least that value (a float row's later ties too)
+        high = last  # the mask: the cells at least that value
         while low < high:
             middle = (low + high + 1) // 2
             if values[middle] >= value:
@@ -410,14 +418,7 @@ def _float_crossings(
     starts = np.zeros(shares.size + 1, dtype=np.int64)
     used = 0
     for j in range(shares.size):
-        target = total * shares[j]
-        low, high = 0, last
-        while low < high:
-            middle = (low + high) // 2
-            if cum_mass[middle] >= target:
-                high = middle
-            else:
-                low = middle + 1
+        low = _first_reaching(cum_mass, total * shares[j])
         buckets[j] = low
         if crossing[low] < 0:
             crossing[low] = used
@@ -519,6 +520,22 @@ def _window_row(row, cells, peaks, positions, index, distance, radii, radius, ne
 
 
 @njit(cache=True, nogil=True)
+def _average_and_windows(
+    row, r, group, average, weights, cells, peaks, positions, index, distance, radii, radius, near, near_mass
+):  # fmt: skip
+    """The steps every row takes after its frame statistics: added into its query's head average (when
+    one is asked for) and read around its targets (when there are any)."""
+    query = r // group
+    if average.size:
+        _accumulate(average[query], row, weights[r % group])
+    if positions.size:
+        _window_row(
+            row, cells, peaks[r], positions, index[query], distance[query], radii, radius, near[r],
+            near_mass[r],
+        )  # fmt: skip
+
+
+@njit(cache=True, nogil=True)
 def _code_v_log_v(counts):
     """``sum(v log v)`` of a row of codes from its histogram (codes descending), four partial sums at a
     time."""
@@ -538,20 +555,8 @@ def _code_rows(
     cells = width // num_frames
     num_levels = num_masses + 1
     out = _outputs(n, num_frames, shares.size, num_masses, radii.size, positions.size)
-    (
-        frame_sums,
-        peaks,
-        ties,
-        total,
-        v_log_v,
-        threshold,
-        in_mask,
-        smallest,
-        hits,
-        reference,
-        near,
-        near_mass,
-    ) = out
+    frame_sums, peaks, ties, total, v_log_v, threshold, in_mask, smallest = out[:8]
+    hits, reference, near, near_mass = out[8:]
     histogram = np.zeros(num_levels * CODES, dtype=np.int32)
     by_level = histogram.reshape(num_levels, CODES)  # [level, 255 - code]
     counts = np.zeros(CODES, dtype=np.int32)
@@ -574,13 +579,10 @@ def _code_rows(
                 histogram[keys[i] | (row[i] ^ 255)] += 1
         for f in range(num_frames):
             frame_sums[r, f], peaks[r, f], ties[r, f] = _code_frame_stats(row[f * cells : (f + 1) * cells])
-        if average.size:
-            _accumulate(average[query], row, weights[r % group])
-        if positions.size:
-            _window_row(
-                row, cells, peaks[r], positions, index[query], distance[query], radii, radius, near[r],
-                near_mass[r],
-            )  # fmt: skip
+        _average_and_windows(
+            row, r, group, average, weights, cells, peaks, positions, index, distance, radii, radius, near,
+            near_mass,
+        )  # fmt: skip
         counts[:] = by_level[0]
         for level in range(1, num_levels):
             counts += by_level[level]
@@ -618,20 +620,8 @@ def _float_rows(
     n, width = rows.shape
     cells = width // num_frames
     out = _outputs(n, num_frames, shares.size, num_masses, radii.size, positions.size)
-    (
-        frame_sums,
-        peaks,
-        ties,
-        total,
-        v_log_v,
-        threshold,
-        in_mask,
-        smallest,
-        hits,
-        reference,
-        near,
-        near_mass,
-    ) = out
+    frame_sums, peaks, ties, total, v_log_v, threshold, in_mask, smallest = out[:8]
+    hits, reference, near, near_mass = out[8:]
     counts = np.zeros(_BUCKETS, dtype=np.int64)
     masses = np.zeros(_BUCKETS)
     cum_cells = np.zeros(_BUCKETS, dtype=np.int64)
@@ -650,13 +640,10 @@ def _float_rows(
             )
             row_v_log_v += frame_v_log_v
         v_log_v[r] = row_v_log_v
-        if average.size:
-            _accumulate(average[query], row, weights[r % group])
-        if positions.size:
-            _window_row(
-                row, cells, peaks[r], positions, index[query], distance[query], radii, radius, near[r],
-                near_mass[r],
-            )  # fmt: skip
+        _average_and_windows(
+            row, r, group, average, weights, cells, peaks, positions, index, distance, radii, radius, near,
+            near_mass,
+        )  # fmt: skip
         total[r] = _float_crossings(
             row, peaks[r].max(), shares, counts, masses, cum_cells, cum_mass, crossing, gathered, candidates,
             threshold[r], in_mask[r], smallest[r],
