@@ -261,6 +261,14 @@ def _first_reaching(cum_mass, target):
 
 
 @njit(cache=True, nogil=True)
+def _run_cells(missing, value, size):
+    """The cells of a run of ``size`` cells of ``value`` that add up to the ``missing`` mass: at least one,
+    at most the run."""
+    needed = math.ceil(missing / value) if value > 0 else size
+    return min(max(needed, 1), size)
+
+
+@njit(cache=True, nogil=True)
 def _crossings(values, cum_mass, cum_cells, shares, threshold, in_mask, smallest):
     """Each share's crossing in one row's runs: ``values [R]`` descending, ``cum_mass [R]`` and
     ``cum_cells [R]`` the running mass and cells up to each run; written into the row's ``threshold``,
@@ -278,8 +286,7 @@ def _crossings(values, cum_mass, cum_cells, shares, threshold, in_mask, smallest
         value = values[low]
         mass_before = cum_mass[low - 1] if low else 0.0
         cells_before = cum_cells[low - 1] if low else 0
-        needed = math.ceil((target - mass_before) / value)
-        smallest[j] = cells_before + min(max(needed, 1), cum_cells[low] - cells_before)
+        smallest[j] = cells_before + _run_cells(target - mass_before, value, cum_cells[low] - cells_before)
         threshold[j] = value
         high = last  # the mask: the cells at least that value
         while low < high:
@@ -323,7 +330,9 @@ def _select(source, scratch, target, mass_before, cells_before, counts, masses):
         if low == high:
             equal = True
             break
-        shift = max(0, 64 - _leading_zeros(high - low) - 8)  # (high - low) >> shift < 256
+        shift = 0
+        while (high - low) >> shift > 255:  # 256 ranges at most
+            shift += 1
         counts[:256] = 0
         masses[:256] = 0.0
         for i in range(n):
@@ -348,9 +357,8 @@ def _select(source, scratch, target, mass_before, cells_before, counts, masses):
         bits = scratch.view(np.int64)
         n = kept
     few = values[:n]
-    if equal:  # a run of equal values, its cells counted as a run of codes is (:func:`_crossings`)
-        needed = math.ceil((target - mass_before) / few[0]) if few[0] > 0 else n
-        return few[0], cells_before + min(max(needed, 1), n), cells_before + n
+    if equal:  # a run of equal values, counted as a run of codes is (:func:`_crossings`)
+        return few[0], cells_before + _run_cells(target - mass_before, few[0], n), cells_before + n
     if n > 1:
         few = scratch[:n]
         if values is not scratch:
@@ -368,16 +376,6 @@ def _select(source, scratch, target, mass_before, cells_before, counts, masses):
     while ties < n and few[n - 1 - ties] >= value:
         ties += 1
     return value, cells_before + at + 1, cells_before + ties
-
-
-@njit(cache=True, nogil=True)
-def _leading_zeros(word):
-    """Leading zero bits of a positive int64."""
-    zeros = 0
-    while word < (np.int64(1) << 62):
-        word <<= 1
-        zeros += 1
-    return zeros + 1
 
 
 @njit(cache=True, nogil=True)

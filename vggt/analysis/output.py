@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from vggt.analysis.columns import COLUMNS
-from vggt.analysis.table import Analysis, AnalysisError, stored_floats
+from vggt.analysis.table import Analysis, AnalysisError
 from vggt.attn_format.paths import is_inside
 from vggt.attn_format.schema import write_file_atomic, write_json_atomic
 
@@ -64,7 +64,7 @@ def write_outputs(result: Analysis, folder: Path, figures: bool = True) -> list[
     written.append(path)
     path = folder / NPZ_NAME
     buffer = io.BytesIO()
-    np.savez(buffer, **{key: stored_floats(values) for key, values in result.per_query.items()})
+    np.savez(buffer, **result.per_query)  # floats already float32, as the analysis keeps them
     write_file_atomic(path, buffer.getvalue())
     written.append(path)
     if figures:

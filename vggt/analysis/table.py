@@ -413,7 +413,7 @@ class _Analyzer:
             rows = self.uniform(*args)
         arrays = rows.arrays()
         records = records_from_arrays(arrays, self.correspondence.source if self.correspondence else None)
-        return records, {key: stored_floats(values) for key, values in arrays.items()}
+        return records, {key: _stored_floats(values) for key, values in arrays.items()}
 
     def layer(self, name: str) -> _Rows:
         layer = _Layer(self.export, name)
@@ -684,8 +684,8 @@ def _per_query_arrays(
 ) -> dict[str, np.ndarray]:
     """The jobs' per-query arrays as the arrays of ``per_query.npz``, with the export-wide ones."""
     arrays: dict[str, np.ndarray] = {
-        "masses": stored_floats(masses.astype(np.float64)),
-        "query_points": stored_floats(cell_centres(*analyzer.grid.shape, analyzer.grid.patch_size)),
+        "masses": _stored_floats(masses.astype(np.float64)),
+        "query_points": _stored_floats(cell_centres(*analyzer.grid.shape, analyzer.grid.patch_size)),
     }
     for key in results[0]:
         arrays[key] = np.concatenate([result[key] for result in results])
@@ -696,7 +696,7 @@ def _per_query_arrays(
     return arrays
 
 
-def stored_floats(values: np.ndarray) -> np.ndarray:
+def _stored_floats(values: np.ndarray) -> np.ndarray:
     """Per-query floats as ``per_query.npz`` keeps them: float32 (the metrics' precision is that of the
     stored maps); other arrays as they are."""
     return values.astype(np.float32) if values.dtype == np.float64 else values
