@@ -214,7 +214,7 @@ def row_stats(
     if rows.dtype == np.uint8:
         return RowStats(*_code_rows(rows, *common))
     rows = np.ascontiguousarray(rows, dtype=np.float64)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # invalid: a hostile negative value
         logs = np.log(rows)  # numpy's log is vectorised, a compiled loop's is not
     return RowStats(*_float_rows(rows, logs, *common))
 
