@@ -453,6 +453,31 @@ def test_worker_processes_give_the_same_analysis(tmp_path: Path) -> None:
         run_analysis(export, workers=0)
 
 
+@pytest.mark.parametrize("precision", ["uint8", "float16"])
+def test_blocks_of_a_few_queries_give_the_same_analysis(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str
+) -> None:
+    """A layer is read a block of queries at a time: blocks of 3 queries (the last one shorter) give the
+    analysis of one block."""
+    import vggt.analysis.table as table
+
+    root = write_synthetic_export(
+        tmp_path / "export", num_frames=3, H_p=5, W_p=7, num_layers=2, num_heads=3, per_head=True,
+        precision=precision, kinds=("global", "frame"),
+    )  # fmt: skip
+    export = open_export(root)
+    correspondence = _positions(export, seed=4)
+    whole = run_analysis(export, correspondence=correspondence, masses=MASSES)
+    meta = export.layer_meta(export.layer_names[0])
+    cells = meta["H_ds"] * meta["W_ds"] * np.dtype(meta["dtype"]).itemsize
+    monkeypatch.setattr(table, "_BLOCK_BYTES", 3 * 3 * 3 * cells)  # 3 queries of 3 heads over 3 frames
+    assert [b.stop - b.start for b in table._query_blocks(35, 3 * 3 * cells)][-2:] == [3, 2]
+    blocks = run_analysis(export, correspondence=correspondence, masses=MASSES)
+    _check_every_row(export, blocks, correspondence)
+    for key, values in whole.per_query.items():
+        np.testing.assert_array_equal(blocks.per_query[key], values, err_msg=key)
+
+
 def test_the_exports_own_geometry_gives_the_positions(tmp_path: Path) -> None:
     from vggt.attn_format.grid import cell_of_pixel
 

@@ -101,6 +101,31 @@ def test_row_statistics_equal_numpy(dtype: type) -> None:
     np.testing.assert_allclose(head_average(rows.reshape(queries, heads, -1), weights), average, rtol=1e-15)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.float16])
+def test_the_head_average_keeps_exact_ties(dtype) -> None:
+    """Two cells whose heads of one weight hold the same values in another order have the same head
+    average (as all heads of a float16 or a layer-normalised export share their weight)."""
+    values = np.array(
+        [
+            [0.37, 0.11, 0.93, 0.5],
+            [0.11, 0.93, 0.37, 0.5],  # cell 0's values of heads 1-3 in another order
+            [0.5, 0.37, 0.11, 0.93],
+            [0.5, 0.93, 0.37, 0.11],  # cell 2's values of heads 2-4 in another order
+        ]
+    ).T
+    stored = (values * 200).astype(dtype)[None]  # [1 query, 4 heads, 4 cells]
+    for weights, ties in (([3, 3, 3, 3], (0, 2)), ([1, 1, 1, 7], (0,)), ([7, 1, 1, 1], (2,))):
+        weights = np.array(weights) / 30
+        average = head_average(stored, weights)[0]
+        in_pass = np.zeros((1, 4))
+        row_stats(stored[0], 1, SHARES, group=4, average=(in_pass, weights))
+        np.testing.assert_array_equal(in_pass[0], average)
+        for cell in ties:
+            assert average[cell] == average[cell + 1], (weights, cell)
+        exact = (stored[0].astype(np.float64) * weights[:, None]).sum(axis=0)
+        np.testing.assert_allclose(average, exact, rtol=1e-15)
+
+
 def test_codes_and_floats_agree() -> None:
     """The histogram of a row of codes and the sort of the same values as floats give the same numbers."""
     codes = _rows(np.uint8, 12, 2, 50, seed=3)

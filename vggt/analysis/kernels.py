@@ -163,8 +163,8 @@ def row_stats(
     group : int
         Consecutive rows of one query (its heads): they share a row of ``levels`` and of windows.
     average : tuple of np.ndarray, optional
-        ``(out [n / group, N] float64, weights [group])``: each group's rows times their weights are added
-        into ``out`` (rows in order, as :func:`head_average`), the heads' average read in the same pass.
+        ``(out [n / group, N] float64, weights [group])``: each group's rows times their weights, added up
+        (as :func:`head_average`) into ``out`` while they are in the processor's cache.
     windows : TargetWindows, optional
         The cells around the targets, for :attr:`RowStats.near` and :attr:`RowStats.near_mass`.
     """
@@ -489,11 +489,59 @@ def _float_frame_stats(frame, logs):
 
 
 @njit(cache=True, nogil=True, fastmath={"contract"})
-def _accumulate(total, row, weight):
-    """``total += row * weight``, cell by cell (the heads of an average are added in order; a fused
-    multiply-add where the processor has one)."""
-    for i in range(row.size):
-        total[i] += row[i] * weight
+def _weighted_sum(out, rows, weights):
+    """``out = sum_h rows[h] * weights[h]``, cell by cell. Rows that share a weight are added up first (exact
+    for codes and float16 values) and scaled once, so that cells whose heads hold the same values in
+    another order are equal, as they are in exact arithmetic; the scaled sums are added to 0 in the order
+    of their first rows, a fused multiply-add each where the processor has one."""
+    count = rows.shape[0]
+    first = np.empty(count, dtype=np.int64)  # the first row of each row's weight
+    distinct = 0
+    for h in range(count):
+        first[h] = h
+        for k in range(h):
+            if weights[k] == weights[h]:
+                first[h] = k
+                break
+        distinct += first[h] == h
+    out[:] = 0.0
+    if distinct < count:
+        partial = np.empty(out.size)
+        members = np.empty(count, dtype=np.int64)
+        for h in range(count):
+            if first[h] != h:
+                continue
+            size = 0
+            for k in range(h, count):
+                if first[k] == h:
+                    members[size] = k
+                    size += 1
+            partial[:] = 0.0
+            whole = size - size % 4
+            for k in range(0, whole, 4):  # four rows per pass
+                a, b = rows[members[k]], rows[members[k + 1]]
+                c, d = rows[members[k + 2]], rows[members[k + 3]]
+                for i in range(out.size):
+                    partial[i] += (np.float64(a[i]) + b[i]) + (np.float64(c[i]) + d[i])
+            for k in range(whole, size):
+                row = rows[members[k]]
+                for i in range(out.size):
+                    partial[i] += row[i]
+            weight = weights[h]
+            for i in range(out.size):
+                out[i] += partial[i] * weight
+        return
+    h = 0
+    while h + 4 <= count:  # four rows per pass over ``out``
+        a, b, c, d = rows[h], rows[h + 1], rows[h + 2], rows[h + 3]
+        wa, wb, wc, wd = weights[h], weights[h + 1], weights[h + 2], weights[h + 3]
+        for i in range(out.size):
+            out[i] = (((out[i] + a[i] * wa) + b[i] * wb) + c[i] * wc) + d[i] * wd
+        h += 4
+    for k in range(h, count):
+        row, weight = rows[k], weights[k]
+        for i in range(out.size):
+            out[i] += row[i] * weight
 
 
 @njit(cache=True, nogil=True)
@@ -519,18 +567,18 @@ def _window_row(row, cells, peaks, positions, index, distance, radii, radius, ne
 
 @njit(cache=True, nogil=True)
 def _average_and_windows(
-    row, r, group, average, weights, cells, peaks, positions, index, distance, radii, radius, near, near_mass
+    rows, r, group, average, weights, cells, peaks, positions, index, distance, radii, radius, near, near_mass
 ):  # fmt: skip
-    """The steps every row takes after its frame statistics: added into its query's head average (when
-    one is asked for) and read around its targets (when there are any)."""
+    """The steps row ``r`` takes after its frame statistics: read around its targets (when there are any)
+    and, when it is its query's last, its query's rows averaged (when an average is asked for)."""
     query = r // group
-    if average.size:
-        _accumulate(average[query], row, weights[r % group])
     if positions.size:
         _window_row(
-            row, cells, peaks[r], positions, index[query], distance[query], radii, radius, near[r],
+            rows[r], cells, peaks[r], positions, index[query], distance[query], radii, radius, near[r],
             near_mass[r],
         )  # fmt: skip
+    if average.size and r % group == group - 1:
+        _weighted_sum(average[query], rows[r + 1 - group : r + 1], weights)
 
 
 @njit(cache=True, nogil=True)
@@ -578,7 +626,7 @@ def _code_rows(
         for f in range(num_frames):
             frame_sums[r, f], peaks[r, f], ties[r, f] = _code_frame_stats(row[f * cells : (f + 1) * cells])
         _average_and_windows(
-            row, r, group, average, weights, cells, peaks, positions, index, distance, radii, radius, near,
+            rows, r, group, average, weights, cells, peaks, positions, index, distance, radii, radius, near,
             near_mass,
         )  # fmt: skip
         counts[:] = by_level[0]
@@ -639,7 +687,7 @@ def _float_rows(
             row_v_log_v += frame_v_log_v
         v_log_v[r] = row_v_log_v
         _average_and_windows(
-            row, r, group, average, weights, cells, peaks, positions, index, distance, radii, radius, near,
+            rows, r, group, average, weights, cells, peaks, positions, index, distance, radii, radius, near,
             near_mass,
         )  # fmt: skip
         total[r] = _float_crossings(
@@ -665,16 +713,15 @@ def _float_rows(
 @njit(cache=True, nogil=True)
 def _head_average(stored, weights):
     count, num_heads, width = stored.shape
-    out = np.zeros((count, width))
+    out = np.empty((count, width))
     for q in range(count):
-        for h in range(num_heads):
-            _accumulate(out[q], stored[q, h], weights[h])
+        _weighted_sum(out[q], stored[q], weights)
     return out
 
 
 def head_average(stored: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """``sum_h stored[:, h] * weights[h]`` of ``stored [q, heads, ...]`` (uint8 or floats): ``[q, ...]``
-    float64, the heads added in order."""
+    float64; heads that share a weight are added up before they are scaled (:func:`_weighted_sum`)."""
     stored = np.ascontiguousarray(stored)
     if stored.dtype == np.float16:
         stored = stored.astype(np.float32)  # exact; the compiled loop has no float16

@@ -45,7 +45,7 @@ from vggt.attn_format.schema import ROLLOUT_KIND
 
 DEFAULT_MASSES = (0.3, 0.5, 0.7)
 SCOPES = ("query", "all")
-_BLOCK_BYTES = 8 << 20  # stored bytes of a layer read and analysed at a time
+_BLOCK_BYTES = 32 << 20  # stored bytes of a layer read and analysed at a time
 BASELINES = ("same_uv", "uniform", "uniform_within_frame")
 Progress = Callable[[int, int, str], None]
 
@@ -430,7 +430,7 @@ class _Analyzer:
             if layer.per_head:
                 # the heads first: their average is added up as they are read
                 maps, scale, special = layer.head_rows(block)
-                summed = np.zeros((count, *maps.shape[1:]))
+                summed = np.empty((count, *maps.shape[1:]))
                 row_ids = np.tile(np.arange(1, layer.num_heads + 1), count)
                 head_queries = np.repeat(queries, layer.num_heads)
                 self._block(
