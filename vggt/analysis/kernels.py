@@ -447,6 +447,24 @@ def _float_crossings(
 
 
 @njit(cache=True, nogil=True)
+def _count_codes(row, keys, histogram, odd):
+    """Count a row of codes into ``histogram`` at ``keys[i] | (255 - code)`` (``odd``: a work histogram).
+    Even and odd cells are counted apart and added up at the end, so that the increments of a run of one
+    code (zeros, in most attention rows) do not wait on each other; with one counter per code such rows
+    take twice as long. Nothing else is done in this loop: one that also sums or compares runs at half
+    its speed."""
+    histogram[:] = 0
+    odd[:] = 0
+    whole = row.size - row.size % 2
+    for i in range(0, whole, 2):
+        histogram[keys[i] | (row[i] ^ 255)] += 1
+        odd[keys[i + 1] | (row[i + 1] ^ 255)] += 1
+    if whole < row.size:
+        histogram[keys[whole] | (row[whole] ^ 255)] += 1
+    histogram += odd
+
+
+@njit(cache=True, nogil=True)
 def _code_frame_stats(frame):
     """Sum, largest code and cells at it of one frame's codes (two passes that vectorise)."""
     summed = 0
@@ -608,21 +626,15 @@ def _code_rows(
     counts = np.zeros(CODES, dtype=np.int32)
     cum_mass = np.zeros(CODES)
     cum_cells = np.zeros(CODES, dtype=np.int64)
+    odd = np.zeros_like(histogram)
     keys = np.zeros(width, dtype=np.uint16)  # level << 8 of each cell
     for r in range(n):
         row = rows[r]
         query = r // group
-        # The counting pass alone: a loop that also sums or compares runs at half its speed.
-        histogram[:] = 0
-        if num_masses == 0:
-            for c in row:
-                histogram[c ^ 255] += 1
-        else:
-            if r % group == 0:
-                for i, level in enumerate(levels[query]):
-                    keys[i] = np.uint16(level) << 8
-            for i in range(width):
-                histogram[keys[i] | (row[i] ^ 255)] += 1
+        if num_masses and r % group == 0:
+            for i, level in enumerate(levels[query]):
+                keys[i] = np.uint16(level) << 8
+        _count_codes(row, keys, histogram, odd)
         for f in range(num_frames):
             frame_sums[r, f], peaks[r, f], ties[r, f] = _code_frame_stats(row[f * cells : (f + 1) * cells])
         _average_and_windows(
