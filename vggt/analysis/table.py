@@ -131,23 +131,28 @@ class _Rows:
         arrays["mask_tnr_overall"] = self.overall_tnr
         return arrays
 
-    def store(self, rows: np.ndarray, queries: np.ndarray, metrics: BlockMetrics, frames: np.ndarray) -> None:
-        """Put a block's metrics (row ``rows[i]``, query ``queries[i]``) in place; ``frames`` are the
-        frames of the block's cross-view windows."""
+    def store(self, rows: slice, queries: slice, metrics: BlockMetrics, frames: np.ndarray) -> None:
+        """Put a block's metrics in place: for each query of ``queries`` in turn, its ``rows`` (the heads,
+        or the average); ``frames`` are the frames of the block's cross-view windows."""
+        count, per_query = queries.stop - queries.start, rows.stop - rows.start
+
+        def by_row(values: np.ndarray) -> np.ndarray:  # [count * per_query, ...] -> [per_query, ..., count]
+            return np.moveaxis(values.reshape(count, per_query, *values.shape[1:]), 0, -1)
+
         s = self.scalars
-        s["cross_view_mass"][rows, queries] = metrics.cross_view_mass
-        s["query_frame_mass"][rows, queries] = metrics.query_frame_mass
-        s["camera_mass"][rows, queries] = metrics.camera_mass
-        s["register_mass"][rows, queries] = metrics.register_mass
-        s["entropy"][rows, queries] = metrics.entropy
+        s["cross_view_mass"][rows, queries] = by_row(metrics.cross_view_mass)
+        s["query_frame_mass"][rows, queries] = by_row(metrics.query_frame_mass)
+        s["camera_mass"][rows, queries] = by_row(metrics.camera_mass)
+        s["register_mass"][rows, queries] = by_row(metrics.register_mass)
+        s["entropy"][rows, queries] = by_row(metrics.entropy)
         for i, share in enumerate(CELL_SHARES):
-            s[f"cells_{round(share * 100)}"][rows, queries] = metrics.cells[:, i]
+            s[f"cells_{round(share * 100)}"][rows, queries] = by_row(metrics.cells[:, i])
         for i, frame in enumerate(frames):
-            self.pck[rows, :, frame, queries] = metrics.pck[:, :, i]
-            self.corr_mass[rows, frame, queries] = metrics.corr_mass[:, i]
+            self.pck[rows, :, frame, queries] = by_row(metrics.pck[:, :, i])
+            self.corr_mass[rows, frame, queries] = by_row(metrics.corr_mass[:, i])
         if metrics.recall.shape[1]:
-            self.recall[rows, :, queries] = metrics.recall
-            self.tnr[rows, :, queries] = metrics.tnr
+            self.recall[rows, :, queries] = by_row(metrics.recall)
+            self.tnr[rows, :, queries] = by_row(metrics.tnr)
 
 
 @dataclass
@@ -348,46 +353,45 @@ class _Analyzer:
 
     # ---- one layer (or baseline) -----------------------------------------------------------------------
 
-    def _windows(self, key_frames: list[int], queries: np.ndarray) -> tuple[Windows | None, np.ndarray]:
-        """The target windows of ``queries`` (each query once, whatever its rows)."""
+    def _windows(self, key_frames: list[int], queries: slice) -> tuple[Windows | None, np.ndarray]:
+        """The target windows of ``queries``."""
         positions = np.array([p for p, f in enumerate(key_frames) if f != self.query_frame], dtype=np.int64)
         if self.windows is None or positions.size == 0:
             return None, np.zeros(0, dtype=np.int64)
         frames = np.asarray(key_frames)[positions]
         index, distance = self.windows
         windows = Windows(
-            index=np.swapaxes(index[frames][:, queries], 0, 1),
-            distance=np.swapaxes(distance[frames][:, queries], 0, 1),
-            valid=self.targets.valid[frames][:, queries].T,
+            index=np.swapaxes(index[frames, queries], 0, 1),
+            distance=np.swapaxes(distance[frames, queries], 0, 1),
+            valid=self.targets.valid[frames, queries].T,
             positions=positions,
         )
         return windows, frames
 
-    def _stability(self, key_frames: list[int], queries: np.ndarray, group: int) -> Stability | None:
+    def _stability(self, key_frames: list[int], queries: slice) -> Stability | None:
         shared = self.shared_frames(key_frames)
         if self.scope != "query" or not shared:
             return None
         positions = np.array([key_frames.index(f) for f in shared], dtype=np.int64)
-        return Stability(self.levels_for(shared)[queries[::group]], positions, self.masses)
+        return Stability(self.levels_for(shared)[queries], positions, self.masses)
 
     def _block(
         self,
         rows: _Rows,
-        row_ids: np.ndarray,
-        queries: np.ndarray,
+        row_ids: slice,
+        queries: slice,
         key_frames: list[int],
         maps,
         scale,
         special,
         average: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
-        """Analyse a block of rows: ``group`` consecutive rows (the heads) per query; ``average``: see
-        :func:`block_metrics`."""
-        group = queries.size // np.unique(queries).size
-        windows, frames = self._windows(key_frames, queries[::group])
+        """Analyse a block of rows: for each query of ``queries`` in turn, its table rows ``row_ids`` (the
+        heads, or the average); ``average``: see :func:`block_metrics`."""
+        windows, frames = self._windows(key_frames, queries)
         metrics = block_metrics(
             maps, scale, special, key_frames.index(self.query_frame), windows, self.radius,
-            self._stability(key_frames, queries, group), group, average,
+            self._stability(key_frames, queries), row_ids.stop - row_ids.start, average,
         )  # fmt: skip
         rows.store(row_ids, queries, metrics, frames)
 
@@ -424,17 +428,14 @@ class _Analyzer:
         keep_all = self.scope == "all" and bool(shared)
         kept: list[list[np.ndarray]] = [[] for _ in heads]
         for block in _query_blocks(self.num_queries, layer.bytes_per_query):
-            queries = np.arange(block.start, block.stop)
-            count = queries.size
+            count = block.stop - block.start
             summed = None
             if layer.per_head:
                 # the heads first: their average is added up as they are read
                 maps, scale, special = layer.head_rows(block)
                 summed = np.empty((count, *maps.shape[1:]))
-                row_ids = np.tile(np.arange(1, layer.num_heads + 1), count)
-                head_queries = np.repeat(queries, layer.num_heads)
                 self._block(
-                    rows, row_ids, head_queries, layer.key_frames, maps, scale, special,
+                    rows, slice(1, layer.num_heads + 1), block, layer.key_frames, maps, scale, special,
                     (summed, layer.head_weights),
                 )  # fmt: skip
                 if keep_all:
@@ -442,9 +443,7 @@ class _Analyzer:
                     for h in range(layer.num_heads):
                         kept[h + 1].append(by_head[:, h])
             average, scale, special = layer.average_rows(block, summed)
-            self._block(
-                rows, np.zeros(count, dtype=np.int64), queries, layer.key_frames, average, scale, special
-            )
+            self._block(rows, slice(0, 1), block, layer.key_frames, average, scale, special)
             if keep_all:
                 kept[0].append(average[:, shared_positions])  # stored units: a mask does not see the scale
         self.export.release(name)
@@ -463,18 +462,10 @@ class _Analyzer:
         pooled = grid.patches_per_cell().astype(np.float64) / tokens
         shared = self.shared_frames(key_frames)
         for block in _query_blocks(self.num_queries, len(key_frames) * grid.cells * 8):
-            queries = np.arange(block.start, block.stop)
-            maps = np.broadcast_to(pooled, (queries.size, len(key_frames), *pooled.shape))
-            special = np.full((queries.size, len(key_frames), n_special), 1.0 / tokens) if n_special else None
-            self._block(
-                rows,
-                np.zeros(queries.size, dtype=np.int64),
-                queries,
-                key_frames,
-                maps,
-                np.ones(queries.size),
-                special,
-            )
+            count = block.stop - block.start
+            maps = np.broadcast_to(pooled, (count, len(key_frames), *pooled.shape))
+            special = np.full((count, len(key_frames), n_special), 1.0 / tokens) if n_special else None
+            self._block(rows, slice(0, 1), block, key_frames, maps, np.ones(count), special)
         if self.scope == "all" and shared:
             values = np.broadcast_to(pooled.reshape(-1), (self.num_queries, len(shared), grid.cells))
             self._overall_stability(rows, 0, key_frames, np.ascontiguousarray(values))
