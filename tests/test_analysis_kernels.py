@@ -172,6 +172,18 @@ def test_float_rows_of_any_range() -> None:
             ), (r, share)
 
 
+def test_frames_whose_sum_outgrows_32_bits() -> None:
+    """A frame's codes are added in 32-bit lanes while their sum fits: a frame of 16843010 codes of 255
+    (a sum of 2**32 + 254) is added in 64 bits."""
+    cells = (2**32 - 1) // 255 + 1
+    rows = np.full((1, 2 * cells), 255, dtype=np.uint8)
+    rows[0, cells:] = np.arange(cells) % 3  # a second frame that fits
+    stats = row_stats(rows, 2, np.array([0.5]))
+    assert stats.frame_sums[0].tolist() == [255 * cells, float((np.arange(cells) % 3).sum())]
+    assert stats.peaks[0].tolist() == [255, 2] and stats.ties[0].tolist() == [cells, cells // 3]
+    assert stats.total[0] == 255 * cells + (np.arange(cells) % 3).sum()
+
+
 @pytest.mark.parametrize(
     "change",
     [

@@ -48,6 +48,7 @@ except ImportError:  # numpy, Pillow and Gradio alone: exports and saved analyse
 
 
 CODES = 256
+_CELLS_IN_32_BITS = (2**32 - 1) // (CODES - 1)  # a frame of codes whose sum fits 32 bits
 _CODE_VALUES = np.arange(CODES - 1, -1, -1).astype(np.float64)  # run i holds code 255 - i
 _CODE_V_LOG_V = np.array([c * math.log(c) if c > 0 else 0.0 for c in _CODE_VALUES])
 
@@ -466,16 +467,24 @@ def _count_codes(row, keys, histogram, odd):
 
 @njit(cache=True, nogil=True)
 def _code_frame_stats(frame):
-    """Sum, largest code and cells at it of one frame's codes (two passes that vectorise)."""
-    summed = 0
+    """Sum, largest code and cells at it of one frame's codes: two passes that vectorise, the second in
+    32-bit lanes (numba would add in 64 bits) while the frame's sum fits them."""
     peak = np.uint8(0)
     for c in frame:
-        summed += np.uint32(c)
         peak = max(peak, c)
-    at_peak = 0
+    if frame.size > _CELLS_IN_32_BITS:
+        summed = 0
+        at_peak = 0
+        for c in frame:
+            summed += c
+            at_peak += c == peak
+        return summed, peak, at_peak
+    summed32 = np.uint32(0)
+    at_peak32 = np.uint32(0)
     for c in frame:
-        at_peak += c == peak
-    return summed, peak, at_peak
+        summed32 = np.uint32(summed32 + c)
+        at_peak32 = np.uint32(at_peak32 + (c == peak))
+    return np.int64(summed32), peak, np.int64(at_peak32)
 
 
 @njit(cache=True, nogil=True)
