@@ -598,11 +598,13 @@ def run_analysis(
 _WORKER: _Analyzer | None = None  # the analyzer of a worker process
 
 
-def _start_worker(root: str, names: list[str], options: _Options) -> None:
+def _start_worker(export: AttnExport | str, names: list[str], options: _Options) -> None:
+    """A worker's analyzer: of the export itself in a forked worker, else of the folder opened again."""
     global _WORKER
-    export = open_export(root)
-    if export.layer_names != names:  # changed on disk since the analysis began
-        raise FormatError(f"the export in {root} changed while it was being analysed")
+    if not isinstance(export, AttnExport):
+        export = open_export(export)
+        if export.layer_names != names:  # changed on disk since the analysis began
+            raise FormatError(f"the export in {export.root} changed while it was being analysed")
     _WORKER = _Analyzer(export, options)
 
 
@@ -645,7 +647,7 @@ def _run_jobs(
         min(workers, total),
         mp_context=context,
         initializer=_start_worker,
-        initargs=(str(export.root), names, options),
+        initargs=(export if context.get_start_method() == "fork" else str(export.root), names, options),
     ) as pool:
         # the baselines last: small jobs fill the gap while the last layers finish
         futures = {pool.submit(_analyse_in_worker, job): index for index, job in enumerate(jobs)}
