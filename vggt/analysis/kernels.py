@@ -48,6 +48,7 @@ except ImportError:  # numpy, Pillow and Gradio alone: exports and saved analyse
 
 
 CODES = 256
+_SMALLEST_NORMAL = np.finfo(np.float64).tiny
 _CELLS_IN_32_BITS = (2**32 - 1) // (CODES - 1)  # a frame of codes whose sum fits 32 bits
 _CODE_VALUES = np.arange(CODES - 1, -1, -1).astype(np.float64)  # run i holds code 255 - i
 _CODE_V_LOG_V = np.array([c * math.log(c) if c > 0 else 0.0 for c in _CODE_VALUES])
@@ -215,8 +216,11 @@ def row_stats(
     if rows.dtype == np.uint8:
         return RowStats(*_code_rows(rows, *common))
     rows = np.ascontiguousarray(rows, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):  # invalid: a hostile negative value
-        logs = np.log(rows)  # numpy's log is vectorised, a compiled loop's is not
+    # numpy's log is vectorised, a compiled loop's is not. Only positive values' logs are read: the others
+    # (zeros, which numpy's log takes four times as long over, and a hostile negative value or NaN) are
+    # raised to the smallest normal float first.
+    logs = np.fmax(rows, _SMALLEST_NORMAL)
+    np.log(logs, out=logs)
     return RowStats(*_float_rows(rows, logs, *common))
 
 
