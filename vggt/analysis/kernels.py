@@ -640,6 +640,8 @@ def _code_rows(
     cum_mass = np.zeros(CODES)
     cum_cells = np.zeros(CODES, dtype=np.int64)
     odd = np.zeros_like(histogram)
+    above = np.zeros(CODES, dtype=np.int32)  # cells of the reference's mask j, code by code
+    in_reference = np.zeros(num_masses, dtype=np.int64)
     keys = np.zeros(width, dtype=np.uint16)  # level << 8 of each cell
     for r in range(n):
         row = rows[r]
@@ -667,19 +669,19 @@ def _code_rows(
         total[r] = row_total
         v_log_v[r] = _code_v_log_v(counts)
         _crossings(_CODE_VALUES, cum_mass, cum_cells, shares, threshold[r], in_mask[r], smallest[r])
+        above[:] = 0
         for j in range(num_masses):
-            # the row's mask: codes down to its threshold (none when empty); the reference's: level >= M - j
+            # the reference's mask j: cells of level >= M - j (the same for a query's rows); the row's: its
+            # codes down to its threshold (none when empty)
+            above += by_level[num_masses - j]
+            if r % group == 0:
+                in_reference[j] = above.sum()
             last = -1 if row_total <= 0 else CODES - 1 - int(threshold[r, mask_first + j])
-            in_reference = 0
             in_both = 0
-            for level in range(num_masses - j, num_levels):
-                level_counts = by_level[level]
-                for i in range(last + 1):
-                    in_both += level_counts[i]
-                for i in range(CODES):
-                    in_reference += level_counts[i]
+            for i in range(last + 1):
+                in_both += above[i]
             hits[r, j] = in_both
-            reference[r, j] = in_reference
+            reference[r, j] = in_reference[j]
     return out
 
 
