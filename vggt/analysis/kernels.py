@@ -254,14 +254,14 @@ def _outputs(n, num_frames, num_shares, num_masses, num_radii, num_positions):
 @njit(cache=True, nogil=True)
 def _first_reaching(cum_mass, target):
     """The first index where the running mass ``cum_mass`` (non-decreasing) reaches ``target``, else the
-    last (binary search)."""
-    low, high = 0, cum_mass.size - 1
-    while low < high:
-        middle = (low + high) // 2
-        if cum_mass[middle] >= target:
-            high = middle
-        else:
-            low = middle + 1
+    last (binary search; each step a select rather than a branch, which the processor could not
+    predict)."""
+    low = 0
+    size = cum_mass.size
+    while size > 1:
+        half = size // 2
+        low = low + half if cum_mass[low + half - 1] < target else low
+        size -= half
     return low
 
 
@@ -275,9 +275,10 @@ def _run_cells(missing, value, size):
 
 @njit(cache=True, nogil=True)
 def _crossings(values, cum_mass, cum_cells, shares, threshold, in_mask, smallest):
-    """Each share's crossing in one row's runs: ``values [R]`` descending, ``cum_mass [R]`` and
-    ``cum_cells [R]`` the running mass and cells up to each run; written into the row's ``threshold``,
-    ``in_mask`` and ``smallest`` (:class:`RowStats`)."""
+    """Each share's crossing in one row's runs: ``values [R]`` distinct and descending (codes), ``cum_mass
+    [R]`` and ``cum_cells [R]`` the running mass and cells up to each run; written into the row's
+    ``threshold``, ``in_mask`` and ``smallest`` (:class:`RowStats`). The mask, the cells at least the
+    crossing's value, ends with the crossing's run."""
     last = values.size - 1
     total = cum_mass[last]
     if total <= 0:
@@ -293,13 +294,6 @@ def _crossings(values, cum_mass, cum_cells, shares, threshold, in_mask, smallest
         cells_before = cum_cells[low - 1] if low else 0
         smallest[j] = cells_before + _run_cells(target - mass_before, value, cum_cells[low] - cells_before)
         threshold[j] = value
-        high = last  # the mask: the cells at least that value
-        while low < high:
-            middle = (low + high + 1) // 2
-            if values[middle] >= value:
-                low = middle
-            else:
-                high = middle - 1
         in_mask[j] = cum_cells[low]
 
 
