@@ -75,6 +75,7 @@ def _save(fig, folder: Path, stem: str) -> list[Path]:
         path = folder / f"{stem}.{suffix}"
         buffer = io.BytesIO()
         fig.savefig(buffer, dpi=_DPI, format=suffix)
+        fig.set_layout_engine("none")  # laid out once: the second format keeps the first one's layout
         write_file_atomic(path, buffer.getvalue())
         paths.append(path)
     _pyplot().close(fig)
@@ -132,8 +133,11 @@ def _curves_figure(records: Sequence[dict], folder: Path, random_weights: bool) 
         ax.set_title(metric, fontsize=9)
         ax.set_xticks(x, labels=names, rotation=90, fontsize=5)
         ax.grid(True, linestyle=":", alpha=0.5)
-    for ax in list(axes.flat)[len(metrics) :]:
-        ax.axis("off")
+    for index, ax in enumerate(axes.flat):
+        if index >= len(metrics):
+            ax.axis("off")
+        elif index + columns < len(metrics):  # the layers' names under a column's lowest curve only
+            ax.tick_params(labelbottom=False)
     legend: dict = {}
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
