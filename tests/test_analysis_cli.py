@@ -56,6 +56,28 @@ def test_command_writes_table_arrays_summary_and_figures(export_root: Path, caps
     assert "wrote" in capsys.readouterr().out
 
 
+def test_a_redrawn_heatmap_shows_only_the_new_table() -> None:
+    """The metrics' heatmaps share one figure, redrawn per metric: values, written cells and title are the
+    new table's, none of the previous one's left."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vggt.analysis.figures import draw_heatmap, redraw_heatmap
+
+    first = np.array([[0.1, 0.2, np.nan], [0.3, 0.4, 0.5]])
+    second = np.array([[0.9, np.nan, 0.7], [0.6, 0.5, 0.4]])
+    fig, ax = plt.subplots()
+    image = draw_heatmap(ax, first, ["a", "b"], ["avg", "1", "2"], "first", 0.0, 1.0)
+    assert sorted(t.get_text() for t in ax.texts) == ["0.10", "0.20", "0.30", "0.40", "0.50"]
+    redraw_heatmap(image, second, "second")
+    assert ax.get_title() == "second"
+    assert sorted(t.get_text() for t in ax.texts) == ["0.40", "0.50", "0.60", "0.70", "0.90"]
+    np.testing.assert_array_equal(np.ma.filled(image.get_array(), -1.0), np.nan_to_num(second, nan=-1.0))
+    plt.close(fig)
+
+
 def test_options_reach_the_analysis(export_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "elsewhere"
     args = ["--attn_dir", str(export_root / "attn_maps" / "layers_manifest.json"), "--out", str(out)]

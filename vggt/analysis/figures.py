@@ -19,8 +19,6 @@ from vggt.analysis.columns import METRICS
 from vggt.analysis.table import BASELINES, Analysis, layer_head_table
 from vggt.attn_format.schema import ROLLOUT_KIND, write_file_atomic
 
-# Shares in [0, 1]: drawn on a fixed scale so that figures of different exports compare.
-_UNIT_RANGE = set(METRICS)
 _DPI = 120
 
 
@@ -47,15 +45,30 @@ def draw_heatmap(
 ):
     """Draw a layers (rows) x heads (columns) table on ``ax``, empty cells in gray, values written in the
     cells (with ``value_format``) when the table is small. Returns the image (for a colour bar)."""
-    masked = np.ma.masked_invalid(np.asarray(values, dtype=np.float64))
     colormap = _pyplot().get_cmap(cmap).with_extremes(bad="#d9d9d9")
-    image = ax.imshow(masked, aspect="auto", cmap=colormap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    image = ax.imshow(
+        np.ma.masked_invalid(np.asarray(values, dtype=np.float64)), aspect="auto", cmap=colormap,
+        vmin=vmin, vmax=vmax, interpolation="nearest",
+    )  # fmt: skip
     ax.set_yticks(range(len(layers)), labels=list(layers), fontsize=7)
     ax.set_xticks(range(len(heads)), labels=list(heads), fontsize=7)
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
+    redraw_heatmap(image, values, title, value_format)
+    colorbar = ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
+    if colorbar_label:
+        colorbar.set_label(colorbar_label)
+    return image
+
+
+def redraw_heatmap(image, values: np.ndarray, title: str, value_format: str = ".2f") -> None:
+    """Show another table of the same shape (and colour scale) in a heatmap :func:`draw_heatmap` drew."""
+    ax = image.axes
+    image.set_data(np.ma.masked_invalid(np.asarray(values, dtype=np.float64)))
     ax.set_title(title, fontsize=10)
-    if len(layers) * len(heads) <= 60:
+    for text in list(ax.texts):
+        text.remove()
+    if values.size <= 60:
         for (row, col), value in np.ndenumerate(np.asarray(values)):
             if math.isfinite(value):
                 shade = image.norm(value)  # dark text on the bright end of the colour map
@@ -63,39 +76,46 @@ def draw_heatmap(
                 ax.text(
                     col, row, format(value, value_format), ha="center", va="center", fontsize=6, color=color
                 )
-    colorbar = ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
-    if colorbar_label:
-        colorbar.set_label(colorbar_label)
-    return image
 
 
-def _save(fig, folder: Path, stem: str) -> list[Path]:
+def _save(fig, folder: Path, stem: str, close: bool = True) -> list[Path]:
+    """``fig`` as ``stem.png`` and ``stem.svg``: laid out for the first, the second and any later save
+    keeping that layout."""
     paths = []
     for suffix in ("png", "svg"):
         path = folder / f"{stem}.{suffix}"
         buffer = io.BytesIO()
         fig.savefig(buffer, dpi=_DPI, format=suffix)
-        fig.set_layout_engine("none")  # laid out once: the second format keeps the first one's layout
+        fig.set_layout_engine("none")
         write_file_atomic(path, buffer.getvalue())
         paths.append(path)
-    _pyplot().close(fig)
+    if close:
+        _pyplot().close(fig)
     return paths
 
 
 def _heatmap_figures(records: Sequence[dict], folder: Path, random_weights: bool) -> list[Path]:
+    """One heatmap per metric. Every metric is a share in [0, 1], drawn on that scale so that figures of
+    different exports compare, and has the same layers and heads: one figure, laid out once, its image
+    redrawn with each metric's table."""
     plt = _pyplot()
     written = []
+    image = None
+    suffix = " (random weights)" if random_weights else ""
     for metric in METRICS:
         values, layers, heads = layer_head_table(records, metric)
         if not np.isfinite(values).any():
             continue
-        height = max(3.0, 0.22 * len(layers) + 1.5)
-        width = max(4.0, 0.32 * len(heads) + 2.5)
-        fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
-        title = metric + (" (random weights)" if random_weights else "")
-        limits = (0.0, 1.0) if metric in _UNIT_RANGE else (None, None)
-        draw_heatmap(ax, values, layers, heads, title, *limits)
-        written += _save(fig, folder, f"heatmap_{metric}")
+        if image is None:
+            height = max(3.0, 0.22 * len(layers) + 1.5)
+            width = max(4.0, 0.32 * len(heads) + 2.5)
+            fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
+            image = draw_heatmap(ax, values, layers, heads, metric + suffix, 0.0, 1.0)
+        else:
+            redraw_heatmap(image, values, metric + suffix)
+        written += _save(image.figure, folder, f"heatmap_{metric}", close=False)
+    if image is not None:
+        plt.close(image.figure)
     return written
 
 
