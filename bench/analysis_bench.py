@@ -162,7 +162,8 @@ def _spread(values: list[float]) -> str:
     return f"median {statistics.median(values):.2f} (spread {min(values):.2f}..{max(values):.2f})"
 
 
-def run(root: Path, repeats: int, label: str, out: Path) -> None:
+def run(root: Path, repeats: int, label: str, out: Path, targeted: bool = True) -> None:
+    """Measure one export; ``targeted``: its time has a target (the per-head export's), else it is shown."""
     print(f"\n{label}: {_size_gb(root):.2f} GB of maps ({_load()})")
     _measure("sum", root)
     first = _measure("analysis", root, out)
@@ -188,7 +189,8 @@ def run(root: Path, repeats: int, label: str, out: Path) -> None:
     ratio, extra = statistics.median(ratios), max(extras)
     print(f"  over {repeats} repeats: sum pass {_spread(sums)} s, analysis {_spread(analyses)} s")
     verdict = "met" if ratio <= TARGET_RATIO else "MISSED"
-    print(f"  analysis / sum pass: {_spread(ratios)}x (target <= {TARGET_RATIO:g}x: {verdict})")
+    target = f" (target <= {TARGET_RATIO:g}x: {verdict})" if targeted else " (reported)"
+    print(f"  analysis / sum pass: {_spread(ratios)}x{target}")
     print(f"  analysis / dequantized sum pass: {_spread(dequantized_ratios)}x")
     verdict = "met" if extra <= TARGET_EXTRA_GB else "MISSED"
     print(
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             f"per head, {args.layers} layers x {args.heads} heads",
             Path(out) / "per_head",
         )
-        run(averaged, args.repeats, f"averaged, {args.layers} layers", Path(out) / "averaged")
+        run(averaged, args.repeats, f"averaged, {args.layers} layers", Path(out) / "averaged", targeted=False)
     return 0
 
 
