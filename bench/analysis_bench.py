@@ -96,7 +96,7 @@ def child(mode: str, root: str, out: str | None) -> None:
         if out:
             seconds = time.perf_counter() - started
             started = time.perf_counter()
-            write_outputs(result, Path(out))
+            write_outputs(result, Path(out), workers=default_workers())
             write_seconds = time.perf_counter() - started
             started -= seconds
     seconds = time.perf_counter() - started - (write_seconds or 0.0)

@@ -78,6 +78,22 @@ def test_a_redrawn_heatmap_shows_only_the_new_table() -> None:
     plt.close(fig)
 
 
+def test_figures_drawn_side_by_side_are_the_figures_drawn_here(export_root: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from vggt.analysis.figures import write_figures
+
+    result = run_analysis(export_root)
+    here = write_figures(result, tmp_path / "here")
+    side_by_side = write_figures(result, tmp_path / "side_by_side", workers=2)
+    assert [p.name for p in side_by_side] == [p.name for p in here]
+    assert {p.stem for p in here} >= {"curves", "stability_bars", "heatmap_entropy", "heatmap_mask_recall"}
+    for path in side_by_side:
+        if path.suffix == ".png":
+            with Image.open(path) as image, Image.open(tmp_path / "here" / path.name) as expected:
+                assert image.size == expected.size
+
+
 def test_options_reach_the_analysis(export_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "elsewhere"
     args = ["--attn_dir", str(export_root / "attn_maps" / "layers_manifest.json"), "--out", str(out)]

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             took = time.perf_counter() - started
             print(f"\r  analysed {plural(len(export.layer_names), 'layer')} in {took:.1f} s")
-        written = write_outputs(result, out, figures=not args.no_figures)
+        written = write_outputs(result, out, figures=not args.no_figures, workers=args.workers)
     except (UsageError, AnalysisError, FormatError, ModuleNotFoundError) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_USAGE

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import io
 import math
+import multiprocessing
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 
 from vggt.analysis.columns import METRICS
-from vggt.analysis.table import BASELINES, Analysis, layer_head_table
+from vggt.analysis.table import BASELINES, Analysis, can_fork, layer_head_table
 from vggt.attn_format.schema import ROLLOUT_KIND, write_file_atomic
 
 _DPI = 120
@@ -94,15 +97,17 @@ def _save(fig, folder: Path, stem: str, close: bool = True) -> list[Path]:
     return paths
 
 
-def _heatmap_figures(records: Sequence[dict], folder: Path, random_weights: bool) -> list[Path]:
-    """One heatmap per metric. Every metric is a share in [0, 1], drawn on that scale so that figures of
-    different exports compare, and has the same layers and heads: one figure, laid out once, its image
-    redrawn with each metric's table."""
+def _heatmap_figures(
+    records: Sequence[dict], folder: Path, random_weights: bool, metrics: Sequence[str] = METRICS
+) -> list[Path]:
+    """One heatmap per metric of ``metrics``. Every metric is a share in [0, 1], drawn on that scale so
+    that figures of different exports compare, and has the same layers and heads: one figure, laid out
+    once, its image redrawn with each metric's table."""
     plt = _pyplot()
     written = []
     image = None
     suffix = " (random weights)" if random_weights else ""
-    for metric in METRICS:
+    for metric in metrics:
         values, layers, heads = layer_head_table(records, metric)
         if not np.isfinite(values).any():
             continue
@@ -205,11 +210,46 @@ def _stability_figure(result: Analysis, folder: Path, random_weights: bool) -> l
     return _save(fig, folder, "stability_bars")
 
 
-def write_figures(result: Analysis, folder: Path) -> list[Path]:
-    """Every figure of the analysis into ``folder`` (PNG and SVG); returns the files written."""
+_FORKED: Analysis | None = None  # the analysis whose figures forked workers draw
+
+
+def _draw(job: tuple, result: Analysis | None = None) -> list[Path]:
+    """The figures of one job: ``(kind, folder, random_weights)``, kind ``"curves"`` or ``"stability"``, or
+    ``("heatmaps", folder, random_weights, metrics)``."""
+    result = result if result is not None else _FORKED
+    assert result is not None
+    kind, folder, random_weights, *metrics = job
+    if kind == "curves":
+        return _curves_figure(result.records, folder, random_weights)
+    if kind == "stability":
+        return _stability_figure(result, folder, random_weights)
+    return _heatmap_figures(result.records, folder, random_weights, metrics[0])
+
+
+def write_figures(result: Analysis, folder: Path, workers: int = 1) -> list[Path]:
+    """Every figure of the analysis into ``folder`` (PNG and SVG); returns the files written, by name. With
+    ``workers`` > 1 (and no other thread about) two forked processes draw them side by side."""
+    global _FORKED
     folder.mkdir(parents=True, exist_ok=True)
     random_weights = bool(result.summary.get("random_weights"))
-    written = _heatmap_figures(result.records, folder, random_weights)
-    written += _curves_figure(result.records, folder, random_weights)
-    written += _stability_figure(result, folder, random_weights)
-    return written
+    side_by_side = workers > 1 and can_fork()
+    # the longest first: the curves, then the heatmaps (in three parts side by side, each laid out once),
+    # then the bars
+    parts = [list(METRICS[i::3]) for i in range(3)] if side_by_side else [list(METRICS)]
+    jobs = [("curves", folder, random_weights)]
+    jobs += [("heatmaps", folder, random_weights, part) for part in parts]
+    jobs += [("stability", folder, random_weights)]
+    drawn = None
+    if side_by_side:
+        _pyplot()  # imported once, before the fork
+        _FORKED = result
+        try:
+            with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+                drawn = list(pool.map(_draw, jobs))
+        except BrokenProcessPool:  # a process stopped abruptly (out of memory?): drawn here instead
+            drawn = None
+        finally:
+            _FORKED = None
+    if drawn is None:
+        drawn = [_draw(job, result) for job in jobs]
+    return sorted((path for paths in drawn for path in paths), key=lambda path: (path.stem, path.suffix))

@@ -54,8 +54,9 @@ def csv_text(records: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def write_outputs(result: Analysis, folder: Path, figures: bool = True) -> list[Path]:
-    """Write the analysis into ``folder``; returns the files written."""
+def write_outputs(result: Analysis, folder: Path, figures: bool = True, workers: int = 1) -> list[Path]:
+    """Write the analysis into ``folder``; returns the files written. ``workers``: processes that draw the
+    figures (two at most)."""
     folder = Path(folder)
     check_writable(folder)
     written = []
@@ -73,7 +74,7 @@ def write_outputs(result: Analysis, folder: Path, figures: bool = True) -> list[
         figures_folder = folder / FIGURES_DIR
         if not is_inside(figures_folder.resolve(), folder.resolve()):
             raise AnalysisError(f"{figures_folder} is a link to another folder (refused)")
-        written += write_figures(result, figures_folder)
+        written += write_figures(result, figures_folder, workers)
     summary = dict(result.summary, files=[p.relative_to(folder).as_posix() for p in written])
     path = folder / SUMMARY_NAME
     write_json_atomic(path, summary)

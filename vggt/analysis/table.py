@@ -613,6 +613,12 @@ def _analyse_in_worker(job: tuple) -> _JobResult:
     return _WORKER.run(job)
 
 
+def can_fork() -> bool:
+    """Whether worker processes may be forked from this one: fork starts at once and runs from any script,
+    but with other threads about (a web server) it could copy a held lock."""
+    return "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
+
+
 def _run_jobs(
     export: AttnExport,
     options: _Options,
@@ -634,10 +640,8 @@ def _run_jobs(
             if progress is not None and job[0] == "layer":
                 progress(names.index(job[1]) + 1, total, job[1])
         return results
-    # fork starts at once and runs from any script; with other threads about (a web server) a fork could
-    # copy a held lock, so a fresh interpreter starts the workers instead.
     methods = multiprocessing.get_all_start_methods()
-    if "fork" in methods and threading.active_count() == 1:
+    if can_fork():
         context = multiprocessing.get_context("fork")
     else:
         context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
