@@ -67,12 +67,13 @@ def draw_heatmap(
 def redraw_heatmap(image, values: np.ndarray, title: str, value_format: str = ".2f") -> None:
     """Show another table of the same shape (and colour scale) in a heatmap :func:`draw_heatmap` drew."""
     ax = image.axes
-    image.set_data(np.ma.masked_invalid(np.asarray(values, dtype=np.float64)))
+    values = np.asarray(values, dtype=np.float64)
+    image.set_data(np.ma.masked_invalid(values))
     ax.set_title(title, fontsize=10)
     for text in list(ax.texts):
         text.remove()
     if values.size <= 60:
-        for (row, col), value in np.ndenumerate(np.asarray(values)):
+        for (row, col), value in np.ndenumerate(values):
             if math.isfinite(value):
                 shade = image.norm(value)  # dark text on the bright end of the colour map
                 color = "black" if np.ma.getdata(shade) > 0.6 else "white"
@@ -247,7 +248,7 @@ def write_figures(result: Analysis, folder: Path, workers: int = 1) -> list[Path
             with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
                 drawn = list(pool.map(_draw, jobs))
         except BrokenProcessPool:  # a process stopped abruptly (out of memory?): drawn here instead
-            drawn = None
+            pass
         finally:
             _FORKED = None
     if drawn is None:

@@ -12,9 +12,9 @@ A row of codes is counted into a histogram (codes 255 down to 0), read as *runs*
 descending order with their running cell counts and masses, in which each share's crossing is found by
 binary search (:func:`_crossings`). A float row is counted into buckets by its values' leading bits, and
 only the bucket where a share's running mass crosses is searched further (:func:`_float_crossings`,
-:func:`_select`). Counting
-instead of sorting, and one pass instead of one numpy call per statistic, is what makes the exact
-analysis of a per-head export about as fast as reading it (``docs/analysis.md``, "Speed and memory").
+:func:`_select`). Counting instead of sorting, and one pass instead of one numpy call per statistic, is
+what makes the exact analysis of a per-head export about as fast as reading it (``docs/analysis.md``,
+"Speed and memory").
 
 The mask rule is the fork's (``analyze_attention.py``): sort the values in descending order, take the
 first position where their running sum reaches ``share * total``; the mask holds every cell whose value
@@ -513,25 +513,31 @@ def _float_frame_stats(frame, logs):
     return sum_a + sum_b, peak, at_peak, v_log_v_a + v_log_v_b
 
 
-@njit(cache=True, nogil=True, fastmath={"contract"})
-def _weighted_sum(out, rows, weights):
-    """``out = sum_h rows[h] * weights[h]``, cell by cell. Rows that share a weight are added up first (exact
-    for codes and float16 values) and scaled once, so that cells whose heads hold the same values in
-    another order are equal, as they are in exact arithmetic; the scaled sums are added to 0 in the order
-    of their first rows, a fused multiply-add each where the processor has one."""
-    count = rows.shape[0]
-    first = np.empty(count, dtype=np.int64)  # the first row of each row's weight
-    distinct = 0
-    for h in range(count):
-        first[h] = h
+@njit(cache=True, nogil=True)
+def _weight_groups(weights):
+    """``[len(weights)]`` int64: for each weight, the index of the first equal one (its group)."""
+    first = np.arange(weights.size)
+    for h in range(weights.size):
         for k in range(h):
             if weights[k] == weights[h]:
                 first[h] = k
                 break
-        distinct += first[h] == h
+    return first
+
+
+@njit(cache=True, nogil=True, fastmath={"contract"})
+def _weighted_sum(out, rows, weights, first, partial):
+    """``out = sum_h rows[h] * weights[h]``, cell by cell. Rows that share a weight (``first``:
+    :func:`_weight_groups`) are added up first (exact for codes and float16 values) and scaled once, so
+    that cells whose heads hold the same values in another order are equal, as they are in exact
+    arithmetic; the scaled sums are added to 0 in the order of their first rows, a fused multiply-add each
+    where the processor has one. ``partial``: a work row as long as ``out``."""
+    count = rows.shape[0]
     out[:] = 0.0
-    if distinct < count:
-        partial = np.empty(out.size)
+    shared = False
+    for h in range(count):
+        shared = shared or first[h] != h
+    if shared:
         members = np.empty(count, dtype=np.int64)
         for h in range(count):
             if first[h] != h:
@@ -592,7 +598,8 @@ def _window_row(row, cells, peaks, positions, index, distance, radii, radius, ne
 
 @njit(cache=True, nogil=True)
 def _average_and_windows(
-    rows, r, group, average, weights, cells, peaks, positions, index, distance, radii, radius, near, near_mass
+    rows, r, group, average, weights, first, partial, cells, peaks, positions, index, distance, radii, radius,
+    near, near_mass,
 ):  # fmt: skip
     """The steps row ``r`` takes after its frame statistics: read around its targets (when there are any)
     and, when it is its query's last, its query's rows averaged (when an average is asked for)."""
@@ -603,7 +610,7 @@ def _average_and_windows(
             near_mass[r],
         )  # fmt: skip
     if average.size and r % group == group - 1:
-        _weighted_sum(average[query], rows[r + 1 - group : r + 1], weights)
+        _weighted_sum(average[query], rows[r + 1 - group : r + 1], weights, first, partial)
 
 
 @njit(cache=True, nogil=True)
@@ -637,6 +644,7 @@ def _code_rows(
     above = np.zeros(CODES, dtype=np.int32)  # cells of the reference's mask j, code by code
     in_reference = np.zeros(num_masses, dtype=np.int64)
     keys = np.zeros(width, dtype=np.uint16)  # level << 8 of each cell
+    first, partial = _weight_groups(weights), np.empty(width)  # for the average
     for r in range(n):
         row = rows[r]
         query = r // group
@@ -647,8 +655,8 @@ def _code_rows(
         for f in range(num_frames):
             frame_sums[r, f], peaks[r, f], ties[r, f] = _code_frame_stats(row[f * cells : (f + 1) * cells])
         _average_and_windows(
-            rows, r, group, average, weights, cells, peaks, positions, index, distance, radii, radius, near,
-            near_mass,
+            rows, r, group, average, weights, first, partial, cells, peaks, positions, index, distance, radii,
+            radius, near, near_mass,
         )  # fmt: skip
         counts[:] = by_level[0]
         for level in range(1, num_levels):
@@ -696,6 +704,7 @@ def _float_rows(
     crossing = np.full(_BUCKETS, -1, dtype=np.int64)  # each bucket's place in ``gathered``, -1: none
     gathered = np.empty(width)
     candidates = np.empty(width)
+    first, partial = _weight_groups(weights), np.empty(width)  # for the average
     for r in range(n):
         row = rows[r]
         query = r // group
@@ -708,8 +717,8 @@ def _float_rows(
             row_v_log_v += frame_v_log_v
         v_log_v[r] = row_v_log_v
         _average_and_windows(
-            rows, r, group, average, weights, cells, peaks, positions, index, distance, radii, radius, near,
-            near_mass,
+            rows, r, group, average, weights, first, partial, cells, peaks, positions, index, distance, radii,
+            radius, near, near_mass,
         )  # fmt: skip
         total[r] = _float_crossings(
             row, peaks[r].max(), shares, counts, masses, cum_cells, cum_mass, crossing, gathered, candidates,
@@ -733,10 +742,11 @@ def _float_rows(
 
 @njit(cache=True, nogil=True)
 def _head_average(stored, weights):
-    count, num_heads, width = stored.shape
+    count, _, width = stored.shape
     out = np.empty((count, width))
+    first, partial = _weight_groups(weights), np.empty(width)
     for q in range(count):
-        _weighted_sum(out[q], stored[q], weights)
+        _weighted_sum(out[q], stored[q], weights, first, partial)
     return out
 
 

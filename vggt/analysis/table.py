@@ -431,7 +431,7 @@ class _Analyzer:
             count = block.stop - block.start
             summed = None
             if layer.per_head:
-                # the heads first: their average is added up as they are read
+                # the heads first: their average is added up while each query's heads are in cache
                 maps, scale, special = layer.head_rows(block)
                 summed = np.empty((count, *maps.shape[1:]))
                 self._block(
@@ -627,8 +627,8 @@ def _run_jobs(
     workers: int,
     progress: Progress | None,
 ) -> list[_JobResult]:
-    """The results of every job (:meth:`_Analyzer.run`), in order: here, or in ``workers`` processes that
-    each open the export. ``progress`` hears of the layers."""
+    """The results of every job (:meth:`_Analyzer.run`), in order: here, or in ``workers`` processes (forked
+    ones share this export, others open it again). ``progress`` hears of the layers."""
     names = [job[1] for job in jobs if job[0] == "layer"]
     total = len(names)
     # Workers open the export folder themselves; a zip's members are extracted as they are read, by the
