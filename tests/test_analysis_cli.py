@@ -141,6 +141,18 @@ def test_bad_options_are_one_line_errors(export_root: Path, tmp_path: Path, extr
     assert not (tmp_path / "o" / "layer_head_metrics.csv").exists()
 
 
+def test_a_failed_analysis_leaves_no_folder_it_made(export_root: Path, tmp_path: Path) -> None:
+    """The output folder is made (and tried) before the analysis; when the analysis then stops, the folders
+    it made are removed again, a folder that was there before is kept."""
+    made = tmp_path / "new" / "deeper"
+    assert main(["--attn_dir", str(export_root), "--out", str(made), "--reference_layer", "7"]) == 2
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    assert main(["--attn_dir", str(export_root), "--out", str(kept), "--reference_layer", "7"]) == 2
+    assert kept.is_dir() and not any(kept.iterdir())
+
+
 def test_not_an_export_and_unwritable_output(export_root: Path, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     blocker = tmp_path / "file"

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from vggt.analysis.output import check_writable, write_outputs
+from vggt.analysis.output import check_writable, remove_if_empty, write_outputs
 from vggt.analysis.store import ANALYSIS_DIR, analysis_folder
 from vggt.analysis.table import DEFAULT_MASSES, SCOPES, AnalysisError, run_analysis
 from vggt.arguments import EXIT_USAGE, OneLineParser, UsageError
@@ -103,6 +103,7 @@ def default_output(attn_dir: str, export: AttnExport) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    created: list[Path] = []  # the output folders made here: removed again if the analysis stops empty
     try:
         args = build_parser().parse_args(argv)
         if args.radius < 0:
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             args.attn_dir = hub_url(args.repo)
         export = open_export(args.attn_dir)
         out = Path(args.out).expanduser() if args.out else default_output(args.attn_dir, export)
-        check_writable(out)
+        created = check_writable(out)
         started = time.perf_counter()
 
         def progress(done: int, total: int, name: str) -> None:
@@ -136,9 +137,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\r  analysed {plural(len(export.layer_names), 'layer')} in {took:.1f} s")
         written = write_outputs(result, out, figures=not args.no_figures, workers=args.workers)
     except (UsageError, AnalysisError, FormatError, ModuleNotFoundError) as exc:
+        remove_if_empty(created)
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:
+        remove_if_empty(created)
         print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return EXIT_USAGE
     if not args.quiet:

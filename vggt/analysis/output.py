@@ -25,8 +25,14 @@ SUMMARY_NAME = "summary.json"
 FIGURES_DIR = "figures"
 
 
-def check_writable(folder: Path) -> None:
-    """Create ``folder`` if needed and make sure files can be written in it; :class:`AnalysisError` if not."""
+def check_writable(folder: Path) -> list[Path]:
+    """Create ``folder`` if needed and make sure files can be written in it; :class:`AnalysisError` if not.
+    Returns the folders it created, innermost first (for :func:`remove_if_empty`)."""
+    created = []
+    missing = Path(folder).absolute()
+    while not missing.exists() and missing != missing.parent:
+        created.append(missing)
+        missing = missing.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
         handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)  # a fresh name: no link followed
@@ -34,6 +40,16 @@ def check_writable(folder: Path) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise AnalysisError(f"cannot write the analysis into {folder}: {exc.strerror or exc}") from None
+    return created
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove the folders :func:`check_writable` created, innermost first, those that are still empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or gone): left as it is
+            return
 
 
 def csv_text(records: list[dict]) -> str:
